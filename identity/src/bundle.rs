@@ -1,0 +1,283 @@
+//! Trust bundles: the roots of one trust domain in the SPIFFE bundle format (a JWKS document
+//! whose keys have `use: "x509-svid"`), and the [`BundleSet`] that maps every trust domain the
+//! mesh trusts to its roots.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use x509_parser::public_key::PublicKey;
+
+use crate::id::TrustDomain;
+use crate::svid::parse_cert;
+
+/// Largest bundle document accepted, in bytes.
+pub const MAX_BUNDLE_BYTES: usize = 1024 * 1024;
+
+/// Why a bundle document was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("the bundle is {0} bytes; the limit is {MAX_BUNDLE_BYTES}")]
+    TooLarge(usize),
+    #[error("the bundle is not a JWKS document: {0}")]
+    Json(String),
+    #[error("key {index}: an x509-svid key needs exactly one x5c certificate, found {found}")]
+    X5cCount { index: usize, found: usize },
+    #[error("key {index}: x5c is not base64: {why}")]
+    X5cBase64 { index: usize, why: String },
+    #[error("key {index}: x5c is not a certificate: {why}")]
+    X5cCert { index: usize, why: String },
+    #[error("key {index}: the JWK parameters do not match the certificate's public key")]
+    KeyMismatch { index: usize },
+    #[error("the bundle holds no x509-svid key")]
+    NoX509Authorities,
+}
+
+/// The roots of one trust domain, as a SPIFFE bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    pub trust_domain: TrustDomain,
+    /// X.509 authorities (roots), DER.
+    pub x509_authorities: Vec<CertificateDer<'static>>,
+    /// `spiffe_sequence`: grows each time the bundle changes.
+    pub sequence: u64,
+    /// `spiffe_refresh_hint` in seconds: how often consumers should refetch.
+    pub refresh_hint_secs: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spiffe_sequence: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spiffe_refresh_hint: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Jwk {
+    #[serde(rename = "use", default, skip_serializing_if = "Option::is_none")]
+    use_: Option<String>,
+    kty: String,
+    #[serde(flatten)]
+    params: BTreeMap<String, serde_json::Value>,
+}
+
+impl TrustBundle {
+    /// A bundle with default sequence (1) and refresh hint (5 minutes).
+    pub fn new(trust_domain: TrustDomain, roots: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            trust_domain,
+            x509_authorities: roots,
+            sequence: 1,
+            refresh_hint_secs: 300,
+        }
+    }
+
+    /// Renders the SPIFFE bundle JSON document.
+    pub fn to_json(&self) -> String {
+        let keys = self
+            .x509_authorities
+            .iter()
+            .map(|der| {
+                let mut params = BTreeMap::new();
+                let cert = parse_cert(der).ok();
+                let key = cert.as_ref().and_then(|c| c.public_key().parsed().ok());
+                let kty = match key {
+                    Some(PublicKey::EC(point)) => {
+                        let data = point.data();
+                        let n = (data.len().saturating_sub(1)) / 2;
+                        let crv = match n {
+                            32 => "P-256",
+                            48 => "P-384",
+                            _ => "P-521",
+                        };
+                        params.insert("crv".into(), crv.into());
+                        if data.len() > 1 {
+                            params.insert("x".into(), URL_SAFE_NO_PAD.encode(&data[1..1 + n]).into());
+                            params.insert("y".into(), URL_SAFE_NO_PAD.encode(&data[1 + n..]).into());
+                        }
+                        "EC"
+                    }
+                    Some(PublicKey::RSA(rsa)) => {
+                        params.insert("n".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus)).into());
+                        params.insert("e".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent)).into());
+                        "RSA"
+                    }
+                    _ => "OKP",
+                };
+                params.insert("x5c".into(), vec![STANDARD.encode(der.as_ref())].into());
+                Jwk {
+                    use_: Some("x509-svid".into()),
+                    kty: kty.into(),
+                    params,
+                }
+            })
+            .collect();
+        let doc = Jwks {
+            keys,
+            spiffe_sequence: Some(self.sequence),
+            spiffe_refresh_hint: Some(self.refresh_hint_secs),
+        };
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    }
+
+    /// Parses a SPIFFE bundle document for `trust_domain`. Keys with another `use` (such as
+    /// `jwt-svid`) are skipped; an `x509-svid` key must carry exactly one valid certificate
+    /// whose public key matches the JWK parameters given.
+    pub fn from_json(trust_domain: TrustDomain, json: &[u8]) -> Result<Self, BundleError> {
+        if json.len() > MAX_BUNDLE_BYTES {
+            return Err(BundleError::TooLarge(json.len()));
+        }
+        let doc: Jwks = serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let mut roots = Vec::new();
+        for (index, key) in doc.keys.iter().enumerate() {
+            if key.use_.as_deref() != Some("x509-svid") {
+                continue;
+            }
+            let x5c = key.params.get("x5c").and_then(|v| v.as_array());
+            let entry = match x5c.map(|a| a.as_slice()) {
+                Some([one]) => one.as_str().ok_or(BundleError::X5cBase64 {
+                    index,
+                    why: "not a string".into(),
+                })?,
+                other => {
+                    return Err(BundleError::X5cCount {
+                        index,
+                        found: other.map_or(0, |a| a.len()),
+                    })
+                }
+            };
+            let der = STANDARD.decode(entry).map_err(|e| BundleError::X5cBase64 {
+                index,
+                why: e.to_string(),
+            })?;
+            let cert = parse_cert(&der).map_err(|e| BundleError::X5cCert {
+                index,
+                why: e.to_string(),
+            })?;
+            if !jwk_matches(key, &cert) {
+                return Err(BundleError::KeyMismatch { index });
+            }
+            roots.push(CertificateDer::from(der));
+        }
+        if roots.is_empty() {
+            return Err(BundleError::NoX509Authorities);
+        }
+        Ok(Self {
+            trust_domain,
+            x509_authorities: roots,
+            sequence: doc.spiffe_sequence.unwrap_or(0),
+            refresh_hint_secs: doc.spiffe_refresh_hint.unwrap_or(0),
+        })
+    }
+}
+
+fn strip_zeros(bytes: &[u8]) -> &[u8] {
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[first..]
+}
+
+/// Whether the JWK's own key parameters, where present, agree with the certificate.
+fn jwk_matches(key: &Jwk, cert: &x509_parser::prelude::X509Certificate<'_>) -> bool {
+    let param = |name: &str| key.params.get(name).and_then(|v| v.as_str());
+    let decoded = |name: &str| param(name).map(|v| URL_SAFE_NO_PAD.decode(v));
+    match (key.kty.as_str(), cert.public_key().parsed()) {
+        ("EC", Ok(PublicKey::EC(point))) => {
+            let data = point.data();
+            if data.len() < 3 || data[0] != 0x04 {
+                return false;
+            }
+            let n = (data.len() - 1) / 2;
+            let x_ok = decoded("x").is_none_or(|x| x.is_ok_and(|x| x == data[1..1 + n]));
+            let y_ok = decoded("y").is_none_or(|y| y.is_ok_and(|y| y == data[1 + n..]));
+            x_ok && y_ok
+        }
+        ("RSA", Ok(PublicKey::RSA(rsa))) => {
+            let n_ok = decoded("n").is_none_or(|n| n.is_ok_and(|n| n == strip_zeros(rsa.modulus)));
+            let e_ok = decoded("e").is_none_or(|e| e.is_ok_and(|e| e == strip_zeros(rsa.exponent)));
+            n_ok && e_ok
+        }
+        ("OKP", Ok(_)) => true,
+        _ => false,
+    }
+}
+
+/// Every trust domain the mesh trusts, with its roots. Cloning shares the set, so verifiers
+/// built from it see federation updates at once.
+#[derive(Debug, Clone)]
+pub struct BundleSet {
+    inner: Arc<RwLock<HashMap<TrustDomain, TrustBundle>>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for BundleSet {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
+
+impl BundleSet {
+    /// An empty set: trusts nobody.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A set holding one bundle.
+    pub fn with(bundle: TrustBundle) -> Self {
+        let set = Self::new();
+        set.upsert(bundle);
+        set
+    }
+
+    /// Adds or replaces the bundle of a trust domain.
+    pub fn upsert(&self, bundle: TrustBundle) {
+        self.write().insert(bundle.trust_domain.clone(), bundle);
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// A counter that moves whenever a bundle is added, replaced or removed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Forgets a trust domain: its peers are refused from now on.
+    pub fn remove(&self, trust_domain: &TrustDomain) -> Option<TrustBundle> {
+        let removed = self.write().remove(trust_domain);
+        if removed.is_some() {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        removed
+    }
+
+    /// The roots of a trust domain, if it is trusted.
+    pub fn roots(&self, trust_domain: &TrustDomain) -> Option<Vec<CertificateDer<'static>>> {
+        self.read().get(trust_domain).map(|b| b.x509_authorities.clone())
+    }
+
+    /// The bundle of a trust domain, if it is trusted.
+    pub fn get(&self, trust_domain: &TrustDomain) -> Option<TrustBundle> {
+        self.read().get(trust_domain).cloned()
+    }
+
+    /// Every bundle, ordered by trust domain.
+    pub fn all(&self) -> Vec<TrustBundle> {
+        let mut all: Vec<_> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
+        all
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<TrustDomain, TrustBundle>> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TrustDomain, TrustBundle>> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}

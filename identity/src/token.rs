@@ -1,0 +1,211 @@
+//! One-time join tokens: how a node proves it may have its first node SVID.
+//!
+//! A token reads `<id>.<secret>` (both hex), is bound to one node name, expires, and can be
+//! redeemed once. Only the SHA-256 of the secret is stored, in a JSON file (mode 0600) next to
+//! the CA, so a used token stays used across restarts.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::id::{check_name, IdError};
+use crate::svid::to_unix;
+
+/// Why a token was refused (gRPC `UNAUTHENTICATED` for everything but `Store`).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the join token is malformed: expected <id>.<secret> in hex")]
+    Malformed,
+    #[error("the join token is unknown")]
+    Unknown,
+    #[error("the join token has expired")]
+    Expired,
+    #[error("the join token was already used")]
+    Used,
+    #[error("the join token was issued for node {issued_for}, not {presented}")]
+    WrongNode { issued_for: String, presented: String },
+    #[error(transparent)]
+    BadNode(#[from] IdError),
+    #[error("join token store {path}: {why}")]
+    Store { path: PathBuf, why: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    node: String,
+    secret_sha256: String,
+    expires_unix: i64,
+    used: bool,
+}
+
+/// The set of join tokens a CA accepts.
+#[derive(Debug)]
+pub struct JoinTokens {
+    path: Option<PathBuf>,
+    records: Mutex<BTreeMap<String, Record>>,
+}
+
+fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+impl JoinTokens {
+    /// Tokens that live only in memory (tests, one-shot tools).
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            records: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Tokens kept in `path`, loaded now if the file exists.
+    pub fn open(path: &Path) -> Result<Self, TokenError> {
+        let store_err = |why: String| TokenError::Store {
+            path: path.to_path_buf(),
+            why,
+        };
+        let records = match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(format!("not a token file: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(store_err(e.to_string())),
+        };
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            records: Mutex::new(records),
+        })
+    }
+
+    /// Creates a token for `node`, valid for `ttl`, and returns its text.
+    pub fn create(&self, node: &str, ttl: Duration) -> Result<String, TokenError> {
+        check_name(node)?;
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let secret = hex::encode(rand::random::<[u8; 16]>());
+        let record = Record {
+            node: node.to_string(),
+            secret_sha256: hash(&secret),
+            expires_unix: to_unix(SystemTime::now() + ttl),
+            used: false,
+        };
+        let mut records = self.lock();
+        records.insert(id.clone(), record);
+        self.persist(&records)?;
+        Ok(format!("{id}.{secret}"))
+    }
+
+    /// Redeems `token` for `node` at `now`: succeeds once, and only for the node it was
+    /// issued for, before it expires. The token is marked used (on disk) before this returns.
+    pub fn redeem(&self, token: &str, node: &str, now: SystemTime) -> Result<(), TokenError> {
+        let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+        let hexish = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hexish(id) || !hexish(secret) {
+            return Err(TokenError::Malformed);
+        }
+        let mut records = self.lock();
+        let record = records.get_mut(id).ok_or(TokenError::Unknown)?;
+        if record.secret_sha256 != hash(secret) {
+            return Err(TokenError::Unknown);
+        }
+        if record.used {
+            return Err(TokenError::Used);
+        }
+        if to_unix(now) >= record.expires_unix {
+            return Err(TokenError::Expired);
+        }
+        if record.node != node {
+            return Err(TokenError::WrongNode {
+                issued_for: record.node.clone(),
+                presented: node.to_string(),
+            });
+        }
+        record.used = true;
+        if let Err(e) = self.persist(&records) {
+            if let Some(r) = records.get_mut(id) {
+                r.used = false;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the records atomically (temp file + rename), owner-only.
+    fn persist(&self, records: &BTreeMap<String, Record>) -> Result<(), TokenError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let store_err = |e: std::io::Error| TokenError::Store {
+            path: path.clone(),
+            why: e.to_string(),
+        };
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_vec_pretty(records).map_err(|e| TokenError::Store {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(store_err)?;
+        file.write_all(&json).map_err(store_err)?;
+        file.sync_all().map_err(store_err)?;
+        fs::rename(&tmp, path).map_err(store_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_works_once_for_its_node_only() {
+        let tokens = JoinTokens::in_memory();
+        let t = tokens.create("node-1", Duration::from_secs(60)).unwrap();
+        let now = SystemTime::now();
+        assert!(matches!(
+            tokens.redeem(&t, "node-2", now),
+            Err(TokenError::WrongNode { .. })
+        ));
+        tokens.redeem(&t, "node-1", now).unwrap();
+        assert!(matches!(tokens.redeem(&t, "node-1", now), Err(TokenError::Used)));
+    }
+
+    #[test]
+    fn expired_unknown_and_malformed_tokens_are_refused() {
+        let tokens = JoinTokens::in_memory();
+        let t = tokens.create("node-1", Duration::from_secs(60)).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(61);
+        assert!(matches!(tokens.redeem(&t, "node-1", later), Err(TokenError::Expired)));
+        let (id, _) = t.split_once('.').unwrap();
+        let forged = format!("{id}.{}", "0".repeat(32));
+        assert!(matches!(tokens.redeem(&forged, "node-1", SystemTime::now()), Err(TokenError::Unknown)));
+        for bad in ["", "abc", "zz.zz", ".", "a.", &format!("a.{}", "b".repeat(65))] {
+            assert!(matches!(tokens.redeem(bad, "node-1", SystemTime::now()), Err(TokenError::Malformed)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_used_token_stays_used_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("join-tokens.json");
+        let t = JoinTokens::open(&path).unwrap().create("node-1", Duration::from_secs(60)).unwrap();
+        JoinTokens::open(&path).unwrap().redeem(&t, "node-1", SystemTime::now()).unwrap();
+        let reopened = JoinTokens::open(&path).unwrap();
+        assert!(matches!(reopened.redeem(&t, "node-1", SystemTime::now()), Err(TokenError::Used)));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::write(&path, "{not json").unwrap();
+        let err = JoinTokens::open(&path).unwrap_err().to_string();
+        assert!(err.contains("join-tokens.json") && err.contains("not a token file"), "{err}");
+    }
+}
