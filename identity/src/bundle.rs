@@ -281,3 +281,78 @@ impl BundleSet {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("east.trellis.local").unwrap()
+    }
+
+    #[test]
+    fn a_bundle_round_trips_through_the_spiffe_format() {
+        let mut bundle = TrustBundle::new(td(), vec![root(), root()]);
+        bundle.sequence = 7;
+        let json = bundle.to_json();
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(doc["keys"][0]["use"], "x509-svid");
+        assert_eq!(doc["keys"][0]["kty"], "EC");
+        assert_eq!(doc["keys"][0]["crv"], "P-256");
+        assert_eq!(doc["spiffe_sequence"], 7);
+        assert_eq!(TrustBundle::from_json(td(), json.as_bytes()).unwrap(), bundle);
+    }
+
+    #[test]
+    fn keys_for_other_uses_are_skipped() {
+        let bundle = TrustBundle::new(td(), vec![root()]);
+        let mut doc: serde_json::Value = serde_json::from_str(&bundle.to_json()).unwrap();
+        let jwt = serde_json::json!({"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"});
+        doc["keys"].as_array_mut().unwrap().push(jwt);
+        let parsed = TrustBundle::from_json(td(), doc.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.x509_authorities, bundle.x509_authorities);
+    }
+
+    #[test]
+    fn malformed_bundles_are_refused_with_the_reason() {
+        let good: serde_json::Value = serde_json::from_str(&TrustBundle::new(td(), vec![root()]).to_json()).unwrap();
+        let with_key = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut doc = good.clone();
+            f(&mut doc["keys"][0]);
+            doc.to_string()
+        };
+        let two = with_key(&|k| k["x5c"].as_array_mut().unwrap().push("AAAA".into()));
+        assert!(matches!(TrustBundle::from_json(td(), two.as_bytes()), Err(BundleError::X5cCount { found: 2, .. })));
+        let none = with_key(&|k| k["x5c"] = serde_json::json!([]));
+        assert!(matches!(TrustBundle::from_json(td(), none.as_bytes()), Err(BundleError::X5cCount { found: 0, .. })));
+        let b64 = with_key(&|k| k["x5c"] = serde_json::json!(["%%%"]));
+        assert!(matches!(TrustBundle::from_json(td(), b64.as_bytes()), Err(BundleError::X5cBase64 { .. })));
+        let not_cert = with_key(&|k| k["x5c"] = serde_json::json!(["AAAA"]));
+        assert!(matches!(TrustBundle::from_json(td(), not_cert.as_bytes()), Err(BundleError::X5cCert { .. })));
+        let wrong_x = with_key(&|k| k["x"] = "AAAA".into());
+        assert!(matches!(TrustBundle::from_json(td(), wrong_x.as_bytes()), Err(BundleError::KeyMismatch { .. })));
+        assert!(matches!(TrustBundle::from_json(td(), b"{\"keys\": []}"), Err(BundleError::NoX509Authorities)));
+        assert!(matches!(TrustBundle::from_json(td(), b"[1,2"), Err(BundleError::Json(_))));
+        let huge = vec![b' '; MAX_BUNDLE_BYTES + 1];
+        assert!(matches!(TrustBundle::from_json(td(), &huge), Err(BundleError::TooLarge(_))));
+    }
+
+    #[test]
+    fn the_set_shares_updates_with_every_clone() {
+        let set = BundleSet::new();
+        let verifier_view = set.clone();
+        let changes = verifier_view.changes();
+        set.upsert(TrustBundle::new(td(), vec![root()]));
+        assert!(changes.has_changed().unwrap());
+        assert!(verifier_view.roots(&td()).is_some());
+        set.remove(&td());
+        assert!(verifier_view.roots(&td()).is_none());
+    }
+}

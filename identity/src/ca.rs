@@ -38,7 +38,8 @@ const ROOT_FILE: &str = "root-cert.pem";
 
 /// How long a root the CA creates itself is valid.
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Leaves are back-dated by this much to absorb small clock differences between nodes.
+/// Leaves are back-dated by this much (at most a tenth of their TTL, so half-life renewal
+/// stays in the future) to absorb small clock differences between nodes.
 const BACKDATE: Duration = Duration::from_secs(60);
 
 /// Why the CA cannot start or cannot sign.
@@ -239,7 +240,8 @@ impl CertificateAuthority {
         if now >= self.not_after {
             return Err(CaError::CaExpired(self.not_after));
         }
-        let not_after = (now + self.policy.grant(requested_ttl)).min(self.not_after);
+        let ttl = self.policy.grant(requested_ttl);
+        let not_after = (now + ttl).min(self.not_after);
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -251,7 +253,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::KeyAgreement,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - BACKDATE.min(ttl / 10)).into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;

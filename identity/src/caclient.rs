@@ -15,7 +15,7 @@ use trellis_api::identity::v1::{CertificateResponse, JoinRequest, SignRequest};
 use crate::bundle::BundleSet;
 use crate::csr::new_csr;
 use crate::id::{SpiffeId, TrustDomain};
-use crate::manager::{CertificateSource, HeldSvid, Issued};
+use crate::manager::{CertManager, CertificateSource, HeldSvid, Issued, ManagerConfig};
 use crate::svid::Svid;
 use crate::tls::{client_config, tls_channel};
 use crate::verify::{ExpectedPeer, SpiffeServerVerifier};
@@ -128,4 +128,27 @@ impl CertificateSource for CaClient {
     fn issue<'a>(&'a self, id: &'a SpiffeId, csr_pem: &'a str, ttl: Duration) -> BoxFuture<'a, Result<Issued, String>> {
         Box::pin(async move { self.sign(id, csr_pem, ttl).await.map_err(|e| e.to_string()) })
     }
+}
+
+/// Bootstraps a node: redeems `token` at the CA at `addr` for the node SVID of `node`, and
+/// returns a manager that holds it, keeps it renewed, and asks the same CA (authenticated by
+/// that node SVID) for any identity passed to [`CertManager::ensure`].
+pub async fn join_node(
+    addr: SocketAddr,
+    trust_domain: &TrustDomain,
+    bundles: BundleSet,
+    node: &str,
+    token: &str,
+    config: ManagerConfig,
+) -> Result<CertManager, CaClientError> {
+    let anonymous = CaClient::new(addr, trust_domain, bundles.clone(), None)?;
+    let held = anonymous.join(token, node, trust_domain).await?;
+    let node_id = held.svid.id.clone();
+    let manager = CertManager::with_source_from(config, |resolver| {
+        let client = CaClient::new(addr, trust_domain, bundles, Some(resolver(&node_id)))?;
+        Ok::<_, CaClientError>(Arc::new(client) as Arc<dyn CertificateSource>)
+    })?;
+    manager.insert(held);
+    manager.ensure(&node_id);
+    Ok(manager)
 }

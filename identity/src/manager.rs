@@ -145,18 +145,36 @@ pub struct CertManager {
 
 impl CertManager {
     pub fn new(source: Arc<dyn CertificateSource>, config: ManagerConfig) -> Self {
+        Self::with_source_from(config, |_| Ok::<_, std::convert::Infallible>(source))
+            .unwrap_or_else(|never| match never {})
+    }
+
+    /// A manager whose source is built with access to the manager's own resolvers: a node's
+    /// CA client authenticates with the node SVID that this very manager holds and renews.
+    pub fn with_source_from<E>(
+        config: ManagerConfig,
+        make_source: impl FnOnce(&dyn Fn(&SpiffeId) -> Arc<SvidResolver>) -> Result<Arc<dyn CertificateSource>, E>,
+    ) -> Result<Self, E> {
         let (changes, _) = watch::channel(0);
-        Self {
+        let store = Arc::new(Store {
+            certs: RwLock::new(HashMap::new()),
+            changes,
+        });
+        let resolver = |id: &SpiffeId| {
+            Arc::new(SvidResolver {
+                store: store.clone(),
+                id: id.clone(),
+            })
+        };
+        let source = make_source(&resolver)?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 source,
                 config,
-                store: Arc::new(Store {
-                    certs: RwLock::new(HashMap::new()),
-                    changes,
-                }),
+                store,
                 tasks: Mutex::new(HashMap::new()),
             }),
-        }
+        })
     }
 
     /// Adds an SVID obtained elsewhere (a node's first SVID, from Join). Call

@@ -37,8 +37,11 @@ mod tests {
         assert_eq!(renewal_delay(start, end, start, 0.0), 12 * HOUR);
         let early = renewal_delay(start, end, start, -1.0);
         let late = renewal_delay(start, end, start, 1.0);
-        assert!(early >= HOUR * 11 && early < 12 * HOUR, "{early:?}");
-        assert!(late > 12 * HOUR && late <= HOUR * 13, "{late:?}");
+        // 5% of a 24 h life is 72 minutes either way.
+        assert_eq!(early, 12 * HOUR - 72 * HOUR / 60);
+        assert_eq!(late, 12 * HOUR + 72 * HOUR / 60);
+        let sampled = renewal_delay(start, end, start, 0.3);
+        assert!(sampled > 12 * HOUR && sampled < late, "{sampled:?}");
         assert_eq!(renewal_delay(start, end, start + 20 * HOUR, 0.0), Duration::ZERO);
     }
 

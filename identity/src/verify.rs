@@ -68,8 +68,25 @@ pub enum PeerError {
     NotExpected(String, String),
 }
 
+/// Carries the human-readable reason through rustls, whose errors print with `Debug`.
+struct Refused(String);
+
+impl fmt::Debug for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 fn other(e: PeerError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(e.to_string())))))
 }
 
 fn webpki_error(e: webpki::Error) -> rustls::Error {

@@ -100,7 +100,7 @@ impl WorkloadApi {
         };
         self.attestor.attest(&caller).ok_or_else(|| {
             tracing::info!(?caller, "Workload API: caller has no identity");
-            Status::permission_denied("no identity is issued to this caller")
+            Status::permission_denied("no identity issued to this caller")
         })
     }
 
