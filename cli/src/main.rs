@@ -1,1 +1,161 @@
-fn main() {}
+//! `trellis`: the command-line interface of the mesh.
+//!
+//! Verbs follow DESIGN.md ("What the user does"): `federation`, `namespace`, `waypoint`,
+//! `traffic`, `status` and `lab`. The parser is complete; verbs whose machinery has not landed
+//! yet say so and exit with status 2, naming what they will do.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Trellis: a multi-cluster, ambient-style service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Join this cluster to a federation, leave it, or list its members.
+    #[command(subcommand)]
+    Federation(Federation),
+    /// Label a namespace (e.g. trellis.io/dataplane-mode=ambient to enrol it).
+    #[command(subcommand)]
+    Namespace(Namespace),
+    /// Enable or remove the L7 waypoint of a namespace.
+    #[command(subcommand)]
+    Waypoint(Waypoint),
+    /// Shift a global service's traffic between clusters by weight.
+    #[command(subcommand)]
+    Traffic(Traffic),
+    /// Show what is meshed, healthy and failing over.
+    Status,
+    /// Run Trellis on this machine in network namespaces: nodes, pods, etcd, capture.
+    #[command(subcommand)]
+    Lab(Lab),
+}
+
+#[derive(Debug, Subcommand)]
+enum Federation {
+    /// Join the federation stored in etcd.
+    Join {
+        /// This cluster's name.
+        #[arg(long)]
+        cluster: String,
+        /// etcd endpoint of the federation, e.g. https://etcd.example:2379.
+        #[arg(long)]
+        etcd: String,
+    },
+    /// Leave the federation: withdraw this cluster's keys.
+    Leave,
+    /// List federated clusters and their health.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum Namespace {
+    /// Set (or with --remove, delete) a label on a namespace.
+    Label {
+        namespace: String,
+        /// key=value, or just key with --remove.
+        label: String,
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Waypoint {
+    /// Deploy the namespace's waypoint and route its traffic through it.
+    Apply {
+        #[arg(short = 'n', long)]
+        namespace: String,
+    },
+    /// Remove the namespace's waypoint.
+    Delete {
+        #[arg(short = 'n', long)]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Traffic {
+    /// Set cluster weights for a global service, e.g. --cluster east=90,west=10.
+    Shift {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        service: String,
+        #[arg(long, value_name = "CLUSTER=WEIGHT,...")]
+        cluster: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Lab {
+    /// Build the lab (idempotent).
+    Up,
+    /// Remove everything the lab made.
+    Down,
+    /// Show the lab's clusters, nodes, pods and processes.
+    Status,
+}
+
+/// What a verb that has not landed yet answers.
+fn not_yet(verb: &str, what: &str) -> ExitCode {
+    eprintln!("trellis {verb}: not available yet. It will {what}. Nothing was changed.");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.verb {
+        Verb::Federation(Federation::Join { .. }) => not_yet(
+            "federation join",
+            "register this cluster, its trust bundle and its gateway in etcd",
+        ),
+        Verb::Federation(Federation::Leave) => not_yet("federation leave", "withdraw this cluster from etcd"),
+        Verb::Federation(Federation::Status) => not_yet("federation status", "list federated clusters and their health"),
+        Verb::Namespace(Namespace::Label { .. }) => not_yet(
+            "namespace label",
+            "label a namespace in the manifest source (trellisd discovery)",
+        ),
+        Verb::Waypoint(Waypoint::Apply { .. }) => not_yet("waypoint apply", "deploy the namespace's L7 waypoint"),
+        Verb::Waypoint(Waypoint::Delete { .. }) => not_yet("waypoint delete", "remove the namespace's L7 waypoint"),
+        Verb::Traffic(Traffic::Shift { .. }) => not_yet("traffic shift", "write cluster weights to the federation"),
+        Verb::Status => not_yet("status", "print enrolled namespaces, workloads per node and connected nodes"),
+        Verb::Lab(Lab::Up) => not_yet("lab up", "build clusters of nodes and pods in network namespaces"),
+        Verb::Lab(Lab::Down) => not_yet("lab down", "remove everything `lab up` made"),
+        Verb::Lab(Lab::Status) => not_yet("lab status", "show the lab's clusters, nodes and pods"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_lists_every_verb_of_the_design() {
+        let help = Cli::command().render_long_help().to_string();
+        for verb in ["federation", "namespace", "waypoint", "traffic", "status", "lab"] {
+            assert!(help.contains(verb), "--help lacks {verb}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn the_design_examples_parse() {
+        let examples: [&[&str]; 6] = [
+            &["trellis", "federation", "join", "--cluster", "east", "--etcd", "https://etcd.example:2379"],
+            &["trellis", "namespace", "label", "shop", "trellis.io/dataplane-mode=ambient"],
+            &["trellis", "waypoint", "apply", "-n", "shop"],
+            &["trellis", "traffic", "shift", "-n", "shop", "cart", "--cluster", "east=90,west=10"],
+            &["trellis", "status"],
+            &["trellis", "lab", "up"],
+        ];
+        for args in examples {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+}

@@ -1,1 +1,48 @@
-//! federation
+//! Federation: keeps trust bundles and endpoints in sync across clusters through etcd (keys
+//! under `/trellis/v1/`, see DESIGN.md "Federation through etcd").
+//!
+//! Not built yet; this crate holds the key layout so that every part names keys the same way.
+//! Read [`keys`] first.
+
+/// The etcd key layout of the federation.
+pub mod keys {
+    /// Every federation key starts with this prefix.
+    pub const PREFIX: &str = "/trellis/v1/";
+
+    /// `clusters/<cluster>`: a member cluster, bound to its lease.
+    pub fn cluster(cluster: &str) -> String {
+        format!("{PREFIX}clusters/{cluster}")
+    }
+
+    /// `bundles/<trust-domain>`: a cluster's SPIFFE trust bundle.
+    pub fn bundle(trust_domain: &str) -> String {
+        format!("{PREFIX}bundles/{trust_domain}")
+    }
+
+    /// `services/<cluster>/<ns>/<name>`: an exported service.
+    pub fn service(cluster: &str, namespace: &str, name: &str) -> String {
+        format!("{PREFIX}services/{cluster}/{namespace}/{name}")
+    }
+
+    /// `endpoints/<cluster>/<ns>/<name>`: a service's healthy endpoints, bound to the lease.
+    pub fn endpoints(cluster: &str, namespace: &str, name: &str) -> String {
+        format!("{PREFIX}endpoints/{cluster}/{namespace}/{name}")
+    }
+
+    /// `traffic/<ns>/<name>`: cluster weights for traffic shifting.
+    pub fn traffic(namespace: &str, name: &str) -> String {
+        format!("{PREFIX}traffic/{namespace}/{name}")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn keys_follow_the_design_layout() {
+            assert_eq!(super::cluster("east"), "/trellis/v1/clusters/east");
+            assert_eq!(super::bundle("east.trellis.local"), "/trellis/v1/bundles/east.trellis.local");
+            assert_eq!(super::service("east", "shop", "cart"), "/trellis/v1/services/east/shop/cart");
+            assert_eq!(super::endpoints("east", "shop", "cart"), "/trellis/v1/endpoints/east/shop/cart");
+            assert_eq!(super::traffic("shop", "cart"), "/trellis/v1/traffic/shop/cart");
+        }
+    }
+}

@@ -46,6 +46,9 @@ struct Record {
 }
 
 /// The set of join tokens a CA accepts.
+///
+/// With a file, every operation re-reads the file under an exclusive lock (`<file>.lock`), so
+/// `trellisd token create` and a running `trellisd` can share it safely.
 #[derive(Debug)]
 pub struct JoinTokens {
     path: Option<PathBuf>,
@@ -65,21 +68,14 @@ impl JoinTokens {
         }
     }
 
-    /// Tokens kept in `path`, loaded now if the file exists.
+    /// Tokens kept in `path`; the file is checked now and created on first write.
     pub fn open(path: &Path) -> Result<Self, TokenError> {
-        let store_err = |why: String| TokenError::Store {
-            path: path.to_path_buf(),
-            why,
-        };
-        let records = match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(format!("not a token file: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(store_err(e.to_string())),
-        };
-        Ok(Self {
+        let tokens = Self {
             path: Some(path.to_path_buf()),
-            records: Mutex::new(records),
-        })
+            records: Mutex::new(BTreeMap::new()),
+        };
+        tokens.with_records(|_| Ok(()))?;
+        Ok(tokens)
     }
 
     /// Creates a token for `node`, valid for `ttl`, and returns its text.
@@ -93,9 +89,13 @@ impl JoinTokens {
             expires_unix: to_unix(SystemTime::now() + ttl),
             used: false,
         };
-        let mut records = self.lock();
-        records.insert(id.clone(), record);
-        self.persist(&records)?;
+        self.with_records(|records| {
+            // Forget tokens that expired a day ago, so the file does not grow forever.
+            let horizon = to_unix(SystemTime::now()) - 24 * 3600;
+            records.retain(|_, r| r.expires_unix > horizon);
+            records.insert(id.clone(), record);
+            Ok(())
+        })?;
         Ok(format!("{id}.{secret}"))
     }
 
@@ -107,60 +107,71 @@ impl JoinTokens {
         if !hexish(id) || !hexish(secret) {
             return Err(TokenError::Malformed);
         }
-        let mut records = self.lock();
-        let record = records.get_mut(id).ok_or(TokenError::Unknown)?;
-        if record.secret_sha256 != hash(secret) {
-            return Err(TokenError::Unknown);
-        }
-        if record.used {
-            return Err(TokenError::Used);
-        }
-        if to_unix(now) >= record.expires_unix {
-            return Err(TokenError::Expired);
-        }
-        if record.node != node {
-            return Err(TokenError::WrongNode {
-                issued_for: record.node.clone(),
-                presented: node.to_string(),
-            });
-        }
-        record.used = true;
-        if let Err(e) = self.persist(&records) {
-            if let Some(r) = records.get_mut(id) {
-                r.used = false;
+        self.with_records(|records| {
+            let record = records.get_mut(id).ok_or(TokenError::Unknown)?;
+            if record.secret_sha256 != hash(secret) {
+                return Err(TokenError::Unknown);
             }
-            return Err(e);
-        }
-        Ok(())
+            if record.used {
+                return Err(TokenError::Used);
+            }
+            if to_unix(now) >= record.expires_unix {
+                return Err(TokenError::Expired);
+            }
+            if record.node != node {
+                return Err(TokenError::WrongNode {
+                    issued_for: record.node.clone(),
+                    presented: node.to_string(),
+                });
+            }
+            record.used = true;
+            Ok(())
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes the records atomically (temp file + rename), owner-only.
-    fn persist(&self, records: &BTreeMap<String, Record>) -> Result<(), TokenError> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let store_err = |e: std::io::Error| TokenError::Store {
-            path: path.clone(),
-            why: e.to_string(),
+    /// Runs `f` on the current records and saves them if it succeeds. With a file: under the
+    /// file lock, reading the file first; a failed save leaves the file as it was.
+    fn with_records<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Record>) -> Result<R, TokenError>) -> Result<R, TokenError> {
+        let mut memory = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else {
+            return f(&mut memory);
         };
-        let tmp = path.with_extension("tmp");
-        let json = serde_json::to_vec_pretty(records).map_err(|e| TokenError::Store {
+        let store_err = |why: String| TokenError::Store {
             path: path.clone(),
-            why: e.to_string(),
-        })?;
-        let mut file = fs::OpenOptions::new()
+            why,
+        };
+        let lock = fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(store_err)?;
-        file.write_all(&json).map_err(store_err)?;
-        file.sync_all().map_err(store_err)?;
-        fs::rename(&tmp, path).map_err(store_err)
+            .open(path.with_extension("lock"))
+            .map_err(|e| store_err(e.to_string()))?;
+        lock.lock().map_err(|e| store_err(format!("cannot lock: {e}")))?;
+        let mut records: BTreeMap<String, Record> = match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(format!("not a token file: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(store_err(e.to_string())),
+        };
+        let result = f(&mut records)?;
+        persist(path, &records).map_err(|e| store_err(e.to_string()))?;
+        Ok(result)
     }
+}
+
+/// Writes the records atomically (temp file + rename), owner-only.
+fn persist(path: &Path, records: &BTreeMap<String, Record>) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec_pretty(records)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -198,8 +209,10 @@ mod tests {
     fn a_used_token_stays_used_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("join-tokens.json");
+        let server = JoinTokens::open(&path).unwrap();
+        // A token created by another process (the CLI) after the server opened the file.
         let t = JoinTokens::open(&path).unwrap().create("node-1", Duration::from_secs(60)).unwrap();
-        JoinTokens::open(&path).unwrap().redeem(&t, "node-1", SystemTime::now()).unwrap();
+        server.redeem(&t, "node-1", SystemTime::now()).unwrap();
         let reopened = JoinTokens::open(&path).unwrap();
         assert!(matches!(reopened.redeem(&t, "node-1", SystemTime::now()), Err(TokenError::Used)));
         use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,51 @@
+//! Helpers for the end-to-end suites in `tests/tests/`: find the workspace's binaries and run
+//! them as child processes that are killed when the test ends, pass or fail.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// The directory holding the workspace's binaries (`target/<profile>`), found from the test
+/// executable's own path (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
+}
+
+/// A command for one of the workspace's binaries; panics with the fix if it was not built.
+pub fn binary(name: &str) -> Command {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    Command::new(path)
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Process {
+    pub fn spawn(name: &str, mut command: Command) -> Self {
+        let child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            child,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound and released, so a race is possible but unlikely).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
