@@ -116,7 +116,9 @@ fn main() -> ExitCode {
             "register this cluster, its trust bundle and its gateway in etcd",
         ),
         Verb::Federation(Federation::Leave) => not_yet("federation leave", "withdraw this cluster from etcd"),
-        Verb::Federation(Federation::Status) => not_yet("federation status", "list federated clusters and their health"),
+        Verb::Federation(Federation::Status) => {
+            not_yet("federation status", "list federated clusters and their health")
+        }
         Verb::Namespace(Namespace::Label { .. }) => not_yet(
             "namespace label",
             "label a namespace in the manifest source (trellisd discovery)",
@@ -124,7 +126,10 @@ fn main() -> ExitCode {
         Verb::Waypoint(Waypoint::Apply { .. }) => not_yet("waypoint apply", "deploy the namespace's L7 waypoint"),
         Verb::Waypoint(Waypoint::Delete { .. }) => not_yet("waypoint delete", "remove the namespace's L7 waypoint"),
         Verb::Traffic(Traffic::Shift { .. }) => not_yet("traffic shift", "write cluster weights to the federation"),
-        Verb::Status => not_yet("status", "print enrolled namespaces, workloads per node and connected nodes"),
+        Verb::Status => not_yet(
+            "status",
+            "print enrolled namespaces, workloads per node and connected nodes",
+        ),
         Verb::Lab(Lab::Up) => not_yet("lab up", "build clusters of nodes and pods in network namespaces"),
         Verb::Lab(Lab::Down) => not_yet("lab down", "remove everything `lab up` made"),
         Verb::Lab(Lab::Status) => not_yet("lab status", "show the lab's clusters, nodes and pods"),
@@ -147,10 +152,33 @@ mod tests {
     #[test]
     fn the_design_examples_parse() {
         let examples: [&[&str]; 6] = [
-            &["trellis", "federation", "join", "--cluster", "east", "--etcd", "https://etcd.example:2379"],
-            &["trellis", "namespace", "label", "shop", "trellis.io/dataplane-mode=ambient"],
+            &[
+                "trellis",
+                "federation",
+                "join",
+                "--cluster",
+                "east",
+                "--etcd",
+                "https://etcd.example:2379",
+            ],
+            &[
+                "trellis",
+                "namespace",
+                "label",
+                "shop",
+                "trellis.io/dataplane-mode=ambient",
+            ],
             &["trellis", "waypoint", "apply", "-n", "shop"],
-            &["trellis", "traffic", "shift", "-n", "shop", "cart", "--cluster", "east=90,west=10"],
+            &[
+                "trellis",
+                "traffic",
+                "shift",
+                "-n",
+                "shop",
+                "cart",
+                "--cluster",
+                "east=90,west=10",
+            ],
             &["trellis", "status"],
             &["trellis", "lab", "up"],
         ];

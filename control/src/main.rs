@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use trellis_identity::issuance::{CaServer, CaService};
-use trellis_identity::{CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId, TrustDomain};
+use trellis_identity::{
+    CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId, TrustDomain,
+};
 
 /// trellisd: discovery, the cluster CA, the config stream and federation sync for one cluster.
 #[derive(Debug, Parser)]
@@ -104,7 +106,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("could not issue trellisd's own SVID")?;
     let authorizer = |node: &str, id: &SpiffeId| -> Result<(), String> {
-        Err(format!("no workload with {id} is scheduled on {node}: this trellisd has no discovery source yet"))
+        Err(format!(
+            "no workload with {id} is scheduled on {node}: this trellisd has no discovery source yet"
+        ))
     };
     let service = CaService::new(ca, Arc::new(tokens(&config)?), Arc::new(authorizer));
     let listener = tokio::net::TcpListener::bind(config.ca_listen)

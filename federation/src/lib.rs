@@ -39,9 +39,18 @@ pub mod keys {
         #[test]
         fn keys_follow_the_design_layout() {
             assert_eq!(super::cluster("east"), "/trellis/v1/clusters/east");
-            assert_eq!(super::bundle("east.trellis.local"), "/trellis/v1/bundles/east.trellis.local");
-            assert_eq!(super::service("east", "shop", "cart"), "/trellis/v1/services/east/shop/cart");
-            assert_eq!(super::endpoints("east", "shop", "cart"), "/trellis/v1/endpoints/east/shop/cart");
+            assert_eq!(
+                super::bundle("east.trellis.local"),
+                "/trellis/v1/bundles/east.trellis.local"
+            );
+            assert_eq!(
+                super::service("east", "shop", "cart"),
+                "/trellis/v1/services/east/shop/cart"
+            );
+            assert_eq!(
+                super::endpoints("east", "shop", "cart"),
+                "/trellis/v1/endpoints/east/shop/cart"
+            );
             assert_eq!(super::traffic("shop", "cart"), "/trellis/v1/traffic/shop/cart");
         }
     }

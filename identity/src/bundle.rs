@@ -314,7 +314,8 @@ mod tests {
     fn keys_for_other_uses_are_skipped() {
         let bundle = TrustBundle::new(td(), vec![root()]);
         let mut doc: serde_json::Value = serde_json::from_str(&bundle.to_json()).unwrap();
-        let jwt = serde_json::json!({"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"});
+        let jwt =
+            serde_json::json!({"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"});
         doc["keys"].as_array_mut().unwrap().push(jwt);
         let parsed = TrustBundle::from_json(td(), doc.to_string().as_bytes()).unwrap();
         assert_eq!(parsed.x509_authorities, bundle.x509_authorities);
@@ -329,19 +330,43 @@ mod tests {
             doc.to_string()
         };
         let two = with_key(&|k| k["x5c"].as_array_mut().unwrap().push("AAAA".into()));
-        assert!(matches!(TrustBundle::from_json(td(), two.as_bytes()), Err(BundleError::X5cCount { found: 2, .. })));
+        assert!(matches!(
+            TrustBundle::from_json(td(), two.as_bytes()),
+            Err(BundleError::X5cCount { found: 2, .. })
+        ));
         let none = with_key(&|k| k["x5c"] = serde_json::json!([]));
-        assert!(matches!(TrustBundle::from_json(td(), none.as_bytes()), Err(BundleError::X5cCount { found: 0, .. })));
+        assert!(matches!(
+            TrustBundle::from_json(td(), none.as_bytes()),
+            Err(BundleError::X5cCount { found: 0, .. })
+        ));
         let b64 = with_key(&|k| k["x5c"] = serde_json::json!(["%%%"]));
-        assert!(matches!(TrustBundle::from_json(td(), b64.as_bytes()), Err(BundleError::X5cBase64 { .. })));
+        assert!(matches!(
+            TrustBundle::from_json(td(), b64.as_bytes()),
+            Err(BundleError::X5cBase64 { .. })
+        ));
         let not_cert = with_key(&|k| k["x5c"] = serde_json::json!(["AAAA"]));
-        assert!(matches!(TrustBundle::from_json(td(), not_cert.as_bytes()), Err(BundleError::X5cCert { .. })));
+        assert!(matches!(
+            TrustBundle::from_json(td(), not_cert.as_bytes()),
+            Err(BundleError::X5cCert { .. })
+        ));
         let wrong_x = with_key(&|k| k["x"] = "AAAA".into());
-        assert!(matches!(TrustBundle::from_json(td(), wrong_x.as_bytes()), Err(BundleError::KeyMismatch { .. })));
-        assert!(matches!(TrustBundle::from_json(td(), b"{\"keys\": []}"), Err(BundleError::NoX509Authorities)));
-        assert!(matches!(TrustBundle::from_json(td(), b"[1,2"), Err(BundleError::Json(_))));
+        assert!(matches!(
+            TrustBundle::from_json(td(), wrong_x.as_bytes()),
+            Err(BundleError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            TrustBundle::from_json(td(), b"{\"keys\": []}"),
+            Err(BundleError::NoX509Authorities)
+        ));
+        assert!(matches!(
+            TrustBundle::from_json(td(), b"[1,2"),
+            Err(BundleError::Json(_))
+        ));
         let huge = vec![b' '; MAX_BUNDLE_BYTES + 1];
-        assert!(matches!(TrustBundle::from_json(td(), &huge), Err(BundleError::TooLarge(_))));
+        assert!(matches!(
+            TrustBundle::from_json(td(), &huge),
+            Err(BundleError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::X509Certificate;
@@ -46,10 +46,7 @@ const BACKDATE: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("CA directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{0}: found {1} but not {2}; supply both, or neither to have a root created")]
     Incomplete(PathBuf, &'static str, &'static str),
     #[error("{path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
@@ -92,7 +89,11 @@ impl Default for IssuancePolicy {
 impl IssuancePolicy {
     /// The TTL granted for a request of `requested` (zero: the default).
     pub fn grant(&self, requested: Duration) -> Duration {
-        let want = if requested.is_zero() { self.default_ttl } else { requested };
+        let want = if requested.is_zero() {
+            self.default_ttl
+        } else {
+            requested
+        };
         want.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
     }
 }
@@ -129,11 +130,7 @@ impl std::fmt::Debug for CertificateAuthority {
 impl CertificateAuthority {
     /// Loads the CA from `dir`, or creates a new ECDSA P-256 root there if the directory holds
     /// no CA files yet.
-    pub fn load_or_create(
-        dir: &Path,
-        trust_domain: &TrustDomain,
-        policy: IssuancePolicy,
-    ) -> Result<Self, CaError> {
+    pub fn load_or_create(dir: &Path, trust_domain: &TrustDomain, policy: IssuancePolicy) -> Result<Self, CaError> {
         let io = |source| CaError::Io {
             path: dir.to_path_buf(),
             source,
@@ -296,7 +293,10 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Ca
     let mut certs = Vec::new();
     for block in blocks {
         if block.tag() != "CERTIFICATE" {
-            return Err(bad(path, &format!("holds a {:?} block; expected CERTIFICATE", block.tag())));
+            return Err(bad(
+                path,
+                &format!("holds a {:?} block; expected CERTIFICATE", block.tag()),
+            ));
         }
         parse_cert(block.contents()).map_err(|e| bad(path, &e.to_string()))?;
         certs.push(CertificateDer::from(block.into_contents()));
@@ -308,7 +308,10 @@ fn read_one_cert(path: &Path) -> Result<CertificateDer<'static>, CaError> {
     let mut certs = read_certs(path)?;
     match certs.len() {
         1 => Ok(certs.remove(0)),
-        n => Err(bad(path, &format!("holds {n} certificates; expected exactly one (put intermediates in {CHAIN_FILE})"))),
+        n => Err(bad(
+            path,
+            &format!("holds {n} certificates; expected exactly one (put intermediates in {CHAIN_FILE})"),
+        )),
     }
 }
 

@@ -72,7 +72,7 @@ pub fn validate_csr(bytes: &[u8], expected: &SpiffeId) -> Result<ValidCsr, CsrEr
     }
     let der = to_der(bytes)?;
     let csr = match X509CertificationRequest::from_der(&der) {
-        Ok((rest, csr)) if rest.is_empty() => csr,
+        Ok(([], csr)) => csr,
         Ok(_) => return Err(CsrError::Parse("trailing bytes after the request".into())),
         Err(e) => return Err(CsrError::Parse(e.to_string())),
     };
@@ -162,10 +162,19 @@ mod tests {
         let want = id("spiffe://td/ns/shop/sa/web");
         let two = csr_with(vec![uri(&want.to_string()), uri("spiffe://td/ns/x/sa/y")]);
         assert_eq!(validate_csr(two.as_bytes(), &want).unwrap_err(), CsrError::ExtraSan(2));
-        let dns = csr_with(vec![uri(&want.to_string()), SanType::DnsName("web.shop".try_into().unwrap())]);
-        assert!(matches!(validate_csr(dns.as_bytes(), &want), Err(CsrError::NonUriSan(_))));
+        let dns = csr_with(vec![
+            uri(&want.to_string()),
+            SanType::DnsName("web.shop".try_into().unwrap()),
+        ]);
+        assert!(matches!(
+            validate_csr(dns.as_bytes(), &want),
+            Err(CsrError::NonUriSan(_))
+        ));
         let https = csr_with(vec![uri("https://td/ns/shop/sa/web")]);
-        assert!(matches!(validate_csr(https.as_bytes(), &want), Err(CsrError::NotSpiffe(_))));
+        assert!(matches!(
+            validate_csr(https.as_bytes(), &want),
+            Err(CsrError::NotSpiffe(_))
+        ));
         let none = csr_with(vec![]);
         assert!(matches!(validate_csr(none.as_bytes(), &want), Err(CsrError::NoSan(_))));
     }
@@ -176,13 +185,19 @@ mod tests {
         assert!(matches!(validate_csr(b"hello", &want), Err(CsrError::Parse(_))));
         assert_eq!(validate_csr(b"", &want).unwrap_err(), CsrError::Empty);
         let big = vec![0u8; MAX_CSR_BYTES + 1];
-        assert_eq!(validate_csr(&big, &want).unwrap_err(), CsrError::TooLarge(MAX_CSR_BYTES + 1));
+        assert_eq!(
+            validate_csr(&big, &want).unwrap_err(),
+            CsrError::TooLarge(MAX_CSR_BYTES + 1)
+        );
         let (pem, _) = new_csr(&want).unwrap();
         let mut der = pem::parse(&pem).unwrap().into_contents();
         let last = der.len() - 1;
         der[last] ^= 0x01; // flip a bit of the signature
         assert_eq!(validate_csr(&der, &want).unwrap_err(), CsrError::BadSignature);
         let cert_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(matches!(validate_csr(cert_pem.as_bytes(), &want), Err(CsrError::PemTag(_))));
+        assert!(matches!(
+            validate_csr(cert_pem.as_bytes(), &want),
+            Err(CsrError::PemTag(_))
+        ));
     }
 }

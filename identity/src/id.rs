@@ -257,7 +257,10 @@ mod tests {
         let td = TrustDomain::for_cluster("east").unwrap();
         let node = SpiffeId::node(&td, "node-1").unwrap();
         assert_eq!(node.to_string(), "spiffe://east.trellis.local/trellis/node/node-1");
-        assert_eq!(SpiffeId::parse(&node.to_string()).unwrap().kind(), IdKind::Node("node-1"));
+        assert_eq!(
+            SpiffeId::parse(&node.to_string()).unwrap().kind(),
+            IdKind::Node("node-1")
+        );
         assert_eq!(SpiffeId::control(&td).kind(), IdKind::Control);
         assert_eq!(SpiffeId::parse("spiffe://td/foo/bar").unwrap().kind(), IdKind::Other);
         assert_eq!(SpiffeId::parse("spiffe://td").unwrap().kind(), IdKind::Other);

@@ -47,7 +47,11 @@ pub struct CaService {
 }
 
 impl CaService {
-    pub fn new(ca: Arc<CertificateAuthority>, tokens: Arc<JoinTokens>, authorizer: Arc<dyn IssuanceAuthorizer>) -> Self {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        tokens: Arc<JoinTokens>,
+        authorizer: Arc<dyn IssuanceAuthorizer>,
+    ) -> Self {
         Self { ca, tokens, authorizer }
     }
 
@@ -118,11 +122,16 @@ impl CertificateService for CaService {
             }
             None => {
                 tracing::warn!("refused sign: no client certificate");
-                return Err(Status::unauthenticated("sign needs mTLS with a node SVID; obtain one with Join"));
+                return Err(Status::unauthenticated(
+                    "sign needs mTLS with a node SVID; obtain one with Join",
+                ));
             }
         };
         if req.csr.len() > MAX_CSR_BYTES {
-            return Err(Status::invalid_argument(format!("the CSR is {} bytes; the limit is {MAX_CSR_BYTES}", req.csr.len())));
+            return Err(Status::invalid_argument(format!(
+                "the CSR is {} bytes; the limit is {MAX_CSR_BYTES}",
+                req.csr.len()
+            )));
         }
         let id = SpiffeId::parse(&req.spiffe_id).map_err(|e| {
             tracing::warn!(node, identity = %req.spiffe_id, reason = %e, "refused sign");
@@ -136,14 +145,19 @@ impl CertificateService for CaService {
             }
             if let Err(reason) = self.authorizer.authorize(&node, &id) {
                 tracing::warn!(node, identity = %id, reason = %reason, "denied");
-                return Err(Status::permission_denied(format!("node {node} may not receive {id}: {reason}")));
+                return Err(Status::permission_denied(format!(
+                    "node {node} may not receive {id}: {reason}"
+                )));
             }
         }
         let ttl = Duration::from_secs(req.ttl_seconds);
         Ok(Response::new(self.sign_logged(&node, &id, &req.csr, ttl)?))
     }
 
-    async fn get_trust_bundle(&self, _request: Request<TrustBundleRequest>) -> Result<Response<TrustBundleResponse>, Status> {
+    async fn get_trust_bundle(
+        &self,
+        _request: Request<TrustBundleRequest>,
+    ) -> Result<Response<TrustBundleResponse>, Status> {
         let bundle = TrustBundle::new(self.ca.trust_domain().clone(), self.ca.roots().to_vec());
         Ok(Response::new(TrustBundleResponse {
             trust_domain: bundle.trust_domain.to_string(),

@@ -109,12 +109,20 @@ impl Store {
 
     fn put(&self, held: HeldSvid) {
         let id = held.svid.id.clone();
-        self.certs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(held));
+        self.certs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::new(held));
         self.changes.send_modify(|v| *v += 1);
     }
 
     fn remove(&self, id: &SpiffeId) -> bool {
-        let removed = self.certs.write().unwrap_or_else(|p| p.into_inner()).remove(id).is_some();
+        let removed = self
+            .certs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some();
         if removed {
             self.changes.send_modify(|v| *v += 1);
         }
@@ -259,7 +267,8 @@ impl CertManager {
 async fn fetch(source: &dyn CertificateSource, id: &SpiffeId, ttl: Duration) -> Result<HeldSvid, String> {
     let (csr, key) = new_csr(id).map_err(|e| format!("building the CSR failed: {e}"))?;
     let issued = source.issue(id, &csr, ttl).await?;
-    let svid = Svid::new(issued.chain, PrivatePkcs8KeyDer::from(key)).map_err(|e| format!("the CA returned an unusable chain: {e}"))?;
+    let svid = Svid::new(issued.chain, PrivatePkcs8KeyDer::from(key))
+        .map_err(|e| format!("the CA returned an unusable chain: {e}"))?;
     if &svid.id != id {
         return Err(format!("the CA returned an SVID for {} instead of {id}", svid.id));
     }

@@ -35,7 +35,7 @@ pub struct LeafInfo {
 /// Parses a DER certificate, insisting on no trailing bytes.
 pub fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(SvidError::Parse("trailing bytes after the certificate".into())),
         Err(e) => Err(SvidError::Parse(e.to_string())),
     }
@@ -106,10 +106,7 @@ pub struct Svid {
 
 impl Svid {
     /// Builds an SVID from a chain and its PKCS#8 key, reading the ID and validity off the leaf.
-    pub fn new(
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivatePkcs8KeyDer<'static>,
-    ) -> Result<Self, SvidError> {
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivatePkcs8KeyDer<'static>) -> Result<Self, SvidError> {
         let leaf = chain.first().ok_or(SvidError::EmptyChain)?;
         let info = leaf_info(leaf)?;
         Ok(Self {

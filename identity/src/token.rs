@@ -131,7 +131,10 @@ impl JoinTokens {
 
     /// Runs `f` on the current records and saves them if it succeeds. With a file: under the
     /// file lock, reading the file first; a failed save leaves the file as it was.
-    fn with_records<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Record>) -> Result<R, TokenError>) -> Result<R, TokenError> {
+    fn with_records<R>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Record>) -> Result<R, TokenError>,
+    ) -> Result<R, TokenError> {
         let mut memory = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let Some(path) = &self.path else {
             return f(&mut memory);
@@ -199,9 +202,18 @@ mod tests {
         assert!(matches!(tokens.redeem(&t, "node-1", later), Err(TokenError::Expired)));
         let (id, _) = t.split_once('.').unwrap();
         let forged = format!("{id}.{}", "0".repeat(32));
-        assert!(matches!(tokens.redeem(&forged, "node-1", SystemTime::now()), Err(TokenError::Unknown)));
+        assert!(matches!(
+            tokens.redeem(&forged, "node-1", SystemTime::now()),
+            Err(TokenError::Unknown)
+        ));
         for bad in ["", "abc", "zz.zz", ".", "a.", &format!("a.{}", "b".repeat(65))] {
-            assert!(matches!(tokens.redeem(bad, "node-1", SystemTime::now()), Err(TokenError::Malformed)), "{bad}");
+            assert!(
+                matches!(
+                    tokens.redeem(bad, "node-1", SystemTime::now()),
+                    Err(TokenError::Malformed)
+                ),
+                "{bad}"
+            );
         }
     }
 
@@ -211,14 +223,23 @@ mod tests {
         let path = dir.path().join("join-tokens.json");
         let server = JoinTokens::open(&path).unwrap();
         // A token created by another process (the CLI) after the server opened the file.
-        let t = JoinTokens::open(&path).unwrap().create("node-1", Duration::from_secs(60)).unwrap();
+        let t = JoinTokens::open(&path)
+            .unwrap()
+            .create("node-1", Duration::from_secs(60))
+            .unwrap();
         server.redeem(&t, "node-1", SystemTime::now()).unwrap();
         let reopened = JoinTokens::open(&path).unwrap();
-        assert!(matches!(reopened.redeem(&t, "node-1", SystemTime::now()), Err(TokenError::Used)));
+        assert!(matches!(
+            reopened.redeem(&t, "node-1", SystemTime::now()),
+            Err(TokenError::Used)
+        ));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         fs::write(&path, "{not json").unwrap();
         let err = JoinTokens::open(&path).unwrap_err().to_string();
-        assert!(err.contains("join-tokens.json") && err.contains("not a token file"), "{err}");
+        assert!(
+            err.contains("join-tokens.json") && err.contains("not a token file"),
+            "{err}"
+        );
     }
 }

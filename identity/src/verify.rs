@@ -20,6 +20,9 @@ use crate::bundle::BundleSet;
 use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{parse_cert, spiffe_id_of};
 
+/// A custom acceptance rule: `Err` carries the reason for the log.
+pub type PeerRule = Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>;
+
 /// Which peer identities a verifier accepts once the chain is good.
 #[derive(Clone)]
 pub enum ExpectedPeer {
@@ -30,7 +33,7 @@ pub enum ExpectedPeer {
     /// Any ID in one of these trust domains.
     TrustDomains(Vec<TrustDomain>),
     /// A custom rule; `Err` carries the reason for the log.
-    Rule(Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>),
+    Rule(PeerRule),
 }
 
 impl fmt::Debug for ExpectedPeer {
@@ -118,7 +121,10 @@ pub fn verify_svid_chain(
     let leaf = parse_cert(end_entity).map_err(|e| other(PeerError::Identity(e.to_string())))?;
     let id = spiffe_id_of(&leaf).map_err(|e| other(PeerError::Identity(e.to_string())))?;
     let roots = bundles.roots(id.trust_domain()).ok_or_else(|| {
-        other(PeerError::UnknownTrustDomain(id.to_string(), id.trust_domain().to_string()))
+        other(PeerError::UnknownTrustDomain(
+            id.to_string(),
+            id.trust_domain().to_string(),
+        ))
     })?;
     let anchors = roots
         .iter()

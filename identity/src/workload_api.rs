@@ -141,7 +141,10 @@ impl WorkloadApi {
             let own = held.roots.iter().flat_map(|c| c.iter().copied()).collect();
             bundles.insert(id.trust_domain().id_string(), own);
         }
-        X509BundlesResponse { crl: Vec::new(), bundles }
+        X509BundlesResponse {
+            crl: Vec::new(),
+            bundles,
+        }
     }
 
     /// Streams `render()` now and again after every change of SVIDs or bundles, skipping
@@ -169,7 +172,9 @@ impl WorkloadApi {
                 let next = match render(&this) {
                     Some(next) => next,
                     None => {
-                        let _ = tx.send(Err(Status::permission_denied("the identity's SVID was withdrawn"))).await;
+                        let _ = tx
+                            .send(Err(Status::permission_denied("the identity's SVID was withdrawn")))
+                            .await;
                         return;
                     }
                 };
@@ -191,11 +196,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
     type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
 
-    async fn fetch_x509svid(&self, request: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         Self::check_header(&request)?;
         let id = self.attest(&request)?;
         if self.manager.wait_for(&id, SVID_WAIT).await.is_none() {
-            return Err(Status::unavailable(format!("the SVID for {id} is not ready yet; retry")));
+            return Err(Status::unavailable(format!(
+                "the SVID for {id} is not ready yet; retry"
+            )));
         }
         let first = self
             .svid_response(&id)
@@ -211,7 +221,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Self::check_header(&request)?;
         let id = self.attest(&request)?;
         let first = self.bundles_response(&id);
-        Ok(Response::new(self.watch(first, move |api| Some(api.bundles_response(&id)))))
+        Ok(Response::new(
+            self.watch(first, move |api| Some(api.bundles_response(&id))),
+        ))
     }
 
     async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {

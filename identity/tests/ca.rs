@@ -19,7 +19,11 @@ fn a_new_ca_writes_its_key_owner_only_and_reloads_the_same_root() {
     let dir = tempfile::tempdir().unwrap();
     let td = td("east.trellis.local");
     let ca = CertificateAuthority::load_or_create(dir.path(), &td, IssuancePolicy::default()).unwrap();
-    let key_mode = fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions().mode() & 0o777;
+    let key_mode = fs::metadata(dir.path().join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(key_mode, 0o600);
     let dir_mode = fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
     assert_eq!(dir_mode, 0o700);
@@ -100,11 +104,20 @@ fn a_user_supplied_intermediate_issues_svids_that_verify_under_the_users_root() 
     let issued = ca.sign(csr.as_bytes(), &web, Duration::ZERO).unwrap();
     assert_eq!(issued.chain.len(), 2, "leaf + intermediate");
     let bundles = BundleSet::with(TrustBundle::new(td.clone(), vec![root.der().clone()]));
-    let peer = verify_svid_chain(&bundles, &issued.chain[0], &issued.chain[1..], UnixTime::now(), webpki::KeyUsage::client_auth()).unwrap();
+    let peer = verify_svid_chain(
+        &bundles,
+        &issued.chain[0],
+        &issued.chain[1..],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+    )
+    .unwrap();
     assert_eq!(peer, web);
 
     // An intermediate that does not chain to the given root is refused.
-    let other_root = ca_params("other root").self_signed(&KeyPair::generate().unwrap()).unwrap();
+    let other_root = ca_params("other root")
+        .self_signed(&KeyPair::generate().unwrap())
+        .unwrap();
     fs::write(dir.path().join("root-cert.pem"), other_root.pem()).unwrap();
     let err = CertificateAuthority::load_or_create(dir.path(), &td, IssuancePolicy::default()).unwrap_err();
     assert!(err.to_string().contains("does not chain"), "{err}");
@@ -114,7 +127,10 @@ fn a_user_supplied_intermediate_issues_svids_that_verify_under_the_users_root() 
 fn a_leaf_certificate_is_not_accepted_as_a_ca() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["leaf.example".to_string()]).unwrap().self_signed(&key).unwrap();
+    let leaf = CertificateParams::new(vec!["leaf.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     write_key(&dir.path().join("ca-key.pem"), &key);
     fs::write(dir.path().join("ca-cert.pem"), leaf.pem()).unwrap();
     let err = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap_err();

@@ -39,7 +39,10 @@ async fn a_join_token_buys_the_node_svid_once() {
     let client = cluster.anonymous_client();
 
     let held = client.join(&token, "node-1", &cluster.td).await.expect("first use");
-    assert_eq!(held.svid.id.to_string(), "spiffe://east.trellis.local/trellis/node/node-1");
+    assert_eq!(
+        held.svid.id.to_string(),
+        "spiffe://east.trellis.local/trellis/node/node-1"
+    );
     assert_eq!(held.roots, cluster.ca.roots());
 
     let again = client.join(&token, "node-1", &cluster.td).await.unwrap_err();
@@ -62,7 +65,10 @@ async fn bad_expired_and_foreign_tokens_are_unauthenticated() {
     let err = client.join(&for_node_2, "node-1", &cluster.td).await.unwrap_err();
     assert_eq!(code(err), tonic::Code::Unauthenticated);
     // A refused attempt does not burn the token for its rightful node.
-    client.join(&for_node_2, "node-2", &cluster.td).await.expect("node-2 joins");
+    client
+        .join(&for_node_2, "node-2", &cluster.td)
+        .await
+        .expect("node-2 joins");
 }
 
 #[tokio::test]
@@ -70,7 +76,11 @@ async fn sign_needs_a_node_svid() {
     let cluster = Cluster::start("east.trellis.local", Default::default(), allow_all()).await;
     let web = id("spiffe://east.trellis.local/ns/shop/sa/web");
     let (csr, _key) = new_csr(&web).unwrap();
-    let err = cluster.anonymous_client().sign(&web, &csr, Duration::ZERO).await.unwrap_err();
+    let err = cluster
+        .anonymous_client()
+        .sign(&web, &csr, Duration::ZERO)
+        .await
+        .unwrap_err();
     assert_eq!(code(err), tonic::Code::Unauthenticated);
 }
 
@@ -82,20 +92,36 @@ async fn a_node_gets_only_the_identities_the_hook_allows() {
     let web = id("spiffe://east.trellis.local/ns/shop/sa/web");
     let (csr, _key) = new_csr(&web).unwrap();
 
-    let issued = cluster.node_client(&node1, "node-1").sign(&web, &csr, Duration::ZERO).await.expect("allowed");
+    let issued = cluster
+        .node_client(&node1, "node-1")
+        .sign(&web, &csr, Duration::ZERO)
+        .await
+        .expect("allowed");
     assert_eq!(leaf_info(&issued.chain[0]).unwrap().id, web);
 
-    let err = cluster.node_client(&node2, "node-2").sign(&web, &csr, Duration::ZERO).await.unwrap_err();
+    let err = cluster
+        .node_client(&node2, "node-2")
+        .sign(&web, &csr, Duration::ZERO)
+        .await
+        .unwrap_err();
     assert_eq!(code(err), tonic::Code::PermissionDenied);
 
     // A node may not mint another node's identity or the control plane's.
     let other_node = id("spiffe://east.trellis.local/trellis/node/node-2");
     let (csr, _key) = new_csr(&other_node).unwrap();
-    let err = cluster.node_client(&node1, "node-1").sign(&other_node, &csr, Duration::ZERO).await.unwrap_err();
+    let err = cluster
+        .node_client(&node1, "node-1")
+        .sign(&other_node, &csr, Duration::ZERO)
+        .await
+        .unwrap_err();
     assert_eq!(code(err), tonic::Code::PermissionDenied);
     let control = SpiffeId::control(&cluster.td);
     let (csr, _key) = new_csr(&control).unwrap();
-    let err = cluster.node_client(&node1, "node-1").sign(&control, &csr, Duration::ZERO).await.unwrap_err();
+    let err = cluster
+        .node_client(&node1, "node-1")
+        .sign(&control, &csr, Duration::ZERO)
+        .await
+        .unwrap_err();
     assert_eq!(code(err), tonic::Code::PermissionDenied);
 }
 
@@ -118,16 +144,35 @@ async fn malformed_oversized_and_mismatched_csrs_are_invalid_arguments() {
     let cases = [
         ("garbage", "not a CSR at all".to_string()),
         ("oversized", "A".repeat(64 * 1024)),
-        ("mismatched", csr_with(vec![uri("spiffe://east.trellis.local/ns/shop/sa/admin")])),
-        ("extra SAN", csr_with(vec![uri(&web.to_string()), uri("spiffe://east.trellis.local/ns/x/sa/y")])),
-        ("DNS SAN", csr_with(vec![uri(&web.to_string()), SanType::DnsName("web".try_into().unwrap())])),
+        (
+            "mismatched",
+            csr_with(vec![uri("spiffe://east.trellis.local/ns/shop/sa/admin")]),
+        ),
+        (
+            "extra SAN",
+            csr_with(vec![
+                uri(&web.to_string()),
+                uri("spiffe://east.trellis.local/ns/x/sa/y"),
+            ]),
+        ),
+        (
+            "DNS SAN",
+            csr_with(vec![uri(&web.to_string()), SanType::DnsName("web".try_into().unwrap())]),
+        ),
         ("non-SPIFFE SAN", csr_with(vec![uri("https://example.com/web")])),
     ];
     for (what, csr) in cases {
         let err = client.sign(&web, &csr, Duration::ZERO).await.expect_err(what);
         assert_eq!(code(err), tonic::Code::InvalidArgument, "{what}");
     }
-    let err = client.sign(&id("spiffe://west.trellis.local/ns/shop/sa/web"), &csr_with(vec![]), Duration::ZERO).await.unwrap_err();
+    let err = client
+        .sign(
+            &id("spiffe://west.trellis.local/ns/shop/sa/web"),
+            &csr_with(vec![]),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(err), tonic::Code::InvalidArgument, "foreign trust domain");
 }
 
@@ -159,5 +204,9 @@ async fn a_client_that_does_not_trust_the_ca_cannot_talk_to_it() {
     let err = client.join(&token, "node-1", &cluster.td).await.unwrap_err();
     assert_eq!(code(err), tonic::Code::Unavailable, "the TLS handshake fails");
     // And the token is still good for a client that does trust it.
-    cluster.anonymous_client().join(&token, "node-1", &cluster.td).await.expect("token unspent");
+    cluster
+        .anonymous_client()
+        .join(&token, "node-1", &cluster.td)
+        .await
+        .expect("token unspent");
 }

@@ -25,7 +25,10 @@ async fn svids_rotate_before_they_expire() {
     assert_ne!(first.svid.chain[0], second.svid.chain[0], "a new certificate");
     assert!(second.svid.not_after > first.svid.not_after);
     let second_node = node.current(&node_id).expect("renewed node SVID");
-    assert!(second_node.svid.not_after > first_node.svid.not_after, "the node SVID renews itself over mTLS");
+    assert!(
+        second_node.svid.not_after > first_node.svid.not_after,
+        "the node SVID renews itself over mTLS"
+    );
     // And it keeps going well past the first certificate's expiry.
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let third = node.current(&web).expect("still valid");
@@ -40,9 +43,15 @@ async fn the_manager_retries_while_the_ca_is_down_and_recovers() {
     cluster.stop().await;
     let web = id("spiffe://east.trellis.local/ns/shop/sa/web");
     node.ensure(&web);
-    assert!(node.wait_for(&web, Duration::from_millis(1500)).await.is_none(), "no CA, no SVID");
+    assert!(
+        node.wait_for(&web, Duration::from_millis(1500)).await.is_none(),
+        "no CA, no SVID"
+    );
     cluster.restart().await;
-    let held = node.wait_for(&web, Duration::from_secs(5)).await.expect("SVID once the CA is back");
+    let held = node
+        .wait_for(&web, Duration::from_secs(5))
+        .await
+        .expect("SVID once the CA is back");
     assert_eq!(held.svid.id, web);
 }
 
@@ -57,7 +66,11 @@ async fn an_expired_certificate_is_never_handed_out() {
     let resolver = node.resolver(&web);
     assert!(resolver.resolve(&[], &[]).is_some(), "valid while the CA is down");
 
-    let wait = held.svid.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    let wait = held
+        .svid
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(1200)).await;
     assert!(node.current(&web).is_none(), "expired SVIDs are not returned");
     assert!(resolver.resolve(&[], &[]).is_none(), "nor presented in handshakes");

@@ -111,11 +111,18 @@ async fn a_request_without_the_security_header_is_an_invalid_argument() {
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
         }))
         .await
         .unwrap();
-    let err = SpiffeWorkloadApiClient::new(channel).fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    let err = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("workload.spiffe.io"));
 }

@@ -8,13 +8,20 @@ use std::process::{Child, Command, Stdio};
 /// executable's own path (`target/<profile>/deps/<test>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .to_path_buf()
 }
 
 /// A command for one of the workspace's binaries; panics with the fix if it was not built.
 pub fn binary(name: &str) -> Command {
     let path = bin_dir().join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
     Command::new(path)
 }
 
@@ -47,5 +54,9 @@ impl Drop for Process {
 
 /// A free TCP port on loopback (bound and released, so a race is possible but unlikely).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -16,7 +16,12 @@ fn wait_for_port(port: u16, within: Duration) {
 }
 
 /// Runs ztunnel until it prints its first line or exits; returns (stdout, stderr, exited-ok).
-fn run_ztunnel(ca_dir: &std::path::Path, port: u16, token_file: &std::path::Path, node: &str) -> (String, String, Option<bool>) {
+fn run_ztunnel(
+    ca_dir: &std::path::Path,
+    port: u16,
+    token_file: &std::path::Path,
+    node: &str,
+) -> (String, String, Option<bool>) {
     let mut cmd = binary("ztunnel");
     cmd.args(["--node", node, "--trust-domain", "east.trellis.local"])
         .arg("--ca-addr")
@@ -41,7 +46,10 @@ fn run_ztunnel(ca_dir: &std::path::Path, port: u16, token_file: &std::path::Path
         if let Some(status) = zt.child.try_wait().unwrap() {
             break Some(status.success());
         }
-        assert!(Instant::now() < deadline, "ztunnel neither joined nor failed within 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel neither joined nor failed within 15 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     stdout.push_str(&reader.join().unwrap());
@@ -102,7 +110,11 @@ fn trellisd_refuses_a_ca_key_readable_by_others() {
     assert!(out.status.success());
     let port = free_port();
     let mut first = binary("trellisd");
-    first.args(["--cluster", "east", "--ca-listen"]).arg(format!("127.0.0.1:{port}")).arg("--ca-dir").arg(&ca_dir);
+    first
+        .args(["--cluster", "east", "--ca-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ca-dir")
+        .arg(&ca_dir);
     drop(Process::spawn("trellisd", first).wait_ready(port));
     std::fs::set_permissions(ca_dir.join("ca-key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = binary("trellisd")

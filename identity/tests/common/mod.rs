@@ -58,7 +58,10 @@ impl Cluster {
         let control = CertManager::new(ca.clone(), ManagerConfig::default());
         let control_id = SpiffeId::control(&td);
         control.ensure(&control_id);
-        control.wait_for(&control_id, Duration::from_secs(5)).await.expect("control SVID");
+        control
+            .wait_for(&control_id, Duration::from_secs(5))
+            .await
+            .expect("control SVID");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut cluster = Self {
