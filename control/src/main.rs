@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use trellis_identity::issuance::{CaServer, CaService};
+use trellis_identity::IdKind;
 use trellis_identity::{
     CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId, TrustDomain,
 };
@@ -106,9 +107,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("could not issue trellisd's own SVID")?;
     let authorizer = |node: &str, id: &SpiffeId| -> Result<(), String> {
-        Err(format!(
-            "no workload with {id} is scheduled on {node}: this trellisd has no discovery source yet"
-        ))
+        match id.kind() {
+            // Every joined node may renew its node SVID until discovery can retire nodes.
+            IdKind::Node(name) if name == node => Ok(()),
+            _ => Err(format!(
+                "no workload with {id} is scheduled on {node}: this trellisd has no discovery source yet"
+            )),
+        }
     };
     let service = CaService::new(ca, Arc::new(tokens(&config)?), Arc::new(authorizer));
     let listener = tokio::net::TcpListener::bind(config.ca_listen)

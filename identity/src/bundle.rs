@@ -79,44 +79,7 @@ impl TrustBundle {
 
     /// Renders the SPIFFE bundle JSON document.
     pub fn to_json(&self) -> String {
-        let keys = self
-            .x509_authorities
-            .iter()
-            .map(|der| {
-                let mut params = BTreeMap::new();
-                let cert = parse_cert(der).ok();
-                let key = cert.as_ref().and_then(|c| c.public_key().parsed().ok());
-                let kty = match key {
-                    Some(PublicKey::EC(point)) => {
-                        let data = point.data();
-                        let n = (data.len().saturating_sub(1)) / 2;
-                        let crv = match n {
-                            32 => "P-256",
-                            48 => "P-384",
-                            _ => "P-521",
-                        };
-                        params.insert("crv".into(), crv.into());
-                        if data.len() > 1 {
-                            params.insert("x".into(), URL_SAFE_NO_PAD.encode(&data[1..1 + n]).into());
-                            params.insert("y".into(), URL_SAFE_NO_PAD.encode(&data[1 + n..]).into());
-                        }
-                        "EC"
-                    }
-                    Some(PublicKey::RSA(rsa)) => {
-                        params.insert("n".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus)).into());
-                        params.insert("e".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent)).into());
-                        "RSA"
-                    }
-                    _ => "OKP",
-                };
-                params.insert("x5c".into(), vec![STANDARD.encode(der.as_ref())].into());
-                Jwk {
-                    use_: Some("x509-svid".into()),
-                    kty: kty.into(),
-                    params,
-                }
-            })
-            .collect();
+        let keys = self.x509_authorities.iter().filter_map(|der| jwk_for(der)).collect();
         let doc = Jwks {
             keys,
             spiffe_sequence: Some(self.sequence),
@@ -181,29 +144,74 @@ fn strip_zeros(bytes: &[u8]) -> &[u8] {
     &bytes[first..]
 }
 
-/// Whether the JWK's own key parameters, where present, agree with the certificate.
-fn jwk_matches(key: &Jwk, cert: &x509_parser::prelude::X509Certificate<'_>) -> bool {
-    let param = |name: &str| key.params.get(name).and_then(|v| v.as_str());
-    let decoded = |name: &str| param(name).map(|v| URL_SAFE_NO_PAD.decode(v));
-    match (key.kty.as_str(), cert.public_key().parsed()) {
-        ("EC", Ok(PublicKey::EC(point))) => {
+/// OID of Ed25519 public keys (RFC 8410).
+const ED25519_OID: &str = "1.3.101.112";
+
+/// The JWK parameters of a certificate's public key: (kty, params). `None` for key types the
+/// bundle format cannot express.
+fn key_params(cert: &x509_parser::prelude::X509Certificate<'_>) -> Option<(&'static str, BTreeMap<String, String>)> {
+    let spki = cert.public_key();
+    let mut params = BTreeMap::new();
+    let kty = match spki.parsed() {
+        Ok(PublicKey::EC(point)) => {
             let data = point.data();
-            if data.len() < 3 || data[0] != 0x04 {
-                return false;
+            let crv = match data.len() {
+                65 => "P-256",
+                97 => "P-384",
+                133 => "P-521",
+                _ => return None, // compressed or unknown curve
+            };
+            if data[0] != 0x04 {
+                return None;
             }
             let n = (data.len() - 1) / 2;
-            let x_ok = decoded("x").is_none_or(|x| x.is_ok_and(|x| x == data[1..1 + n]));
-            let y_ok = decoded("y").is_none_or(|y| y.is_ok_and(|y| y == data[1 + n..]));
-            x_ok && y_ok
+            params.insert("crv".into(), crv.into());
+            params.insert("x".into(), URL_SAFE_NO_PAD.encode(&data[1..1 + n]));
+            params.insert("y".into(), URL_SAFE_NO_PAD.encode(&data[1 + n..]));
+            "EC"
         }
-        ("RSA", Ok(PublicKey::RSA(rsa))) => {
-            let n_ok = decoded("n").is_none_or(|n| n.is_ok_and(|n| n == strip_zeros(rsa.modulus)));
-            let e_ok = decoded("e").is_none_or(|e| e.is_ok_and(|e| e == strip_zeros(rsa.exponent)));
-            n_ok && e_ok
+        Ok(PublicKey::RSA(rsa)) => {
+            params.insert("n".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus)));
+            params.insert("e".into(), URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent)));
+            "RSA"
         }
-        ("OKP", Ok(_)) => true,
-        _ => false,
-    }
+        _ if spki.algorithm.algorithm.to_id_string() == ED25519_OID => {
+            params.insert("crv".into(), "Ed25519".into());
+            params.insert("x".into(), URL_SAFE_NO_PAD.encode(&spki.subject_public_key.data));
+            "OKP"
+        }
+        _ => return None,
+    };
+    Some((kty, params))
+}
+
+/// The bundle entry for one root; roots whose key type JWK cannot express are left out (and
+/// logged), never written wrongly.
+fn jwk_for(der: &CertificateDer<'_>) -> Option<Jwk> {
+    let cert = parse_cert(der).ok()?;
+    let Some((kty, key)) = key_params(&cert) else {
+        tracing::warn!(subject = %cert.subject(), "root left out of the bundle: unsupported key type");
+        return None;
+    };
+    let mut params: BTreeMap<String, serde_json::Value> = key.into_iter().map(|(k, v)| (k, v.into())).collect();
+    params.insert("x5c".into(), vec![STANDARD.encode(der.as_ref())].into());
+    Some(Jwk {
+        use_: Some("x509-svid".into()),
+        kty: kty.into(),
+        params,
+    })
+}
+
+/// Whether the JWK's type and key parameters, where present, agree with the certificate.
+fn jwk_matches(key: &Jwk, cert: &x509_parser::prelude::X509Certificate<'_>) -> bool {
+    let Some((kty, expected)) = key_params(cert) else {
+        return false;
+    };
+    key.kty == kty
+        && expected.iter().all(|(name, want)| match key.params.get(name) {
+            None => true,
+            Some(v) => v.as_str() == Some(want.as_str()),
+        })
 }
 
 /// Every trust domain the mesh trusts, with its roots. Cloning shares the set, so verifiers
@@ -308,6 +316,27 @@ mod tests {
         assert_eq!(doc["keys"][0]["crv"], "P-256");
         assert_eq!(doc["spiffe_sequence"], 7);
         assert_eq!(TrustBundle::from_json(td(), json.as_bytes()).unwrap(), bundle);
+    }
+
+    #[test]
+    fn ed25519_and_p384_roots_get_their_own_jwk_parameters() {
+        for (alg, kty, crv) in [
+            (&rcgen::PKCS_ED25519, "OKP", "Ed25519"),
+            (&rcgen::PKCS_ECDSA_P384_SHA384, "EC", "P-384"),
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let der = params.self_signed(&key).unwrap().der().clone();
+            let bundle = TrustBundle::new(td(), vec![der]);
+            let doc: serde_json::Value = serde_json::from_str(&bundle.to_json()).unwrap();
+            assert_eq!(doc["keys"][0]["kty"], kty);
+            assert_eq!(doc["keys"][0]["crv"], crv);
+            assert_eq!(
+                TrustBundle::from_json(td(), bundle.to_json().as_bytes()).unwrap(),
+                bundle
+            );
+        }
     }
 
     #[test]

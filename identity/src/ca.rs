@@ -185,11 +185,10 @@ impl CertificateAuthority {
             });
         }
         check_is_ca(&parsed).map_err(|why| bad(&cert_path, &why))?;
-        let not_after = to_system_time(parsed.validity().not_after.timestamp());
         if !parsed.validity().is_valid() {
             return Err(bad(&cert_path, "is outside its validity period"));
         }
-        check_chain(&ca_cert, &intermediates, &roots).map_err(|why| bad(&cert_path, &why))?;
+        let not_after = check_chain(&ca_cert, &intermediates, &roots).map_err(|why| bad(&cert_path, &why))?;
 
         let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
         let self_signed = roots.iter().any(|r| r.as_ref() == ca_cert.as_ref());
@@ -238,7 +237,7 @@ impl CertificateAuthority {
             return Err(CaError::CaExpired(self.not_after));
         }
         let ttl = self.policy.grant(requested_ttl);
-        let not_after = (now + ttl).min(self.not_after);
+        let not_after = now.checked_add(ttl).map_or(self.not_after, |t| t.min(self.not_after));
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -343,24 +342,40 @@ fn check_is_ca(cert: &X509Certificate<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks that `ca` chains through `intermediates` (in order) to one of `roots`.
+/// Checks that `ca` chains through `intermediates` (in order) to one of `roots`, with every
+/// certificate on the way valid now. Returns the earliest expiry along the chain: no leaf may
+/// outlive it.
 fn check_chain(
     ca: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     roots: &[CertificateDer<'_>],
-) -> Result<(), String> {
+) -> Result<SystemTime, String> {
+    let expiry = |c: &X509Certificate<'_>| to_system_time(c.validity().not_after.timestamp());
     let mut child = parse_cert(ca).map_err(|e| e.to_string())?;
+    let mut earliest = expiry(&child);
     for (i, der) in intermediates.iter().enumerate() {
         let parent = parse_cert(der).map_err(|e| e.to_string())?;
         child
             .verify_signature(Some(parent.public_key()))
             .map_err(|_| format!("is not signed by certificate {} of {CHAIN_FILE}", i + 1))?;
+        if !parent.validity().is_valid() {
+            return Err(format!(
+                "certificate {} of {CHAIN_FILE} is outside its validity period",
+                i + 1
+            ));
+        }
+        earliest = earliest.min(expiry(&parent));
         child = parent;
     }
     for root in roots {
         let root = parse_cert(root).map_err(|e| e.to_string())?;
         if child.verify_signature(Some(root.public_key())).is_ok() {
-            return Ok(());
+            if !root.validity().is_valid() {
+                return Err(format!(
+                    "chains to a root in {ROOT_FILE} that is outside its validity period"
+                ));
+            }
+            return Ok(earliest.min(expiry(&root)));
         }
     }
     Err(format!("does not chain to any root in {ROOT_FILE}"))

@@ -92,20 +92,35 @@ impl CertificateService for CaService {
             Status::invalid_argument(e.to_string())
         })?;
         let id = SpiffeId::node(self.ca.trust_domain(), node).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Check the CSR before spending the token, so a typo does not burn it.
+        // Check the CSR and sign before spending the token, so neither a typo nor a CA fault
+        // burns it; the chain is handed out only once the token is spent.
         validate_csr(&req.csr, &id).map_err(|e| {
             tracing::warn!(node, identity = %id, reason = %e, "refused join CSR");
             Status::invalid_argument(e.to_string())
         })?;
-        self.tokens.redeem(&req.token, node, SystemTime::now()).map_err(|e| {
+        let signed = self.ca.sign(&req.csr, &id, Duration::ZERO).map_err(|e| {
+            tracing::error!(node, identity = %id, reason = %e, "signing failed");
+            Status::internal(e.to_string())
+        })?;
+        let tokens = self.tokens.clone();
+        let (token, node_name) = (req.token.clone(), node.to_string());
+        // The token file is read and written under a file lock: keep it off the async workers.
+        let redeemed = tokio::task::spawn_blocking(move || tokens.redeem(&token, &node_name, SystemTime::now()))
+            .await
+            .map_err(|e| Status::internal(format!("token check failed: {e}")))?;
+        redeemed.map_err(|e| {
             tracing::warn!(node, identity = %id, reason = %e, "refused join token");
             Status::unauthenticated(e.to_string())
         })?;
-        Ok(Response::new(self.sign_logged(node, &id, &req.csr, Duration::ZERO)?))
+        tracing::info!(node, identity = %id, not_after = to_unix(signed.not_after), "issued node SVID on join");
+        Ok(Response::new(self.response(signed)))
     }
 
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<CertificateResponse>, Status> {
-        let caller = request.extensions().get::<PeerInfo>().and_then(|p| p.id.clone());
+        let caller = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.current_id().cloned());
         let req = request.into_inner();
         let td = self.ca.trust_domain();
         let node = match &caller {
@@ -121,9 +136,9 @@ impl CertificateService for CaService {
                 return Err(Status::unauthenticated(format!("{id} is not a node of {td}")));
             }
             None => {
-                tracing::warn!("refused sign: no client certificate");
+                tracing::warn!("refused sign: no valid client certificate");
                 return Err(Status::unauthenticated(
-                    "sign needs mTLS with a node SVID; obtain one with Join",
+                    "sign needs mTLS with a valid node SVID; obtain one with Join",
                 ));
             }
         };
@@ -137,18 +152,18 @@ impl CertificateService for CaService {
             tracing::warn!(node, identity = %req.spiffe_id, reason = %e, "refused sign");
             Status::invalid_argument(e.to_string())
         })?;
+        // A node may renew its own node SVID, and otherwise ask only for workload identities;
+        // the hook sees both, so the control plane can also retire a node.
         let own_node_id = caller.as_ref() == Some(&id);
-        if !own_node_id {
-            if !matches!(id.kind(), IdKind::Workload { .. }) {
-                tracing::warn!(node, identity = %id, reason = "not a workload identity", "denied");
-                return Err(Status::permission_denied(format!("{id} is not a workload identity")));
-            }
-            if let Err(reason) = self.authorizer.authorize(&node, &id) {
-                tracing::warn!(node, identity = %id, reason = %reason, "denied");
-                return Err(Status::permission_denied(format!(
-                    "node {node} may not receive {id}: {reason}"
-                )));
-            }
+        if !own_node_id && !matches!(id.kind(), IdKind::Workload { .. }) {
+            tracing::warn!(node, identity = %id, reason = "not a workload identity", "denied");
+            return Err(Status::permission_denied(format!("{id} is not a workload identity")));
+        }
+        if let Err(reason) = self.authorizer.authorize(&node, &id) {
+            tracing::warn!(node, identity = %id, reason = %reason, "denied");
+            return Err(Status::permission_denied(format!(
+                "node {node} may not receive {id}: {reason}"
+            )));
         }
         let ttl = Duration::from_secs(req.ttl_seconds);
         Ok(Response::new(self.sign_logged(&node, &id, &req.csr, ttl)?))
@@ -188,6 +203,8 @@ impl CaServer {
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(30))
+                // Bounds how long one connection rides on one handshake's identity.
+                .max_connection_age(Duration::from_secs(300))
                 .add_service(CertificateServiceServer::new(service))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = rx.await;

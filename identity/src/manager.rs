@@ -78,11 +78,20 @@ pub struct HeldSvid {
 }
 
 impl HeldSvid {
-    /// Pairs an SVID with its roots; fails if rustls cannot use the key.
+    /// Pairs an SVID with its roots; fails if rustls cannot use the key, the key does not match
+    /// the leaf, or there are no roots.
     pub fn new(svid: Svid, roots: Vec<CertificateDer<'static>>) -> Result<Self, rustls::Error> {
         let key = provider().key_provider.load_private_key(svid.private_key())?;
-        let certified = Arc::new(CertifiedKey::new(svid.chain.clone(), key));
-        Ok(Self { svid, roots, certified })
+        let certified = CertifiedKey::new(svid.chain.clone(), key);
+        certified.keys_match()?;
+        if roots.is_empty() {
+            return Err(rustls::Error::General("no trust anchors came with the SVID".into()));
+        }
+        Ok(Self {
+            svid,
+            roots,
+            certified: Arc::new(certified),
+        })
     }
 
     /// The rustls view of the SVID.
@@ -278,13 +287,24 @@ async fn fetch(source: &dyn CertificateSource, id: &SpiffeId, ttl: Duration) -> 
     HeldSvid::new(svid, issued.roots).map_err(|e| format!("rustls cannot use the SVID: {e}"))
 }
 
+/// Longest single sleep of the renewal task: the wall clock is re-read at least this often, so
+/// a suspended host or a clock step does not push renewal past expiry.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
 async fn renew_loop(source: Arc<dyn CertificateSource>, store: Arc<Store>, config: ManagerConfig, id: SpiffeId) {
+    let sample = || rand::random::<f64>() * 2.0 - 1.0;
     let mut failures = 0u32;
+    // One jitter sample per certificate, so that retries do not move its renewal point.
+    let mut jitter = sample();
     loop {
-        if let Some(held) = store.any(&id) {
-            let jitter = rand::random::<f64>() * 2.0 - 1.0;
-            let delay = renewal_delay(held.svid.not_before, held.svid.not_after, SystemTime::now(), jitter);
-            tokio::time::sleep(delay).await;
+        if failures == 0 {
+            while let Some(held) = store.any(&id) {
+                let delay = renewal_delay(held.svid.not_before, held.svid.not_after, SystemTime::now(), jitter);
+                if delay.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(delay.min(MAX_SLEEP)).await;
+            }
         }
         match fetch(source.as_ref(), &id, config.ttl).await {
             Ok(held) => {
@@ -294,10 +314,11 @@ async fn renew_loop(source: Arc<dyn CertificateSource>, store: Arc<Store>, confi
                     tracing::debug!(identity = %id, "SVID renewed");
                 }
                 failures = 0;
+                jitter = sample();
                 store.put(held);
             }
             Err(error) => {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 let delay = retry_delay(failures, config.retry_min, config.retry_max, rand::random());
                 let expired = store.any(&id).is_some_and(|h| !h.svid.is_valid_at(SystemTime::now()));
                 if expired {

@@ -2,6 +2,7 @@
 //! provider, and the glue that runs tonic over our own rustls streams so that handlers can see
 //! the peer's verified SPIFFE ID.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::id::SpiffeId;
-use crate::verify::peer_id;
+use crate::verify::{peer_id, peer_not_after};
 
 /// How long a peer may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +41,10 @@ pub fn server_config(
         .with_client_cert_verifier(clients)
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session would skip the SPIFFE verifier, letting a peer keep an
+    // identity past its SVID's expiry or its trust domain's removal.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -57,6 +62,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -67,12 +73,47 @@ pub struct PeerInfo {
     pub remote_addr: SocketAddr,
     /// The verified SPIFFE ID, when the client presented a certificate.
     pub id: Option<SpiffeId>,
+    /// When the client's certificate expires: an identity is only good until then, however long
+    /// the connection lives.
+    pub not_after: Option<std::time::SystemTime>,
 }
 
-/// A server-side TLS connection that tells tonic who the peer is.
+impl PeerInfo {
+    /// The peer's SPIFFE ID if its certificate is still valid now.
+    pub fn current_id(&self) -> Option<&SpiffeId> {
+        match self.not_after {
+            Some(t) if std::time::SystemTime::now() < t => self.id.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// Most TLS handshakes in flight at once on one listener; more connections wait in the
+/// kernel's backlog instead of costing a task and a socket each.
+pub const MAX_PENDING_HANDSHAKES: usize = 512;
+
+/// A server-side TLS connection that tells tonic who the peer is, and that ends when the peer's
+/// certificate expires: the client then reconnects with its renewed certificate, and no request
+/// is ever served under a lapsed identity.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TlsConn {
+    fn new(inner: tokio_rustls::server::TlsStream<TcpStream>, peer: PeerInfo) -> Self {
+        let expires = peer.not_after.map(|t| {
+            let left = t.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            Box::pin(tokio::time::sleep(left))
+        });
+        Self { inner, peer, expires }
+    }
+
+    /// True once the peer's certificate has expired.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.expires.as_mut().is_some_and(|s| s.as_mut().poll(cx).is_ready())
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -84,13 +125,24 @@ impl tonic::transport::server::Connected for TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.expired(cx) {
+            return Poll::Ready(Ok(())); // end of stream: the connection closes
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "peer certificate expired",
+            )));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
@@ -107,8 +159,12 @@ impl AsyncWrite for TlsConn {
 pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                return;
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 // The server went away: stop listening so the port is freed.
@@ -125,13 +181,20 @@ pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> Receive
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let id = peer_id(tls.get_ref().1);
-                        let conn = TlsConn {
-                            inner: tls,
-                            peer: PeerInfo { remote_addr, id },
-                        };
+                        let not_after = peer_not_after(tls.get_ref().1);
+                        let conn = TlsConn::new(
+                            tls,
+                            PeerInfo {
+                                remote_addr,
+                                id,
+                                not_after,
+                            },
+                        );
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::info!(peer = %remote_addr, error = %e, "TLS handshake refused"),
@@ -161,4 +224,36 @@ pub fn tls_channel(addr: SocketAddr, config: Arc<ClientConfig>) -> tonic::transp
     tonic::transport::Endpoint::from_static("http://trellis.invalid")
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector_lazy(connect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn a_peer_identity_lapses_with_its_certificate() {
+        let id = SpiffeId::parse("spiffe://td/trellis/node/n1").unwrap();
+        let peer = |not_after| PeerInfo {
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            id: Some(id.clone()),
+            not_after: Some(not_after),
+        };
+        let hour = Duration::from_secs(3600);
+        assert_eq!(peer(SystemTime::now() + hour).current_id(), Some(&id));
+        assert_eq!(peer(SystemTime::now() - hour).current_id(), None);
+    }
+
+    #[test]
+    fn sessions_are_never_resumed() {
+        let bundles = crate::BundleSet::new();
+        let verifier = crate::verify::SpiffeServerVerifier::new(bundles.clone(), crate::verify::ExpectedPeer::Any);
+        let client = client_config(verifier, None).unwrap();
+        assert!(format!("{:?}", client.resumption).contains("NoClientSessionStorage"));
+        let clients = crate::verify::SpiffeClientVerifier::new(bundles, crate::verify::ExpectedPeer::Any);
+        let resolver = Arc::new(rustls::server::ResolvesServerCertUsingSni::new());
+        let server = server_config(resolver, clients).unwrap();
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert!(!server.session_storage.can_cache());
+    }
 }

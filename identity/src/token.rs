@@ -33,6 +33,8 @@ pub enum TokenError {
     WrongNode { issued_for: String, presented: String },
     #[error(transparent)]
     BadNode(#[from] IdError),
+    #[error("the join token's lifetime is too long")]
+    TtlTooLong,
     #[error("join token store {path}: {why}")]
     Store { path: PathBuf, why: String },
 }
@@ -86,7 +88,7 @@ impl JoinTokens {
         let record = Record {
             node: node.to_string(),
             secret_sha256: hash(&secret),
-            expires_unix: to_unix(SystemTime::now() + ttl),
+            expires_unix: to_unix(SystemTime::now().checked_add(ttl).ok_or(TokenError::TtlTooLong)?),
             used: false,
         };
         self.with_records(|records| {
@@ -174,7 +176,14 @@ fn persist(path: &Path, records: &BTreeMap<String, Record>) -> std::io::Result<(
         .open(&tmp)?;
     file.write_all(&json)?;
     file.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    // Make the rename itself durable: a spent token must not come back after a crash.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]

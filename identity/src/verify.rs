@@ -142,6 +142,12 @@ pub fn peer_id(conn: &CommonState) -> Option<SpiffeId> {
     spiffe_id_of(&parse_cert(leaf).ok()?).ok()
 }
 
+/// When the peer's leaf certificate of a finished handshake expires.
+pub fn peer_not_after(conn: &CommonState) -> Option<std::time::SystemTime> {
+    let leaf = conn.peer_certificates()?.first()?;
+    crate::svid::leaf_info(leaf).ok().map(|info| info.not_after)
+}
+
 /// Client-side verifier: checks the server's SVID.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
@@ -63,6 +63,15 @@ pub struct WorkloadApi {
     manager: CertManager,
     bundles: BundleSet,
     attestor: Arc<dyn Attestor>,
+    /// Ends every open stream when the server that owns the sender goes away.
+    stop: watch::Receiver<()>,
+    stop_sender: Arc<watch::Sender<()>>,
+}
+
+/// Change counters a stream watches.
+struct Feeds {
+    svids: watch::Receiver<u64>,
+    bundles: watch::Receiver<u64>,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -71,10 +80,22 @@ impl WorkloadApi {
     /// Serves SVIDs held by `manager` and the federated bundles of `bundles` to callers that
     /// `attestor` recognises.
     pub fn new(manager: CertManager, bundles: BundleSet, attestor: Arc<dyn Attestor>) -> Self {
+        let (stop_sender, stop) = watch::channel(());
         Self {
             manager,
             bundles,
             attestor,
+            stop,
+            stop_sender: Arc::new(stop_sender),
+        }
+    }
+
+    /// The change feeds a stream must hold *before* it renders its first message, so that no
+    /// change between rendering and watching is lost.
+    fn feeds(&self) -> Feeds {
+        Feeds {
+            svids: self.manager.changes(),
+            bundles: self.bundles.changes(),
         }
     }
 
@@ -149,16 +170,16 @@ impl WorkloadApi {
 
     /// Streams `render()` now and again after every change of SVIDs or bundles, skipping
     /// repeats, until the client goes away.
-    fn watch<T, F>(&self, first: T, render: F) -> ResponseStream<T>
+    fn watch<T, F>(&self, feeds: Feeds, first: T, render: F) -> ResponseStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: Fn(&Self) -> Option<T> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
+        let Feeds { mut svids, mut bundles } = feeds;
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            let mut svids = this.manager.changes();
-            let mut bundles = this.bundles.changes();
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -168,12 +189,13 @@ impl WorkloadApi {
                     r = svids.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stop.changed() => return,
                 }
                 let next = match render(&this) {
                     Some(next) => next,
                     None => {
                         let _ = tx
-                            .send(Err(Status::permission_denied("the identity's SVID was withdrawn")))
+                            .send(Err(Status::unavailable("the SVID is not available right now; retry")))
                             .await;
                         return;
                     }
@@ -207,11 +229,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 "the SVID for {id} is not ready yet; retry"
             )));
         }
+        let feeds = self.feeds();
         let first = self
             .svid_response(&id)
             .ok_or_else(|| Status::unavailable(format!("the SVID for {id} is not ready yet; retry")))?;
         tracing::debug!(identity = %id, "Workload API: streaming X.509-SVID");
-        Ok(Response::new(self.watch(first, move |api| api.svid_response(&id))))
+        Ok(Response::new(
+            self.watch(feeds, first, move |api| api.svid_response(&id)),
+        ))
     }
 
     async fn fetch_x509_bundles(
@@ -220,9 +245,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         Self::check_header(&request)?;
         let id = self.attest(&request)?;
+        let feeds = self.feeds();
         let first = self.bundles_response(&id);
         Ok(Response::new(
-            self.watch(first, move |api| Some(api.bundles_response(&id))),
+            self.watch(feeds, first, move |api| Some(api.bundles_response(&id))),
         ))
     }
 
@@ -252,6 +278,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
 pub struct WorkloadApiServer {
     pub path: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    /// Dropping it (with the server) ends every open stream.
+    stop: Arc<watch::Sender<()>>,
 }
 
 impl WorkloadApiServer {
@@ -265,6 +293,7 @@ impl WorkloadApiServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let stop = api.stop_sender.clone();
         let incoming = UnixListenerStream::new(listener);
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -278,6 +307,7 @@ impl WorkloadApiServer {
         Ok(Self {
             path: path.to_path_buf(),
             task,
+            stop,
         })
     }
 }
@@ -285,6 +315,7 @@ impl WorkloadApiServer {
 impl Drop for WorkloadApiServer {
     fn drop(&mut self) {
         self.task.abort();
+        self.stop.send_replace(());
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -136,3 +136,45 @@ fn a_leaf_certificate_is_not_accepted_as_a_ca() {
     let err = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap_err();
     assert!(err.to_string().contains("not a CA certificate"), "{err}");
 }
+
+#[test]
+fn an_expired_root_above_the_intermediate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = KeyPair::generate().unwrap();
+    let mut root_params = ca_params("corp root");
+    root_params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    root_params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let inter_key = KeyPair::generate().unwrap();
+    let inter = ca_params("east intermediate")
+        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
+        .unwrap();
+    write_key(&dir.path().join("ca-key.pem"), &inter_key);
+    fs::write(dir.path().join("ca-cert.pem"), inter.pem()).unwrap();
+    fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    let err = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap_err();
+    assert!(err.to_string().contains("outside its validity period"), "{err}");
+}
+
+#[test]
+fn leaves_never_outlive_the_intermediate_that_signed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("corp root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let inter_key = KeyPair::generate().unwrap();
+    let mut inter_params = ca_params("short-lived intermediate");
+    let soon = std::time::SystemTime::now() + Duration::from_secs(3600);
+    inter_params.not_after = soon.into();
+    let inter = inter_params
+        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
+        .unwrap();
+    write_key(&dir.path().join("ca-key.pem"), &inter_key);
+    fs::write(dir.path().join("ca-cert.pem"), inter.pem()).unwrap();
+    fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    let ca = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap();
+    let web = id("spiffe://td/ns/shop/sa/web");
+    let (csr, _key) = new_csr(&web).unwrap();
+    let issued = ca.sign(csr.as_bytes(), &web, Duration::from_secs(24 * 3600)).unwrap();
+    assert!(issued.not_after <= soon, "asked 24 h under a CA that expires in 1 h");
+}

@@ -210,3 +210,24 @@ async fn a_client_that_does_not_trust_the_ca_cannot_talk_to_it() {
         .await
         .expect("token unspent");
 }
+
+#[tokio::test]
+async fn a_node_the_hook_retires_cannot_renew_its_node_svid() {
+    let retired: Arc<dyn IssuanceAuthorizer> = Arc::new(|node: &str, _: &SpiffeId| {
+        if node == "node-1" {
+            Err("node-1 was removed from the cluster".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let cluster = Cluster::start("east.trellis.local", Default::default(), retired).await;
+    let node = cluster.join_node("node-1", fast_retries()).await;
+    let own = SpiffeId::node(&cluster.td, "node-1").unwrap();
+    let (csr, _key) = new_csr(&own).unwrap();
+    let err = cluster
+        .node_client(&node, "node-1")
+        .sign(&own, &csr, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), tonic::Code::PermissionDenied);
+}

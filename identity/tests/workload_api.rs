@@ -25,7 +25,7 @@ struct Setup {
     _east: Cluster,
     west: Cluster,
     node: CertManager,
-    _server: WorkloadApiServer,
+    server: Option<WorkloadApiServer>,
     _dir: tempfile::TempDir,
     endpoint: String,
     path: std::path::PathBuf,
@@ -53,7 +53,7 @@ async fn setup(ttl: Duration, attest_me: bool) -> Setup {
         _east: east,
         west,
         node,
-        _server: server,
+        server: Some(server),
         _dir: dir,
         endpoint,
         path,
@@ -125,4 +125,18 @@ async fn a_request_without_the_security_header_is_an_invalid_argument() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("workload.spiffe.io"));
+}
+
+#[tokio::test]
+async fn stopping_the_server_ends_open_streams() {
+    let mut s = setup(Duration::from_secs(3600), true).await;
+    let client = spiffe::WorkloadApiClient::connect_to(&s.endpoint).await.unwrap();
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    drop(s.server.take());
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends");
+    assert!(!matches!(end, Some(Ok(_))), "no further SVIDs after the server stopped");
+    assert!(!s.path.exists(), "the socket file is removed");
 }
