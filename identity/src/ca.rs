@@ -285,8 +285,8 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// Reads every `CERTIFICATE` block of a PEM file.
-pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+/// Reads every `CERTIFICATE` block of a PEM file (root-cert.pem, a chain), checking each parses.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let text = read(path)?;
     let blocks = pem::parse_many(&text).map_err(|e| bad(path, &format!("not PEM: {e}")))?;
     let mut certs = Vec::new();

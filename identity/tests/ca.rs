@@ -80,20 +80,30 @@ fn write_key(path: &std::path::Path, key: &KeyPair) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Writes a user-supplied PKI into `dir`: a root from `root_params` and, signed by it, an
+/// intermediate from `inter_params` that becomes the CA. Returns the root.
+fn plug_in(
+    dir: &std::path::Path,
+    root_params: CertificateParams,
+    inter_params: CertificateParams,
+) -> rcgen::Certificate {
+    let root_key = KeyPair::generate().unwrap();
+    let root = root_params.self_signed(&root_key).unwrap();
+    let inter_key = KeyPair::generate().unwrap();
+    let inter = inter_params
+        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
+        .unwrap();
+    write_key(&dir.join("ca-key.pem"), &inter_key);
+    fs::write(dir.join("ca-cert.pem"), inter.pem()).unwrap();
+    fs::write(dir.join("root-cert.pem"), root.pem()).unwrap();
+    root
+}
+
 #[test]
 fn a_user_supplied_intermediate_issues_svids_that_verify_under_the_users_root() {
     let dir = tempfile::tempdir().unwrap();
     let td = td("east.trellis.local");
-    let root_key = KeyPair::generate().unwrap();
-    let root_params = ca_params("corp root");
-    let root = root_params.self_signed(&root_key).unwrap();
-    let inter_key = KeyPair::generate().unwrap();
-    let inter = ca_params("east intermediate")
-        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
-        .unwrap();
-    write_key(&dir.path().join("ca-key.pem"), &inter_key);
-    fs::write(dir.path().join("ca-cert.pem"), inter.pem()).unwrap();
-    fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    let root = plug_in(dir.path(), ca_params("corp root"), ca_params("east intermediate"));
 
     let ca = CertificateAuthority::load_or_create(dir.path(), &td, IssuancePolicy::default()).unwrap();
     assert_eq!(ca.roots().len(), 1);
@@ -140,18 +150,10 @@ fn a_leaf_certificate_is_not_accepted_as_a_ca() {
 #[test]
 fn an_expired_root_above_the_intermediate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let root_key = KeyPair::generate().unwrap();
     let mut root_params = ca_params("corp root");
     root_params.not_before = rcgen::date_time_ymd(2000, 1, 1);
     root_params.not_after = rcgen::date_time_ymd(2001, 1, 1);
-    let root = root_params.self_signed(&root_key).unwrap();
-    let inter_key = KeyPair::generate().unwrap();
-    let inter = ca_params("east intermediate")
-        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
-        .unwrap();
-    write_key(&dir.path().join("ca-key.pem"), &inter_key);
-    fs::write(dir.path().join("ca-cert.pem"), inter.pem()).unwrap();
-    fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    plug_in(dir.path(), root_params, ca_params("east intermediate"));
     let err = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap_err();
     assert!(err.to_string().contains("outside its validity period"), "{err}");
 }
@@ -159,19 +161,10 @@ fn an_expired_root_above_the_intermediate_is_refused() {
 #[test]
 fn leaves_never_outlive_the_intermediate_that_signed_them() {
     let dir = tempfile::tempdir().unwrap();
-    let root_key = KeyPair::generate().unwrap();
-    let root_params = ca_params("corp root");
-    let root = root_params.self_signed(&root_key).unwrap();
-    let inter_key = KeyPair::generate().unwrap();
     let mut inter_params = ca_params("short-lived intermediate");
     let soon = std::time::SystemTime::now() + Duration::from_secs(3600);
     inter_params.not_after = soon.into();
-    let inter = inter_params
-        .signed_by(&inter_key, &Issuer::from_params(&root_params, &root_key))
-        .unwrap();
-    write_key(&dir.path().join("ca-key.pem"), &inter_key);
-    fs::write(dir.path().join("ca-cert.pem"), inter.pem()).unwrap();
-    fs::write(dir.path().join("root-cert.pem"), root.pem()).unwrap();
+    plug_in(dir.path(), ca_params("corp root"), inter_params);
     let ca = CertificateAuthority::load_or_create(dir.path(), &td("td"), IssuancePolicy::default()).unwrap();
     let web = id("spiffe://td/ns/shop/sa/web");
     let (csr, _key) = new_csr(&web).unwrap();

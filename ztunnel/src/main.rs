@@ -33,18 +33,6 @@ struct Config {
     join_token_file: PathBuf,
 }
 
-fn read_roots(path: &PathBuf) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let blocks = pem::parse_many(&text).with_context(|| format!("{} is not PEM", path.display()))?;
-    let roots: Vec<_> = blocks
-        .into_iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(|b| rustls_pki_types::CertificateDer::from(b.into_contents()))
-        .collect();
-    anyhow::ensure!(!roots.is_empty(), "{} holds no CERTIFICATE block", path.display());
-    Ok(roots)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -55,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     tracing::info!(?config, "ztunnel starting");
     let td: TrustDomain = config.trust_domain.parse().context("--trust-domain")?;
-    let bundles = BundleSet::with(TrustBundle::new(td.clone(), read_roots(&config.ca_roots)?));
+    let bundles = BundleSet::with(TrustBundle::new(
+        td.clone(),
+        trellis_identity::ca::read_certs(&config.ca_roots)?,
+    ));
     let token = std::fs::read_to_string(&config.join_token_file)
         .with_context(|| format!("reading the join token from {}", config.join_token_file.display()))?;
     let manager = trellis_identity::caclient::join_node(
