@@ -1,0 +1,9 @@
+//! trellisd: the per-cluster control plane, as a library the `trellisd` binary drives.
+//!
+//! Read first:
+//! - [`discovery`]: what exists ([`discovery::DiscoverySource`], the manifest directory).
+//! - [`model`]: pure rules from what exists to what each node needs.
+//! - [`stream`]: the node-scoped config stream over gRPC.
+
+pub mod discovery;
+pub mod model;
