@@ -23,7 +23,9 @@ trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 15012)
 echo "== 1. trellisd (cluster 'demo') hosts the CA on 127.0.0.1:$port"
-"$bin/trellisd" --cluster demo --ca-dir "$work/ca" --ca-listen "127.0.0.1:$port" 2>"$work/trellisd.log" &
+mkdir -p "$work/manifests"
+"$bin/trellisd" --cluster demo --ca-dir "$work/ca" --manifests "$work/manifests" \
+  --listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 >/dev/null 2>"$work/trellisd.log" &
 pids+=($!)
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break

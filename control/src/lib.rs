@@ -5,5 +5,10 @@
 //! - [`model`]: pure rules from what exists to what each node needs.
 //! - [`stream`]: the node-scoped config stream over gRPC.
 
+pub mod admin;
 pub mod discovery;
+pub mod hub;
+pub mod metrics;
 pub mod model;
+pub mod server;
+pub mod stream;

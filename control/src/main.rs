@@ -1,21 +1,19 @@
 //! `trellisd`: the per-cluster control plane.
 //!
-//! Today it hosts the cluster CA (`trellis.identity.v1` over TLS 1.3) and manages join tokens.
-//! Discovery, the node-scoped config stream and federation sync land here next (see
-//! ARCHITECTURE.md). Read [`Config`] first, then `serve`.
+//! It discovers the mesh from a manifest directory, hosts the cluster CA and the node-scoped
+//! config stream on one TLS port, and serves a loopback admin endpoint; federation sync lands
+//! here next (see ARCHITECTURE.md). Read [`Config`] first, then `serve`; the machinery is in the
+//! `trellis_control` library.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use trellis_identity::issuance::{CaServer, CaService};
-use trellis_identity::IdKind;
-use trellis_identity::{
-    CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId, TrustDomain,
-};
+use trellis_control::model::ClusterInfo;
+use trellis_control::server::{ControlPlane, Options};
+use trellis_identity::{IssuancePolicy, JoinTokens, TrustDomain};
 
 /// trellisd: discovery, the cluster CA, the config stream and federation sync for one cluster.
 #[derive(Debug, Parser)]
@@ -56,12 +54,24 @@ struct Config {
     /// Trust domain; default `<cluster>.trellis.local`.
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
     trust_domain: Option<String>,
+    /// Network the cluster's pod addresses live on; default the cluster name.
+    #[arg(long, env = "TRELLIS_NETWORK")]
+    network: Option<String>,
+    /// DNS suffix of service hostnames.
+    #[arg(long, env = "TRELLIS_DOMAIN", default_value = "cluster.local")]
+    domain: String,
     /// Directory holding the CA key material and the join-token file.
     #[arg(long, env = "TRELLIS_CA_DIR", default_value = "/var/lib/trellis/ca")]
     ca_dir: PathBuf,
-    /// Address of the certificate service (TLS 1.3, gRPC).
-    #[arg(long, env = "TRELLIS_CA_LISTEN", default_value = "127.0.0.1:15012")]
-    ca_listen: SocketAddr,
+    /// Directory of Kubernetes-shaped YAML manifests to discover the mesh from (watched live).
+    #[arg(long, env = "TRELLIS_MANIFESTS", default_value = "/etc/trellis/manifests")]
+    manifests: PathBuf,
+    /// Address of the certificate service and the config stream (TLS 1.3, gRPC).
+    #[arg(long, alias = "ca-listen", env = "TRELLIS_LISTEN", default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// Loopback address of the admin endpoint (/status, /config_dump, /metrics).
+    #[arg(long, env = "TRELLIS_ADMIN_LISTEN", default_value = "127.0.0.1:15014")]
+    admin_listen: SocketAddr,
     /// Default SVID lifetime, seconds.
     #[arg(long, env = "TRELLIS_SVID_TTL", default_value_t = 24 * 3600)]
     svid_ttl_seconds: u64,
@@ -69,6 +79,9 @@ struct Config {
     #[arg(long, env = "TRELLIS_SVID_MAX_TTL", default_value_t = 24 * 3600)]
     svid_max_ttl_seconds: u64,
 }
+
+/// Longest SVID lifetime accepted from flags: a year.
+const MAX_TTL_FLAG: u64 = 365 * 24 * 3600;
 
 impl Config {
     fn trust_domain(&self) -> anyhow::Result<TrustDomain> {
@@ -78,12 +91,42 @@ impl Config {
         }
     }
 
-    fn policy(&self) -> IssuancePolicy {
-        IssuancePolicy {
+    fn policy(&self) -> anyhow::Result<IssuancePolicy> {
+        for (flag, v) in [
+            ("--svid-ttl-seconds", self.svid_ttl_seconds),
+            ("--svid-max-ttl-seconds", self.svid_max_ttl_seconds),
+        ] {
+            anyhow::ensure!(
+                (60..=MAX_TTL_FLAG).contains(&v),
+                "{flag} {v}: use 60 to {MAX_TTL_FLAG} seconds"
+            );
+        }
+        Ok(IssuancePolicy {
             default_ttl: Duration::from_secs(self.svid_ttl_seconds),
             max_ttl: Duration::from_secs(self.svid_max_ttl_seconds),
             min_ttl: Duration::from_secs(60),
-        }
+        })
+    }
+
+    fn options(&self) -> anyhow::Result<Options> {
+        anyhow::ensure!(
+            self.admin_listen.ip().is_loopback(),
+            "--admin-listen {} is not a loopback address; the admin endpoint must not leave the host",
+            self.admin_listen
+        );
+        Ok(Options {
+            cluster: ClusterInfo {
+                name: self.cluster.clone(),
+                trust_domain: self.trust_domain()?,
+                network: self.network.clone().unwrap_or_else(|| self.cluster.clone()),
+                domain: self.domain.clone(),
+            },
+            ca_dir: self.ca_dir.clone(),
+            policy: self.policy()?,
+            manifests: self.manifests.clone(),
+            grpc_listen: self.listen,
+            admin_listen: self.admin_listen,
+        })
     }
 }
 
@@ -93,37 +136,16 @@ fn tokens(config: &Config) -> anyhow::Result<JoinTokens> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let td = config.trust_domain()?;
-    tracing::info!(?config, trust_domain = %td, "trellisd starting");
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&config.ca_dir, &td, config.policy())
-            .context("the cluster CA cannot start")?,
+    let options = config.options()?;
+    tracing::info!(?config, "trellisd starting");
+    let plane = ControlPlane::start(options).await?;
+    println!(
+        "trellisd serving: gRPC (CA + config stream) on {}, admin on http://{}",
+        plane.grpc_addr, plane.admin_addr
     );
-    let control = CertManager::new(ca.clone(), ManagerConfig::default());
-    let control_id = SpiffeId::control(&td);
-    control.ensure(&control_id);
-    control
-        .wait_for(&control_id, Duration::from_secs(10))
-        .await
-        .context("could not issue trellisd's own SVID")?;
-    let authorizer = |node: &str, id: &SpiffeId| -> Result<(), String> {
-        match id.kind() {
-            // Every joined node may renew its node SVID until discovery can retire nodes.
-            IdKind::Node(name) if name == node => Ok(()),
-            _ => Err(format!(
-                "no workload with {id} is scheduled on {node}: this trellisd has no discovery source yet"
-            )),
-        }
-    };
-    let service = CaService::new(ca, Arc::new(tokens(&config)?), Arc::new(authorizer));
-    let listener = tokio::net::TcpListener::bind(config.ca_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.ca_listen))?;
-    let server = CaServer::start(listener, service, &control)?;
-    tracing::info!(addr = %server.local_addr, "certificate service listening");
     shutdown_signal().await;
     tracing::info!("trellisd stopping");
-    server.stop().await;
+    drop(plane);
     Ok(())
 }
 

@@ -155,7 +155,11 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
             .workloads
             .insert(key.clone(), intern(previous.map(|p| &p.workloads), key, resource));
         model.by_node.entry(w.node.clone()).or_default().push(key.clone());
-        model.identities_by_node.entry(w.node.clone()).or_default().insert(identity);
+        model
+            .identities_by_node
+            .entry(w.node.clone())
+            .or_default()
+            .insert(identity);
         model.workload_labels.insert(key.clone(), w.labels.clone());
     }
 
@@ -300,7 +304,7 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
 }
 
 /// What a subscriber does with its slice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Ztunnel,
     Waypoint,
@@ -481,7 +485,11 @@ spec: {selector: {matchLabels: {app: payments}}}
         assert_eq!(cart.hostname, "cart.shop.svc.cluster.local");
         assert_eq!(cart.vips, vec!["10.96.0.10"]);
         assert!(cart.global);
-        let eps: Vec<_> = cart.endpoints.iter().map(|e| (e.address.as_str(), e.healthy, e.enrolled)).collect();
+        let eps: Vec<_> = cart
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.healthy, e.enrolled))
+            .collect();
         assert_eq!(eps, vec![("10.1.1.5", true, true), ("10.1.2.5", false, false)]);
     }
 
@@ -492,20 +500,32 @@ spec: {selector: {matchLabels: {app: payments}}}
         let names: Vec<_> = slice.keys().map(|k| (k.kind, k.name.as_str())).collect();
         assert!(names.contains(&(pb::Kind::Workload, "shop/cart-1")));
         assert!(names.contains(&(pb::Kind::Workload, "legacy/old")));
-        assert!(!names.contains(&(pb::Kind::Workload, "shop/cart-2")), "another node's workload");
+        assert!(
+            !names.contains(&(pb::Kind::Workload, "shop/cart-2")),
+            "another node's workload"
+        );
         assert!(names.contains(&(pb::Kind::Service, "shop/cart")));
         assert!(names.contains(&(pb::Kind::AuthorizationPolicy, "shop/only-web")));
-        assert!(!names.contains(&(pb::Kind::AuthorizationPolicy, "shop/payments")), "selects nothing here");
+        assert!(
+            !names.contains(&(pb::Kind::AuthorizationPolicy, "shop/payments")),
+            "selects nothing here"
+        );
         let empty = node_slice(&model, "node-9", Role::Ztunnel);
         assert!(empty.keys().all(|k| k.kind != pb::Kind::Workload));
-        assert_eq!(model.identities_by_node["node-2"].iter().next().unwrap(), "spiffe://east.trellis.local/ns/shop/sa/cart");
+        assert_eq!(
+            model.identities_by_node["node-2"].iter().next().unwrap(),
+            "spiffe://east.trellis.local/ns/shop/sa/cart"
+        );
     }
 
     #[test]
     fn enrolling_a_namespace_changes_exactly_its_workloads_and_endpoints() {
         let inv = parse_file(MESH).unwrap();
         let before = build(&inv, &cluster(), None);
-        let enrolled = MESH.replace("metadata: {name: legacy}", "metadata: {name: legacy, labels: {trellis.io/dataplane-mode: ambient}}");
+        let enrolled = MESH.replace(
+            "metadata: {name: legacy}",
+            "metadata: {name: legacy, labels: {trellis.io/dataplane-mode: ambient}}",
+        );
         let after = build(&parse_file(&enrolled).unwrap(), &cluster(), Some(&before));
         let old = node_slice(&before, "node-1", Role::Ztunnel);
         let new = node_slice(&after, "node-1", Role::Ztunnel);
@@ -514,12 +534,15 @@ spec: {selector: {matchLabels: {app: payments}}}
         let keys: Vec<_> = upserts.iter().map(|r| key_of(r).unwrap().name).collect();
         assert_eq!(keys, vec!["legacy/old"], "only the legacy workload changed");
         let mut replayed = old.clone();
-        apply(&mut replayed, &pb::ConfigUpdate {
-            version: 2,
-            snapshot: false,
-            upserts: upserts.iter().map(|r| (**r).clone()).collect(),
-            removals: removals.iter().map(ResKey::to_proto).collect(),
-        })
+        apply(
+            &mut replayed,
+            &pb::ConfigUpdate {
+                version: 2,
+                snapshot: false,
+                upserts: upserts.iter().map(|r| (**r).clone()).collect(),
+                removals: removals.iter().map(ResKey::to_proto).collect(),
+            },
+        )
         .unwrap();
         assert_eq!(replayed, new);
     }

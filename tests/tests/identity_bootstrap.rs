@@ -7,6 +7,20 @@ use std::time::{Duration, Instant};
 
 use trellis_e2e::{binary, free_port, Process};
 
+/// `trellisd` serving on `port` with its CA in `dir/ca` and manifests in `dir/manifests`.
+fn trellisd(dir: &std::path::Path, port: u16) -> std::process::Command {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let mut cmd = binary("trellisd");
+    cmd.args(["--cluster", "east", "--admin-listen", "127.0.0.1:0", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--manifests")
+        .arg(manifests)
+        .arg("--ca-dir")
+        .arg(dir.join("ca"));
+    cmd
+}
+
 fn wait_for_port(port: u16, within: Duration) {
     let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -65,13 +79,7 @@ fn a_node_joins_with_a_token_once_and_a_replay_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     let port = free_port();
-    let mut trellisd = binary("trellisd");
-    trellisd
-        .args(["--cluster", "east", "--ca-listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ca-dir")
-        .arg(&ca_dir);
-    let _trellisd = Process::spawn("trellisd", trellisd);
+    let _trellisd = Process::spawn("trellisd", trellisd(dir.path(), port));
     wait_for_port(port, Duration::from_secs(15));
 
     let out = binary("trellisd")
@@ -109,21 +117,9 @@ fn trellisd_refuses_a_ca_key_readable_by_others() {
         .unwrap();
     assert!(out.status.success());
     let port = free_port();
-    let mut first = binary("trellisd");
-    first
-        .args(["--cluster", "east", "--ca-listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ca-dir")
-        .arg(&ca_dir);
-    drop(Process::spawn("trellisd", first).wait_ready(port));
+    drop(Process::spawn("trellisd", trellisd(dir.path(), port)).wait_ready(port));
     std::fs::set_permissions(ca_dir.join("ca-key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = binary("trellisd")
-        .args(["--cluster", "east", "--ca-listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--ca-dir")
-        .arg(&ca_dir)
-        .output()
-        .unwrap();
+    let out = trellisd(dir.path(), free_port()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("chmod 600"), "{stderr}");

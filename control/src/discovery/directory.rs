@@ -142,7 +142,10 @@ fn scan(dir: &Path) -> BTreeMap<PathBuf, (SystemTime, u64)> {
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for entry in entries.flatten() {
             let path = entry.path();
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             let Ok(meta) = entry.metadata() else { continue };
             if hidden {
                 continue;
@@ -259,7 +262,10 @@ mod tests {
         assert!(d.inventory.namespaces.contains_key("shop"), "last good state kept");
         assert_eq!(d.problems.len(), 1);
         assert!(d.problems[0].starts_with("/m/a.yaml: line "), "{:?}", d.problems);
-        assert!(state.apply(a, &ns("shop", "none")), "a fixed file applies and clears the problem");
+        assert!(
+            state.apply(a, &ns("shop", "none")),
+            "a fixed file applies and clears the problem"
+        );
         assert!(state.discovered().problems.is_empty());
     }
 
@@ -269,8 +275,15 @@ mod tests {
         state.apply(Path::new("/m/a.yaml"), &ns("shop", "ambient"));
         assert!(!state.apply(Path::new("/m/b.yaml"), &ns("shop", "none")));
         let d = state.discovered();
-        assert_eq!(d.inventory.namespaces["shop"].0.labels["trellis.io/dataplane-mode"], "ambient");
-        assert!(d.problems[0].contains("already defined in /m/a.yaml line 1"), "{:?}", d.problems);
+        assert_eq!(
+            d.inventory.namespaces["shop"].0.labels["trellis.io/dataplane-mode"],
+            "ambient"
+        );
+        assert!(
+            d.problems[0].contains("already defined in /m/a.yaml line 1"),
+            "{:?}",
+            d.problems
+        );
     }
 
     #[test]

@@ -263,12 +263,17 @@ fn documents(text: &str) -> Vec<(u64, String)> {
     }
     docs.push((start, current));
     docs.into_iter()
-        .filter(|(_, d)| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .collect()
 }
 
 fn yaml_error(first_line: u64, e: &serde_saphyr::Error) -> ManifestError {
-    let line = e.location().map_or(first_line, |l| first_line + l.line().saturating_sub(1));
+    let line = e
+        .location()
+        .map_or(first_line, |l| first_line + l.line().saturating_sub(1));
     // The rendered message repeats the snippet; the first line says what is wrong.
     let full = e.to_string();
     let message = full.lines().next().unwrap_or("invalid YAML").trim().to_string();
@@ -276,9 +281,8 @@ fn yaml_error(first_line: u64, e: &serde_saphyr::Error) -> ManifestError {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    trellis_identity::id::check_name(name).map_err(|_| {
-        format!("{what} {name:?} is not a valid name: use lowercase letters, digits and '-' (at most 63)")
-    })
+    trellis_identity::id::check_name(name)
+        .map_err(|_| format!("{what} {name:?} is not a valid name: use lowercase letters, digits and '-' (at most 63)"))
 }
 
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr, String> {
@@ -323,9 +327,7 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
     // A semantic error quotes the offending value; point at the first line that holds it.
     let at = |message: String| {
         let value = message.split('"').nth(1).filter(|v| !v.is_empty());
-        let offset = value
-            .and_then(|v| doc.lines().position(|l| l.contains(v)))
-            .unwrap_or(0) as u64;
+        let offset = value.and_then(|v| doc.lines().position(|l| l.contains(v))).unwrap_or(0) as u64;
         ManifestError {
             line: line + offset,
             message,
@@ -370,7 +372,11 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
                     "HTTP" | "http" => "HTTP",
                     "HTTP2" | "http2" | "h2c" | "kubernetes.io/h2c" => "HTTP2",
                     "GRPC" | "grpc" => "GRPC",
-                    other => return Err(at(format!("port protocol {other:?} is not one of TCP, HTTP, HTTP2, GRPC"))),
+                    other => {
+                        return Err(at(format!(
+                            "port protocol {other:?} is not one of TCP, HTTP, HTTP2, GRPC"
+                        )))
+                    }
                 };
                 ports.push(PortObj {
                     name: p.name,
@@ -391,9 +397,12 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
         "Workload" | "Pod" => {
             let d = typed!(WorkloadSpec);
             let ns = namespace_of(&d.metadata, &header.kind).map_err(at)?;
-            let spec = d
-                .spec
-                .ok_or_else(|| at(format!("{} {:?} needs a spec with node and ip", header.kind, d.metadata.name)))?;
+            let spec = d.spec.ok_or_else(|| {
+                at(format!(
+                    "{} {:?} needs a spec with node and ip",
+                    header.kind, d.metadata.name
+                ))
+            })?;
             let sa = spec.service_account.unwrap_or_else(|| "default".to_string());
             check_name("serviceAccount", &sa).map_err(at)?;
             check_name("node", &spec.node).map_err(at)?;

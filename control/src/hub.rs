@@ -1,0 +1,98 @@
+//! The control loop: discovery snapshots in, mesh model out. Bursts of changes are coalesced
+//! for a few milliseconds; a single change goes straight through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::discovery::Discovered;
+use crate::metrics::Metrics;
+use crate::model::{build, ClusterInfo, MeshModel};
+use crate::stream::Published;
+
+/// Changes arriving within this window after the first are applied together.
+pub const COALESCE: Duration = Duration::from_millis(5);
+
+/// The latest model and what discovery reported with it.
+#[derive(Clone)]
+pub struct Hub {
+    pub model: watch::Receiver<Arc<Published>>,
+    pub discovered: watch::Receiver<Arc<Discovered>>,
+}
+
+/// Rebuilds the model after every discovery change and publishes it with a new version, until
+/// discovery stops.
+pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovered>>, metrics: Arc<Metrics>) -> Hub {
+    let (tx, model) = watch::channel(Arc::new(Published::default()));
+    let hub = Hub {
+        model,
+        discovered: discovered.clone(),
+    };
+    tokio::spawn(async move {
+        let mut version = 0u64;
+        let mut previous: Option<Arc<MeshModel>> = None;
+        let mut last_inventory: Option<Arc<Discovered>> = None;
+        loop {
+            if discovered.changed().await.is_err() {
+                return;
+            }
+            let seen = Instant::now();
+            tokio::time::sleep(COALESCE).await;
+            let snapshot = discovered.borrow_and_update().clone();
+            metrics.discovery_problems.set(snapshot.problems.len() as i64);
+            // A new problem alone (a refused file) changes nothing the nodes hold.
+            if last_inventory
+                .as_ref()
+                .is_some_and(|l| l.inventory == snapshot.inventory)
+            {
+                continue;
+            }
+            last_inventory = Some(snapshot.clone());
+            let started = Instant::now();
+            let model = Arc::new(build(&snapshot.inventory, &cluster, previous.as_deref()));
+            metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
+            metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
+            metrics.services.set(snapshot.inventory.services.len() as i64);
+            version += 1;
+            metrics.model_version.set(version as i64);
+            previous = Some(model.clone());
+            let published = Published {
+                version,
+                model,
+                at: Some(seen),
+            };
+            if tx.send(Arc::new(published)).is_err() {
+                return;
+            }
+        }
+    });
+    hub
+}
+
+/// The CA's rule: a node may receive a workload identity only while a workload with that
+/// identity is scheduled on it, and its own node identity always.
+pub fn authorizer(
+    model: watch::Receiver<Arc<Published>>,
+) -> impl Fn(&str, &trellis_identity::SpiffeId) -> Result<(), String> {
+    move |node: &str, id: &trellis_identity::SpiffeId| {
+        if let trellis_identity::IdKind::Node(name) = id.kind() {
+            return if name == node {
+                Ok(())
+            } else {
+                Err(format!("{id} is another node's identity"))
+            };
+        }
+        let published = model.borrow().clone();
+        let scheduled = published
+            .model
+            .identities_by_node
+            .get(node)
+            .is_some_and(|ids| ids.contains(&id.to_string()));
+        if scheduled {
+            Ok(())
+        } else {
+            Err(format!("no workload with {id} is scheduled on {node}"))
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The node-scoped config stream (`trellis.config.v1.ConfigService/Stream`).
+//!
+//! A node authenticates with its node SVID over mTLS, sends `Subscribe{node, role,
+//! resume_from}`, and receives a full snapshot (or, when it resumes from the version the server
+//! last sent it, only what changed since), then versioned upserts and removals as the model
+//! changes. It acknowledges or rejects every update. Versions are the model's: monotonic,
+//! possibly skipping numbers for changes that do not concern the node.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_api::config::v1 as pb;
+use trellis_api::config::v1::config_service_server::ConfigService;
+use trellis_identity::tls::PeerInfo;
+use trellis_identity::{IdKind, TrustDomain};
+
+use crate::metrics::Metrics;
+use crate::model::{diff, node_slice, MeshModel, ResKey, Role, Slice};
+
+/// How long a new stream may take to send its Subscribe message.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One published version of the model.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub version: u64,
+    pub model: Arc<MeshModel>,
+    /// When the change that produced it was seen (for push latency).
+    pub at: Option<Instant>,
+}
+
+/// What the admin endpoint shows about a connected node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub role: String,
+    pub connected_since_unix: i64,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub last_error: String,
+    pub resources: usize,
+}
+
+/// Per-node memory of the last slice sent, so a reconnecting node can resume.
+#[derive(Default)]
+struct Sessions {
+    last_sent: BTreeMap<(String, Role), (u64, Slice)>,
+    connected: BTreeMap<u64, NodeStatus>,
+    next_id: u64,
+}
+
+/// The config stream service.
+#[derive(Clone)]
+pub struct ConfigStream {
+    trust_domain: TrustDomain,
+    model: watch::Receiver<Arc<Published>>,
+    sessions: Arc<Mutex<Sessions>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConfigStream {
+    pub fn new(trust_domain: TrustDomain, model: watch::Receiver<Arc<Published>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            trust_domain,
+            model,
+            sessions: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Nodes connected right now.
+    pub fn connected(&self) -> Vec<NodeStatus> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.connected.values().cloned().collect()
+    }
+
+    fn update_status(&self, id: u64, f: impl FnOnce(&mut NodeStatus)) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(status) = sessions.connected.get_mut(&id) {
+            f(status);
+        }
+    }
+
+    /// The update that brings a node from what it holds (`resume`) to `slice`.
+    fn first_update(&self, node: &str, role: Role, resume_from: u64, version: u64, slice: &Slice) -> pb::ConfigUpdate {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.last_sent.get(&(node.to_string(), role)) {
+            Some((sent, held)) if resume_from != 0 && *sent == resume_from => {
+                let (upserts, removals) = diff(held, slice);
+                to_update(version, false, upserts, removals)
+            }
+            _ => to_update(version, true, slice.values().cloned().collect(), Vec::new()),
+        }
+    }
+}
+
+fn to_update(version: u64, snapshot: bool, upserts: Vec<Arc<pb::Resource>>, removals: Vec<ResKey>) -> pb::ConfigUpdate {
+    pb::ConfigUpdate {
+        version,
+        snapshot,
+        upserts: upserts.iter().map(|r| (**r).clone()).collect(),
+        removals: removals.iter().map(ResKey::to_proto).collect(),
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigService for ConfigStream {
+    type StreamStream = UpdateStream;
+
+    async fn stream(&self, request: Request<Streaming<pb::StreamRequest>>) -> Result<Response<UpdateStream>, Status> {
+        let caller = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.current_id().cloned());
+        let caller_node = match &caller {
+            Some(id) if id.trust_domain() == &self.trust_domain => match id.kind() {
+                IdKind::Node(n) => n.to_string(),
+                _ => return Err(Status::unauthenticated(format!("{id} is not a node identity"))),
+            },
+            Some(id) => {
+                return Err(Status::unauthenticated(format!(
+                    "{id} is not a node of {}",
+                    self.trust_domain
+                )))
+            }
+            None => {
+                return Err(Status::unauthenticated(
+                    "the config stream needs mTLS with a valid node SVID",
+                ))
+            }
+        };
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Subscribe message within 10 s"))??;
+        let subscribe = match first.and_then(|m| m.kind) {
+            Some(pb::stream_request::Kind::Subscribe(s)) => s,
+            _ => return Err(Status::invalid_argument("the first message must be Subscribe")),
+        };
+        if subscribe.node != caller_node {
+            tracing::warn!(caller = %caller_node, asked = %subscribe.node, "refused subscription for another node");
+            return Err(Status::permission_denied(format!(
+                "node {caller_node} may not subscribe as {}",
+                subscribe.node
+            )));
+        }
+        let role = match subscribe.role.as_str() {
+            "" | "ztunnel" => Role::Ztunnel,
+            "waypoint" => Role::Waypoint,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role {other:?} is not ztunnel or waypoint"
+                )))
+            }
+        };
+
+        let session_id = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.next_id += 1;
+            let id = sessions.next_id;
+            sessions.connected.insert(
+                id,
+                NodeStatus {
+                    node: caller_node.clone(),
+                    role: subscribe.role.clone(),
+                    connected_since_unix: trellis_identity::svid::to_unix(SystemTime::now()),
+                    sent_version: 0,
+                    acked_version: 0,
+                    last_error: String::new(),
+                    resources: 0,
+                },
+            );
+            id
+        };
+        self.metrics.connected_nodes.inc();
+        tracing::info!(node = %caller_node, role = ?role, resume_from = subscribe.resume_from, "node subscribed");
+
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.serve_node(
+                caller_node.clone(),
+                role,
+                subscribe.resume_from,
+                session_id,
+                inbound,
+                tx,
+            )
+            .await;
+            let mut sessions = this.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.connected.remove(&session_id);
+            this.metrics.connected_nodes.dec();
+            tracing::info!(node = %caller_node, "node unsubscribed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl ConfigStream {
+    async fn serve_node(
+        &self,
+        node: String,
+        role: Role,
+        resume_from: u64,
+        session: u64,
+        mut inbound: Streaming<pb::StreamRequest>,
+        tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+    ) {
+        let mut model = self.model.clone();
+        let published = model.borrow_and_update().clone();
+        let mut slice = node_slice(&published.model, &node, role);
+        let first = self.first_update(&node, role, resume_from, published.version, &slice);
+        let kind = if first.snapshot { "snapshot" } else { "resume" };
+        let mut pending: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
+        if !self.send(&node, role, session, &tx, first, &slice, kind).await {
+            return;
+        }
+        pending.insert(published.version, published.at);
+        loop {
+            tokio::select! {
+                changed = model.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let published = model.borrow_and_update().clone();
+                    let next = node_slice(&published.model, &node, role);
+                    let (upserts, removals) = diff(&slice, &next);
+                    slice = next;
+                    if upserts.is_empty() && removals.is_empty() {
+                        continue;
+                    }
+                    let update = to_update(published.version, false, upserts, removals);
+                    if !self.send(&node, role, session, &tx, update, &slice, "delta").await {
+                        return;
+                    }
+                    pending.insert(published.version, published.at);
+                }
+                message = inbound.next() => {
+                    let ack = match message {
+                        Some(Ok(pb::StreamRequest { kind: Some(pb::stream_request::Kind::Ack(ack)) })) => ack,
+                        Some(Ok(_)) => {
+                            tracing::warn!(%node, "unexpected message on the config stream; closing it");
+                            let _ = tx.send(Err(Status::invalid_argument("only Ack may follow Subscribe"))).await;
+                            return;
+                        }
+                        Some(Err(_)) | None => return,
+                    };
+                    let at = pending.remove(&ack.version).flatten();
+                    pending.retain(|v, _| *v > ack.version);
+                    if ack.error.is_empty() {
+                        if let Some(at) = at {
+                            self.metrics.push_latency.observe(at.elapsed().as_secs_f64());
+                        }
+                        self.update_status(session, |s| s.acked_version = s.acked_version.max(ack.version));
+                    } else {
+                        tracing::warn!(%node, version = ack.version, error = %ack.error, "node rejected a config version");
+                        self.metrics.push_errors.inc();
+                        self.update_status(session, |s| s.last_error = ack.error.clone());
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    /// Sends one update and remembers it for resumption; false when the node is gone.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        node: &str,
+        role: Role,
+        session: u64,
+        tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+        update: pb::ConfigUpdate,
+        slice: &Slice,
+        kind: &'static str,
+    ) -> bool {
+        let version = update.version;
+        if tx.send(Ok(update)).await.is_err() {
+            return false;
+        }
+        self.metrics
+            .pushes
+            .get_or_create(&crate::metrics::PushLabels { kind })
+            .inc();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .last_sent
+            .insert((node.to_string(), role), (version, slice.clone()));
+        if let Some(status) = sessions.connected.get_mut(&session) {
+            status.sent_version = version;
+            status.resources = slice.len();
+        }
+        true
+    }
+}
+
+pub mod client {
+    //! The subscriber side: keeps a node's slice in sync, reconnecting and resuming as needed.
+
+    use super::*;
+    use trellis_api::config::v1::config_service_client::ConfigServiceClient;
+
+    /// A node's applied view: the version it last applied and its resources.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Applied {
+        pub version: u64,
+        pub slice: Slice,
+    }
+
+    /// Follows the stream for `node` until `state`'s receivers are all gone, reconnecting with
+    /// backoff and resuming from the last applied version.
+    pub async fn follow(channel: tonic::transport::Channel, node: String, role: &str, state: watch::Sender<Applied>) {
+        let mut failures = 0u32;
+        loop {
+            match follow_once(channel.clone(), &node, role, &state).await {
+                Ok(()) => failures = 0,
+                Err(status) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(%node, code = ?status.code(), error = %status.message(), "config stream broke");
+                }
+            }
+            if state.is_closed() {
+                return;
+            }
+            let delay = trellis_identity::renewal::retry_delay(
+                failures.max(1),
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+                rand_fraction(),
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn rand_fraction() -> f64 {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        f64::from(nanos % 1000) / 1000.0
+    }
+
+    /// One connection: subscribe, apply and acknowledge updates until the stream ends.
+    pub async fn follow_once(
+        channel: tonic::transport::Channel,
+        node: &str,
+        role: &str,
+        state: &watch::Sender<Applied>,
+    ) -> Result<(), Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let resume_from = state.borrow().version;
+        let subscribe = pb::StreamRequest {
+            kind: Some(pb::stream_request::Kind::Subscribe(pb::Subscribe {
+                node: node.to_string(),
+                role: role.to_string(),
+                resume_from,
+            })),
+        };
+        tx.send(subscribe).await.map_err(|_| Status::cancelled("closed"))?;
+        let mut client = ConfigServiceClient::new(channel);
+        let mut updates = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        while let Some(update) = updates.message().await? {
+            let mut next = state.borrow().clone();
+            let result = crate::model::apply(&mut next.slice, &update);
+            let error = match result {
+                Ok(()) => {
+                    next.version = update.version;
+                    state.send_replace(next);
+                    String::new()
+                }
+                Err(e) => e,
+            };
+            let ack = pb::StreamRequest {
+                kind: Some(pb::stream_request::Kind::Ack(pb::Ack {
+                    version: update.version,
+                    error,
+                })),
+            };
+            if tx.send(ack).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
