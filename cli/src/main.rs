@@ -4,7 +4,11 @@
 //! `traffic`, `status` and `lab`. The parser is complete; verbs whose machinery has not landed
 //! yet say so and exit with status 2, naming what they will do.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -30,8 +34,15 @@ enum Verb {
     /// Shift a global service's traffic between clusters by weight.
     #[command(subcommand)]
     Traffic(Traffic),
-    /// Show what is meshed, healthy and failing over.
-    Status,
+    /// Show what is meshed: enrolled namespaces, workloads per node, connected nodes, problems.
+    Status {
+        /// trellisd's loopback admin address.
+        #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: SocketAddr,
+        /// Print trellisd's JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run Trellis on this machine in network namespaces: nodes, pods, etcd, capture.
     #[command(subcommand)]
     Lab(Lab),
@@ -56,13 +67,17 @@ enum Federation {
 
 #[derive(Debug, Subcommand)]
 enum Namespace {
-    /// Set (or with --remove, delete) a label on a namespace.
+    /// Set (or with --remove, delete) a label on a namespace, e.g.
+    /// `trellis namespace label shop trellis.io/dataplane-mode=ambient`.
     Label {
         namespace: String,
-        /// key=value, or just key with --remove.
+        /// key=value, or just key with --remove (kubectl's `key-` works too).
         label: String,
         #[arg(long)]
         remove: bool,
+        /// The manifest directory trellisd discovers from.
+        #[arg(long, env = "TRELLIS_MANIFESTS", default_value = "/etc/trellis/manifests")]
+        manifests: PathBuf,
     },
 }
 
@@ -108,6 +123,32 @@ fn not_yet(verb: &str, what: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `trellis namespace label`: edits the manifest source trellisd watches.
+fn namespace_label(manifests: &std::path::Path, namespace: &str, label: &str, remove: bool) -> ExitCode {
+    let (key, value) = match (label.split_once('='), label.strip_suffix('-')) {
+        (Some((k, v)), _) if !remove => (k, Some(v)),
+        (None, Some(k)) => (k, None),
+        (None, None) if remove => (label, None),
+        _ => {
+            eprintln!("trellis namespace label: give key=value to set, or key with --remove (or key-) to remove");
+            return ExitCode::from(2);
+        }
+    };
+    match trellis_control::discovery::edit::label_namespace(manifests, namespace, key, value) {
+        Ok(path) => {
+            match value {
+                Some(v) => println!("namespace/{namespace} labelled {key}={v} ({})", path.display()),
+                None => println!("namespace/{namespace} unlabelled {key} ({})", path.display()),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis namespace label: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.verb {
@@ -119,17 +160,29 @@ fn main() -> ExitCode {
         Verb::Federation(Federation::Status) => {
             not_yet("federation status", "list federated clusters and their health")
         }
-        Verb::Namespace(Namespace::Label { .. }) => not_yet(
-            "namespace label",
-            "label a namespace in the manifest source (trellisd discovery)",
-        ),
+        Verb::Namespace(Namespace::Label {
+            namespace,
+            label,
+            remove,
+            manifests,
+        }) => namespace_label(&manifests, &namespace, &label, remove),
         Verb::Waypoint(Waypoint::Apply { .. }) => not_yet("waypoint apply", "deploy the namespace's L7 waypoint"),
         Verb::Waypoint(Waypoint::Delete { .. }) => not_yet("waypoint delete", "remove the namespace's L7 waypoint"),
         Verb::Traffic(Traffic::Shift { .. }) => not_yet("traffic shift", "write cluster weights to the federation"),
-        Verb::Status => not_yet(
-            "status",
-            "print enrolled namespaces, workloads per node and connected nodes",
-        ),
+        Verb::Status { admin, json } => match status::fetch(admin) {
+            Ok(value) => {
+                if json {
+                    println!("{value:#}");
+                } else {
+                    print!("{}", status::render(&value));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trellis status: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Verb::Lab(Lab::Up) => not_yet("lab up", "build clusters of nodes and pods in network namespaces"),
         Verb::Lab(Lab::Down) => not_yet("lab down", "remove everything `lab up` made"),
         Verb::Lab(Lab::Status) => not_yet("lab status", "show the lab's clusters, nodes and pods"),
@@ -179,7 +232,7 @@ mod tests {
                 "--cluster",
                 "east=90,west=10",
             ],
-            &["trellis", "status"],
+            &["trellis", "status", "--admin", "127.0.0.1:15014"],
             &["trellis", "lab", "up"],
         ];
         for args in examples {

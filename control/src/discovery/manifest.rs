@@ -247,7 +247,7 @@ struct WaypointSpec {
 }
 
 /// Splits a multi-document YAML text at `---` lines: (first line of the document, its text).
-fn documents(text: &str) -> Vec<(u64, String)> {
+pub fn documents(text: &str) -> Vec<(u64, String)> {
     let mut docs = Vec::new();
     let mut start = 1u64;
     let mut current = String::new();

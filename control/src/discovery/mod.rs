@@ -6,6 +6,7 @@
 //! (a bad file is reported and keeps its last good objects).
 
 pub mod directory;
+pub mod edit;
 pub mod manifest;
 
 use std::collections::BTreeMap;

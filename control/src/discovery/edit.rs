@@ -1,0 +1,210 @@
+//! Edits to the manifest directory made on the user's behalf (`trellis namespace label`):
+//! the Namespace document is rewritten in place, or created in its own file, and written
+//! atomically so trellisd never reads half a file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::manifest::{documents, parse_file};
+
+/// Why a label could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("namespace {namespace} has no label {key}; nothing to remove")]
+    NoSuchLabel { namespace: String, key: String },
+}
+
+/// Checks a Kubernetes label key (`[prefix/]name`) and value.
+pub fn check_label(key: &str, value: Option<&str>) -> Result<(), EditError> {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+    };
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    });
+    if !name_ok(name) || !prefix_ok {
+        return Err(EditError::Invalid(format!(
+            "label key {key:?} is not valid: [prefix/]name, name of letters, digits, '-', '_', '.' (at most 63)"
+        )));
+    }
+    if let Some(v) = value {
+        if !(v.is_empty() || name_ok(v)) {
+            return Err(EditError::Invalid(format!(
+                "label value {v:?} is not valid: letters, digits, '-', '_', '.' (at most 63), starting and ending alphanumeric"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn render(namespace: &str, labels: &BTreeMap<String, String>) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"));
+    let mut out = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n");
+    if !labels.is_empty() {
+        out.push_str("  labels:\n");
+        for (k, v) in labels {
+            out.push_str(&format!("    {}: {}\n", quote(k), quote(v)));
+        }
+    }
+    out
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
+    let err = |e: std::io::Error| EditError::File {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("manifest");
+    // A hidden temporary name: the directory watcher skips dot files.
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Sets (`Some(value)`) or removes (`None`) a label on namespace `namespace` in the manifest
+/// directory `dir`. Returns the file written.
+pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&str>) -> Result<PathBuf, EditError> {
+    trellis_identity::id::check_name(namespace).map_err(|e| EditError::Invalid(e.to_string()))?;
+    check_label(key, value)?;
+    if !dir.is_dir() {
+        return Err(EditError::File {
+            path: dir.to_path_buf(),
+            why: "not a directory (set --manifests or TRELLIS_MANIFESTS)".into(),
+        });
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| EditError::File {
+            path: d.clone(),
+            why: e.to_string(),
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+            {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(inventory) = parse_file(&text) else { continue };
+        let Some((ns, line)) = inventory.namespaces.get(namespace) else {
+            continue;
+        };
+        let mut labels = ns.labels.clone();
+        match value {
+            Some(v) => {
+                labels.insert(key.to_string(), v.to_string());
+            }
+            None => {
+                if labels.remove(key).is_none() {
+                    return Err(EditError::NoSuchLabel {
+                        namespace: namespace.to_string(),
+                        key: key.to_string(),
+                    });
+                }
+            }
+        }
+        let docs = documents(&text);
+        let rewritten: Vec<String> = docs
+            .iter()
+            .map(|(start, doc)| {
+                if start == line {
+                    render(namespace, &labels)
+                } else {
+                    doc.clone()
+                }
+            })
+            .collect();
+        write_atomically(&path, &rewritten.join("---\n"))?;
+        return Ok(path);
+    }
+    let Some(v) = value else {
+        return Err(EditError::NoSuchLabel {
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+        });
+    };
+    let path = dir.join(format!("namespace-{namespace}.yaml"));
+    let labels = BTreeMap::from([(key.to_string(), v.to_string())]);
+    write_atomically(&path, &render(namespace, &labels))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelling_rewrites_only_the_namespace_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "# shop\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+        std::fs::write(dir.path().join("all.yaml"), text).unwrap();
+        let path = label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", Some("ambient")).unwrap();
+        let inv = parse_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(inv.namespaces["shop"].0.labels["trellis.io/dataplane-mode"], "ambient");
+        assert_eq!(inv.services.len(), 1, "the other document is untouched");
+        label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", None).unwrap();
+        let inv = parse_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(inv.namespaces["shop"].0.labels.is_empty());
+        let err = label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", None).unwrap_err();
+        assert!(matches!(err, EditError::NoSuchLabel { .. }));
+    }
+
+    #[test]
+    fn a_missing_namespace_gets_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", Some("ambient")).unwrap();
+        assert_eq!(path, dir.path().join("namespace-shop.yaml"));
+        assert!(parse_file(&std::fs::read_to_string(&path).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn bad_keys_values_and_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (ns, key, value) in [
+            ("Shop", "a", "b"),
+            ("shop", "", "b"),
+            ("shop", "a b", "b"),
+            ("shop", "a", "b c"),
+            ("shop", "a", "-b"),
+        ] {
+            assert!(
+                matches!(
+                    label_namespace(dir.path(), ns, key, Some(value)),
+                    Err(EditError::Invalid(_))
+                ),
+                "{ns} {key} {value}"
+            );
+        }
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing written"
+        );
+    }
+}
