@@ -42,7 +42,7 @@ impl Admin {
             let workloads: Vec<serde_json::Value> = keys
                 .iter()
                 .filter_map(|k| published.model.workloads.get(k))
-                .filter_map(|r| match r.kind.as_ref() {
+                .filter_map(|r| match r.resource.kind.as_ref() {
                     Some(Variant::Workload(w)) => Some(json!({
                         "name": format!("{}/{}", w.namespace, w.name),
                         "address": w.addresses.first(),
@@ -72,12 +72,11 @@ impl Admin {
     pub fn config_dump(&self) -> serde_json::Value {
         let published = self.hub.model.borrow().clone();
         let m = &published.model;
-        let dump =
-            |map: &std::collections::BTreeMap<crate::discovery::ObjectKey, Arc<trellis_api::config::v1::Resource>>| {
-                map.iter()
-                    .map(|(k, r)| (k.to_string(), json!(format!("{r:?}"))))
-                    .collect::<serde_json::Map<_, _>>()
-            };
+        let dump = |map: &std::collections::BTreeMap<crate::discovery::ObjectKey, Arc<crate::model::Entry>>| {
+            map.iter()
+                .map(|(k, e)| (k.to_string(), json!(format!("{:?}", e.resource))))
+                .collect::<serde_json::Map<_, _>>()
+        };
         json!({
             "version": published.version,
             "workloads": dump(&m.workloads),

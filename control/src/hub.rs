@@ -48,15 +48,19 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
             {
                 continue;
             }
-            last_inventory = Some(snapshot.clone());
             let started = Instant::now();
-            let model = Arc::new(build(&snapshot.inventory, &cluster, previous.as_deref()));
+            let prior = last_inventory
+                .as_ref()
+                .zip(previous.as_deref())
+                .map(|(i, m)| (&i.inventory, m));
+            let model = Arc::new(build(&snapshot.inventory, &cluster, prior));
             metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
             metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
             metrics.services.set(snapshot.inventory.services.len() as i64);
             version += 1;
             metrics.model_version.set(version as i64);
             previous = Some(model.clone());
+            last_inventory = Some(snapshot.clone());
             let published = Published {
                 version,
                 model,

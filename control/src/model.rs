@@ -29,51 +29,77 @@ pub struct ClusterInfo {
     pub domain: String,
 }
 
-/// Identifies a resource in the config stream.
+/// Identifies a resource in the config stream. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResKey {
     pub kind: pb::Kind,
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ResKey {
-    fn new(kind: pb::Kind, key: &ObjectKey) -> Self {
+    pub fn new(kind: pb::Kind, name: &str) -> Self {
         Self {
             kind,
-            name: key.to_string(),
+            name: name.into(),
         }
+    }
+
+    fn of(kind: pb::Kind, key: &ObjectKey) -> Self {
+        Self::new(kind, &key.to_string())
     }
 
     pub fn to_proto(&self) -> pb::ResourceKey {
         pb::ResourceKey {
             kind: self.kind as i32,
-            name: self.name.clone(),
+            name: self.name.to_string(),
         }
     }
 }
 
-/// One node's view: every resource it should hold, by key.
+/// A resource as trellisd holds it: its key, the message, and its protobuf encoding, made once
+/// per change, so that sending it to a hundred nodes copies bytes instead of re-encoding.
+#[derive(Debug, PartialEq)]
+pub struct Entry {
+    pub key: ResKey,
+    pub resource: pb::Resource,
+    pub encoded: Vec<u8>,
+}
+
+impl Entry {
+    fn new(key: ResKey, resource: pb::Resource) -> Self {
+        let encoded = prost::Message::encode_to_vec(&resource);
+        Self { key, resource, encoded }
+    }
+}
+
+/// One node's view as the server holds it.
+pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
+
+/// One node's view as a subscriber holds it: every resource it should hold, by key.
 pub type Slice = BTreeMap<ResKey, Arc<pb::Resource>>;
 
 /// The whole mesh of one cluster, as trellisd serves it.
 #[derive(Debug, Clone, Default)]
 pub struct MeshModel {
-    pub workloads: BTreeMap<ObjectKey, Arc<pb::Resource>>,
-    pub services: BTreeMap<ObjectKey, Arc<pb::Resource>>,
-    pub policies: BTreeMap<ObjectKey, Arc<pb::Resource>>,
-    pub waypoints: BTreeMap<ObjectKey, Arc<pb::Resource>>,
-    pub routes: BTreeMap<ObjectKey, Arc<pb::Resource>>,
+    pub workloads: BTreeMap<ObjectKey, Arc<Entry>>,
+    pub services: BTreeMap<ObjectKey, Arc<Entry>>,
+    pub policies: BTreeMap<ObjectKey, Arc<Entry>>,
+    pub waypoints: BTreeMap<ObjectKey, Arc<Entry>>,
+    pub routes: BTreeMap<ObjectKey, Arc<Entry>>,
     /// Workloads scheduled on each node.
     pub by_node: BTreeMap<String, Vec<ObjectKey>>,
     /// SPIFFE IDs of the workloads scheduled on each node: what the CA may issue to it.
     pub identities_by_node: BTreeMap<String, BTreeSet<String>>,
-    /// Policy selectors, to find the policies that apply to a node's workloads.
-    policy_scope: BTreeMap<ObjectKey, BTreeMap<String, String>>,
-    /// Workload labels, for the same purpose.
-    workload_labels: BTreeMap<ObjectKey, BTreeMap<String, String>>,
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn selects_proto(
+    selector: &std::collections::HashMap<String, String>,
+    labels: &std::collections::HashMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -112,27 +138,101 @@ fn locality(region: &str, zone: &str) -> Option<pb::Locality> {
 /// Keeps the previous `Arc` when the new resource is equal, so unchanged resources stay
 /// pointer-equal across rebuilds and slices diff cheaply.
 fn intern(
-    previous: Option<&BTreeMap<ObjectKey, Arc<pb::Resource>>>,
+    previous: Option<&BTreeMap<ObjectKey, Arc<Entry>>>,
+    kind: pb::Kind,
     key: &ObjectKey,
     fresh: pb::Resource,
-) -> Arc<pb::Resource> {
+) -> Arc<Entry> {
     match previous.and_then(|p| p.get(key)) {
-        Some(old) if **old == fresh => old.clone(),
-        _ => Arc::new(fresh),
+        Some(old) if old.resource == fresh => old.clone(),
+        _ => Arc::new(Entry::new(ResKey::of(kind, key), fresh)),
     }
 }
 
-/// Builds the mesh model from an inventory. `previous` lets unchanged resources keep their
-/// identity.
-pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel>) -> MeshModel {
-    let mut model = MeshModel::default();
-    let ns_labels = |ns: &str| inv.namespaces.get(ns).map(|(n, _)| &n.labels);
+/// The objects of one namespace in a map keyed by `ObjectKey`.
+fn in_namespace<'a, V>(map: &'a BTreeMap<ObjectKey, V>, ns: &str) -> impl Iterator<Item = (&'a ObjectKey, &'a V)> + 'a {
+    let ns = ns.to_string();
+    map.range(ObjectKey::new(&ns, "")..)
+        .take_while(move |(k, _)| k.namespace == ns)
+}
 
-    for (key, (w, _)) in &inv.workloads {
-        let labels = ns_labels(&key.namespace);
-        let identity = SpiffeId::workload(&cluster.trust_domain, &key.namespace, &w.service_account)
-            .map(|id| id.to_string())
-            .unwrap_or_default();
+/// Whether namespace `ns` is the same in both inventories.
+fn same_namespace(a: &Inventory, b: &Inventory, ns: &str) -> bool {
+    a.namespaces.get(ns) == b.namespaces.get(ns)
+        && in_namespace(&a.workloads, ns).eq(in_namespace(&b.workloads, ns))
+        && in_namespace(&a.services, ns).eq(in_namespace(&b.services, ns))
+        && in_namespace(&a.policies, ns).eq(in_namespace(&b.policies, ns))
+        && in_namespace(&a.waypoints, ns).eq(in_namespace(&b.waypoints, ns))
+        && in_namespace(&a.routes, ns).eq(in_namespace(&b.routes, ns))
+}
+
+fn workload_identity(cluster: &ClusterInfo, key: &ObjectKey, w: &WorkloadObj) -> String {
+    SpiffeId::workload(&cluster.trust_domain, &key.namespace, &w.service_account)
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+}
+
+/// Every namespace that holds an object.
+fn namespaces(inv: &Inventory) -> BTreeSet<String> {
+    let mut all: BTreeSet<String> = inv.namespaces.keys().cloned().collect();
+    let mut add = |ns: &String| {
+        if !all.contains(ns) {
+            all.insert(ns.clone());
+        }
+    };
+    inv.workloads.keys().for_each(|k| add(&k.namespace));
+    inv.services.keys().for_each(|k| add(&k.namespace));
+    inv.policies.keys().for_each(|k| add(&k.namespace));
+    inv.waypoints.keys().for_each(|k| add(&k.namespace));
+    inv.routes.keys().for_each(|k| add(&k.namespace));
+    all
+}
+
+/// Builds the mesh model from an inventory. With the previous inventory and model, namespaces
+/// whose objects did not change are carried over as they are (same `Arc`s, no re-encoding),
+/// and unchanged resources of changed namespaces keep their identity.
+pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<(&Inventory, &MeshModel)>) -> MeshModel {
+    let mut model = MeshModel::default();
+    for ns in namespaces(inv) {
+        match previous {
+            Some((old_inv, old_model)) if same_namespace(inv, old_inv, &ns) => {
+                carry_namespace(&mut model, old_model, &ns);
+            }
+            _ => build_namespace(&mut model, inv, cluster, previous.map(|p| p.1), &ns),
+        }
+        for (key, (w, _)) in in_namespace(&inv.workloads, &ns) {
+            model.by_node.entry(w.node.clone()).or_default().push(key.clone());
+            model
+                .identities_by_node
+                .entry(w.node.clone())
+                .or_default()
+                .insert(workload_identity(cluster, key, w));
+        }
+    }
+    model
+}
+
+fn carry_namespace(model: &mut MeshModel, old: &MeshModel, ns: &str) {
+    let copy = |from: &BTreeMap<ObjectKey, Arc<Entry>>, to: &mut BTreeMap<ObjectKey, Arc<Entry>>| {
+        to.extend(in_namespace(from, ns).map(|(k, v)| (k.clone(), v.clone())));
+    };
+    copy(&old.workloads, &mut model.workloads);
+    copy(&old.services, &mut model.services);
+    copy(&old.policies, &mut model.policies);
+    copy(&old.waypoints, &mut model.waypoints);
+    copy(&old.routes, &mut model.routes);
+}
+
+fn build_namespace(
+    model: &mut MeshModel,
+    inv: &Inventory,
+    cluster: &ClusterInfo,
+    previous: Option<&MeshModel>,
+    ns: &str,
+) {
+    let labels = inv.namespaces.get(ns).map(|(n, _)| &n.labels);
+
+    for (key, (w, _)) in in_namespace(&inv.workloads, ns) {
         let resource = pb::Resource {
             kind: Some(Variant::Workload(pb::Workload {
                 uid: format!("{}/{key}", cluster.name),
@@ -146,32 +246,20 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                 labels: w.labels.clone().into_iter().collect(),
                 ready: w.ready,
                 enrolled: is_enrolled(w, labels),
-                identity: identity.clone(),
+                identity: workload_identity(cluster, key, w),
                 waypoint: waypoint_for(&w.labels, &key.namespace, labels),
                 locality: locality(&w.region, &w.zone),
             })),
         };
-        model
-            .workloads
-            .insert(key.clone(), intern(previous.map(|p| &p.workloads), key, resource));
-        model.by_node.entry(w.node.clone()).or_default().push(key.clone());
-        model
-            .identities_by_node
-            .entry(w.node.clone())
-            .or_default()
-            .insert(identity);
-        model.workload_labels.insert(key.clone(), w.labels.clone());
+        let entry = intern(previous.map(|p| &p.workloads), pb::Kind::Workload, key, resource);
+        model.workloads.insert(key.clone(), entry);
     }
-
-    for (key, (s, _)) in &inv.services {
-        let labels = ns_labels(&key.namespace);
+    for (key, (s, _)) in in_namespace(&inv.services, ns) {
         // A service without a selector has no discovered endpoints (as in Kubernetes).
         let endpoints = if s.selector.is_empty() {
             Vec::new()
         } else {
-            inv.workloads
-                .range(ObjectKey::new(&key.namespace, "")..)
-                .take_while(|(k, _)| k.namespace == key.namespace)
+            in_namespace(&inv.workloads, ns)
                 .filter(|(_, (w, _))| selects(&s.selector, &w.labels))
                 .map(|(wk, (w, _))| pb::Endpoint {
                     workload_uid: format!("{}/{wk}", cluster.name),
@@ -179,9 +267,7 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                     node: w.node.clone(),
                     healthy: w.ready,
                     locality: locality(&w.region, &w.zone),
-                    identity: SpiffeId::workload(&cluster.trust_domain, &wk.namespace, &w.service_account)
-                        .map(|id| id.to_string())
-                        .unwrap_or_default(),
+                    identity: workload_identity(cluster, wk, w),
                     enrolled: is_enrolled(w, labels),
                 })
                 .collect()
@@ -207,12 +293,11 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                 waypoint: waypoint_for(&s.labels, &key.namespace, labels),
             })),
         };
-        model
-            .services
-            .insert(key.clone(), intern(previous.map(|p| &p.services), key, resource));
+        let entry = intern(previous.map(|p| &p.services), pb::Kind::Service, key, resource);
+        model.services.insert(key.clone(), entry);
     }
 
-    for (key, (p, _)) in &inv.policies {
+    for (key, (p, _)) in in_namespace(&inv.policies, ns) {
         let resource = pb::Resource {
             kind: Some(Variant::AuthorizationPolicy(pb::AuthorizationPolicy {
                 name: key.name.clone(),
@@ -235,13 +320,16 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                     .collect(),
             })),
         };
-        model
-            .policies
-            .insert(key.clone(), intern(previous.map(|p| &p.policies), key, resource));
-        model.policy_scope.insert(key.clone(), p.selector.clone());
+        let entry = intern(
+            previous.map(|p| &p.policies),
+            pb::Kind::AuthorizationPolicy,
+            key,
+            resource,
+        );
+        model.policies.insert(key.clone(), entry);
     }
 
-    for (key, (w, _)) in &inv.waypoints {
+    for (key, (w, _)) in in_namespace(&inv.waypoints, ns) {
         let resource = pb::Resource {
             kind: Some(Variant::Waypoint(pb::Waypoint {
                 name: key.name.clone(),
@@ -253,12 +341,11 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                     .unwrap_or_default(),
             })),
         };
-        model
-            .waypoints
-            .insert(key.clone(), intern(previous.map(|p| &p.waypoints), key, resource));
+        let entry = intern(previous.map(|p| &p.waypoints), pb::Kind::Waypoint, key, resource);
+        model.waypoints.insert(key.clone(), entry);
     }
 
-    for (key, (r, _)) in &inv.routes {
+    for (key, (r, _)) in in_namespace(&inv.routes, ns) {
         let resource = pb::Resource {
             kind: Some(Variant::HttpRoute(pb::HttpRoute {
                 name: key.name.clone(),
@@ -296,11 +383,9 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&MeshModel
                     .collect(),
             })),
         };
-        model
-            .routes
-            .insert(key.clone(), intern(previous.map(|p| &p.routes), key, resource));
+        let entry = intern(previous.map(|p| &p.routes), pb::Kind::HttpRoute, key, resource);
+        model.routes.insert(key.clone(), entry);
     }
-    model
 }
 
 /// What a subscriber does with its slice.
@@ -313,43 +398,40 @@ pub enum Role {
 /// The slice of `model` that `node` needs: its own workloads, every service with its
 /// endpoints, the policies that select one of its workloads, and the waypoints; a waypoint also
 /// gets every policy and HTTPRoute. Never another node's workloads.
-pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> Slice {
-    let mut slice = Slice::new();
-    let own = model.by_node.get(node).map(Vec::as_slice).unwrap_or_default();
-    for key in own {
-        if let Some(r) = model.workloads.get(key) {
-            slice.insert(ResKey::new(pb::Kind::Workload, key), r.clone());
-        }
-    }
-    for (key, r) in &model.services {
-        slice.insert(ResKey::new(pb::Kind::Service, key), r.clone());
-    }
-    for (key, r) in &model.policies {
+pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
+    let mut slice = ServerSlice::new();
+    let own: Vec<&Arc<Entry>> = model
+        .by_node
+        .get(node)
+        .map(|keys| keys.iter().filter_map(|k| model.workloads.get(k)).collect())
+        .unwrap_or_default();
+    let mut add = |e: &Arc<Entry>| {
+        slice.insert(e.key.clone(), e.clone());
+    };
+    own.iter().for_each(|e| add(e));
+    model.services.values().for_each(&mut add);
+    for (key, e) in &model.policies {
         let applies = role == Role::Waypoint
-            || own.iter().any(|w| {
-                w.namespace == key.namespace
-                    && model
-                        .workload_labels
-                        .get(w)
-                        .is_some_and(|labels| model.policy_scope.get(key).is_some_and(|sel| selects(sel, labels)))
-            });
+            || match &e.resource.kind {
+                Some(Variant::AuthorizationPolicy(p)) => own.iter().any(|w| match &w.resource.kind {
+                    Some(Variant::Workload(w)) => w.namespace == key.namespace && selects_proto(&p.selector, &w.labels),
+                    _ => false,
+                }),
+                _ => false,
+            };
         if applies {
-            slice.insert(ResKey::new(pb::Kind::AuthorizationPolicy, key), r.clone());
+            add(e);
         }
     }
-    for (key, r) in &model.waypoints {
-        slice.insert(ResKey::new(pb::Kind::Waypoint, key), r.clone());
-    }
+    model.waypoints.values().for_each(&mut add);
     if role == Role::Waypoint {
-        for (key, r) in &model.routes {
-            slice.insert(ResKey::new(pb::Kind::HttpRoute, key), r.clone());
-        }
+        model.routes.values().for_each(&mut add);
     }
     slice
 }
 
-/// What changed from `old` to `new`: resources to upsert and keys to remove.
-pub fn diff(old: &Slice, new: &Slice) -> (Vec<Arc<pb::Resource>>, Vec<ResKey>) {
+/// What changed from `old` to `new`: entries to upsert and keys to remove.
+pub fn diff(old: &ServerSlice, new: &ServerSlice) -> (Vec<Arc<Entry>>, Vec<ResKey>) {
     let upserts = new
         .iter()
         .filter(|(k, v)| old.get(*k).is_none_or(|o| !Arc::ptr_eq(o, v) && o != *v))
@@ -359,6 +441,14 @@ pub fn diff(old: &Slice, new: &Slice) -> (Vec<Arc<pb::Resource>>, Vec<ResKey>) {
     (upserts, removals)
 }
 
+/// A subscriber's copy of a server slice (tests, tools).
+pub fn to_client(slice: &ServerSlice) -> Slice {
+    slice
+        .iter()
+        .map(|(k, e)| (k.clone(), Arc::new(e.resource.clone())))
+        .collect()
+}
+
 /// Applies an update to a slice, as a subscriber does; pure, for tests and clients.
 pub fn apply(slice: &mut Slice, update: &pb::ConfigUpdate) -> Result<(), String> {
     if update.snapshot {
@@ -366,10 +456,7 @@ pub fn apply(slice: &mut Slice, update: &pb::ConfigUpdate) -> Result<(), String>
     }
     for key in &update.removals {
         let kind = pb::Kind::try_from(key.kind).map_err(|_| format!("unknown kind {}", key.kind))?;
-        slice.remove(&ResKey {
-            kind,
-            name: key.name.clone(),
-        });
+        slice.remove(&ResKey::new(kind, &key.name));
     }
     for r in &update.upserts {
         let key = key_of(r).ok_or("a resource with no kind")?;
@@ -386,20 +473,10 @@ pub fn key_of(r: &pb::Resource) -> Option<ResKey> {
         Variant::AuthorizationPolicy(p) => (pb::Kind::AuthorizationPolicy, &p.namespace, &p.name),
         Variant::Waypoint(w) => (pb::Kind::Waypoint, &w.namespace, &w.name),
         Variant::HttpRoute(h) => (pb::Kind::HttpRoute, &h.namespace, &h.name),
-        Variant::RemoteCluster(c) => {
-            return Some(ResKey {
-                kind: pb::Kind::RemoteCluster,
-                name: c.name.clone(),
-            })
-        }
-        Variant::TrustBundle(b) => {
-            return Some(ResKey {
-                kind: pb::Kind::TrustBundle,
-                name: b.trust_domain.clone(),
-            })
-        }
+        Variant::RemoteCluster(c) => return Some(ResKey::new(pb::Kind::RemoteCluster, &c.name)),
+        Variant::TrustBundle(b) => return Some(ResKey::new(pb::Kind::TrustBundle, &b.trust_domain)),
     };
-    Some(ResKey::new(kind, &ObjectKey::new(ns, name)))
+    Some(ResKey::of(kind, &ObjectKey::new(ns, name)))
 }
 
 #[cfg(test)]
@@ -457,7 +534,7 @@ spec: {selector: {matchLabels: {app: payments}}}
 "#;
 
     fn workload<'a>(model: &'a MeshModel, ns: &str, name: &str) -> &'a pb::Workload {
-        match model.workloads[&ObjectKey::new(ns, name)].kind.as_ref() {
+        match model.workloads[&ObjectKey::new(ns, name)].resource.kind.as_ref() {
             Some(Variant::Workload(w)) => w,
             _ => panic!("not a workload"),
         }
@@ -479,7 +556,8 @@ spec: {selector: {matchLabels: {app: payments}}}
     #[test]
     fn services_get_vips_and_endpoints_by_selector() {
         let model = build(&parse_file(MESH).unwrap(), &cluster(), None);
-        let Some(Variant::Service(cart)) = model.services[&ObjectKey::new("shop", "cart")].kind.as_ref() else {
+        let Some(Variant::Service(cart)) = model.services[&ObjectKey::new("shop", "cart")].resource.kind.as_ref()
+        else {
             panic!()
         };
         assert_eq!(cart.hostname, "cart.shop.svc.cluster.local");
@@ -497,7 +575,7 @@ spec: {selector: {matchLabels: {app: payments}}}
     fn a_node_gets_its_workloads_services_and_the_policies_that_select_them() {
         let model = build(&parse_file(MESH).unwrap(), &cluster(), None);
         let slice = node_slice(&model, "node-1", Role::Ztunnel);
-        let names: Vec<_> = slice.keys().map(|k| (k.kind, k.name.as_str())).collect();
+        let names: Vec<_> = slice.keys().map(|k| (k.kind, &*k.name)).collect();
         assert!(names.contains(&(pb::Kind::Workload, "shop/cart-1")));
         assert!(names.contains(&(pb::Kind::Workload, "legacy/old")));
         assert!(
@@ -526,32 +604,41 @@ spec: {selector: {matchLabels: {app: payments}}}
             "metadata: {name: legacy}",
             "metadata: {name: legacy, labels: {trellis.io/dataplane-mode: ambient}}",
         );
-        let after = build(&parse_file(&enrolled).unwrap(), &cluster(), Some(&before));
+        let after_inv = parse_file(&enrolled).unwrap();
+        let after = build(&after_inv, &cluster(), Some((&inv, &before)));
         let old = node_slice(&before, "node-1", Role::Ztunnel);
         let new = node_slice(&after, "node-1", Role::Ztunnel);
         let (upserts, removals) = diff(&old, &new);
         assert!(removals.is_empty());
-        let keys: Vec<_> = upserts.iter().map(|r| key_of(r).unwrap().name).collect();
+        let keys: Vec<_> = upserts.iter().map(|e| e.key.name.to_string()).collect();
         assert_eq!(keys, vec!["legacy/old"], "only the legacy workload changed");
-        let mut replayed = old.clone();
+        assert!(
+            Arc::ptr_eq(
+                &before.services[&ObjectKey::new("shop", "cart")],
+                &after.services[&ObjectKey::new("shop", "cart")]
+            ),
+            "an unchanged namespace is carried over"
+        );
+        let mut replayed = to_client(&old);
         apply(
             &mut replayed,
             &pb::ConfigUpdate {
                 version: 2,
                 snapshot: false,
-                upserts: upserts.iter().map(|r| (**r).clone()).collect(),
+                upserts: upserts.iter().map(|e| e.resource.clone()).collect(),
                 removals: removals.iter().map(ResKey::to_proto).collect(),
             },
         )
         .unwrap();
-        assert_eq!(replayed, new);
+        assert_eq!(replayed, to_client(&new));
     }
 
     #[test]
     fn a_workload_moving_nodes_moves_its_identity() {
-        let before = build(&parse_file(MESH).unwrap(), &cluster(), None);
+        let inv = parse_file(MESH).unwrap();
+        let before = build(&inv, &cluster(), None);
         let moved = MESH.replace("node: node-1, ip: 10.1.1.5", "node: node-3, ip: 10.1.1.5");
-        let after = build(&parse_file(&moved).unwrap(), &cluster(), Some(&before));
+        let after = build(&parse_file(&moved).unwrap(), &cluster(), Some((&inv, &before)));
         let cart = "spiffe://east.trellis.local/ns/shop/sa/cart";
         assert!(before.identities_by_node["node-1"].contains(cart));
         assert!(!after.identities_by_node["node-1"].contains(cart));

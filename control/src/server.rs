@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use trellis_api::config::v1::config_service_server::ConfigServiceServer;
 use trellis_api::identity::v1::certificate_service_server::CertificateServiceServer;
 use trellis_identity::issuance::CaService;
 use trellis_identity::tls::{server_config, tls_incoming};
@@ -92,7 +91,7 @@ impl ControlPlane {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .max_connection_age(Duration::from_secs(3600))
             .add_service(CertificateServiceServer::new(ca_service))
-            .add_service(ConfigServiceServer::new(stream.clone()));
+            .add_service(stream.clone().server());
         let grpc_task = tokio::spawn(async move {
             if let Err(e) = grpc.serve_with_incoming(incoming).await {
                 tracing::error!(error = %e, "gRPC server stopped");

@@ -7,24 +7,28 @@
 //! possibly skipping numbers for changes that do not concern the node.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::config::v1 as pb;
-use trellis_api::config::v1::config_service_server::ConfigService;
 use trellis_identity::tls::PeerInfo;
 use trellis_identity::{IdKind, TrustDomain};
 
 use crate::metrics::Metrics;
-use crate::model::{diff, node_slice, MeshModel, ResKey, Role, Slice};
+use crate::model::{diff, node_slice, Entry, MeshModel, Role, ServerSlice};
+use crate::wire::{RawUpdate, StreamHandler, UpdateStream};
 
 /// How long a new stream may take to send its Subscribe message.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshots being written at once. Each holds a whole encoded slice in memory until the node
+/// acknowledges it, so this bounds trellisd's memory when many nodes (re)connect together.
+const CONCURRENT_SNAPSHOTS: usize = 16;
+/// How long a snapshot may hold its slot waiting for the node's acknowledgement.
+const SNAPSHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One published version of the model.
 #[derive(Debug, Clone, Default)]
@@ -50,7 +54,7 @@ pub struct NodeStatus {
 /// Per-node memory of the last slice sent, so a reconnecting node can resume.
 #[derive(Default)]
 struct Sessions {
-    last_sent: BTreeMap<(String, Role), (u64, Slice)>,
+    last_sent: BTreeMap<(String, Role), (u64, ServerSlice)>,
     connected: BTreeMap<u64, NodeStatus>,
     next_id: u64,
 }
@@ -62,6 +66,7 @@ pub struct ConfigStream {
     model: watch::Receiver<Arc<Published>>,
     sessions: Arc<Mutex<Sessions>>,
     metrics: Arc<Metrics>,
+    snapshots: Arc<Semaphore>,
 }
 
 impl ConfigStream {
@@ -71,7 +76,13 @@ impl ConfigStream {
             model,
             sessions: Arc::default(),
             metrics,
+            snapshots: Arc::new(Semaphore::new(CONCURRENT_SNAPSHOTS)),
         }
+    }
+
+    /// The service for tonic's router.
+    pub fn server(self) -> crate::wire::ConfigServiceServer<Self> {
+        crate::wire::ConfigServiceServer::new(self)
     }
 
     /// Nodes connected right now.
@@ -87,34 +98,31 @@ impl ConfigStream {
         }
     }
 
-    /// The update that brings a node from what it holds (`resume`) to `slice`.
-    fn first_update(&self, node: &str, role: Role, resume_from: u64, version: u64, slice: &Slice) -> pb::ConfigUpdate {
+    /// The update that brings a node from what it holds (`resume_from`) to `slice`.
+    fn first_update(&self, node: &str, role: Role, resume_from: u64, version: u64, slice: &ServerSlice) -> RawUpdate {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match sessions.last_sent.get(&(node.to_string(), role)) {
             Some((sent, held)) if resume_from != 0 && *sent == resume_from => {
                 let (upserts, removals) = diff(held, slice);
-                to_update(version, false, upserts, removals)
+                RawUpdate {
+                    version,
+                    snapshot: false,
+                    upserts,
+                    removals,
+                }
             }
-            _ => to_update(version, true, slice.values().cloned().collect(), Vec::new()),
+            _ => RawUpdate {
+                version,
+                snapshot: true,
+                upserts: slice.values().cloned().collect::<Vec<Arc<Entry>>>(),
+                removals: Vec::new(),
+            },
         }
     }
 }
 
-fn to_update(version: u64, snapshot: bool, upserts: Vec<Arc<pb::Resource>>, removals: Vec<ResKey>) -> pb::ConfigUpdate {
-    pb::ConfigUpdate {
-        version,
-        snapshot,
-        upserts: upserts.iter().map(|r| (**r).clone()).collect(),
-        removals: removals.iter().map(ResKey::to_proto).collect(),
-    }
-}
-
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
-
 #[tonic::async_trait]
-impl ConfigService for ConfigStream {
-    type StreamStream = UpdateStream;
-
+impl StreamHandler for ConfigStream {
     async fn stream(&self, request: Request<Streaming<pb::StreamRequest>>) -> Result<Response<UpdateStream>, Status> {
         let caller = request
             .extensions()
@@ -212,19 +220,28 @@ impl ConfigStream {
         resume_from: u64,
         session: u64,
         mut inbound: Streaming<pb::StreamRequest>,
-        tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+        tx: mpsc::Sender<Result<RawUpdate, Status>>,
     ) {
         let mut model = self.model.clone();
         let published = model.borrow_and_update().clone();
         let mut slice = node_slice(&published.model, &node, role);
         let first = self.first_update(&node, role, resume_from, published.version, &slice);
         let kind = if first.snapshot { "snapshot" } else { "resume" };
+        // A snapshot holds a slot until the node has it (acknowledged) or a timeout.
+        let mut slot: Option<(OwnedSemaphorePermit, tokio::time::Instant)> = None;
+        if first.snapshot {
+            let Ok(permit) = self.snapshots.clone().acquire_owned().await else {
+                return;
+            };
+            slot = Some((permit, tokio::time::Instant::now() + SNAPSHOT_ACK_TIMEOUT));
+        }
         let mut pending: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
         if !self.send(&node, role, session, &tx, first, &slice, kind).await {
             return;
         }
         pending.insert(published.version, published.at);
         loop {
+            let slot_deadline = slot.as_ref().map(|(_, d)| *d);
             tokio::select! {
                 changed = model.changed() => {
                     if changed.is_err() {
@@ -237,7 +254,7 @@ impl ConfigStream {
                     if upserts.is_empty() && removals.is_empty() {
                         continue;
                     }
-                    let update = to_update(published.version, false, upserts, removals);
+                    let update = RawUpdate { version: published.version, snapshot: false, upserts, removals };
                     if !self.send(&node, role, session, &tx, update, &slice, "delta").await {
                         return;
                     }
@@ -253,6 +270,7 @@ impl ConfigStream {
                         }
                         Some(Err(_)) | None => return,
                     };
+                    slot = None;
                     let at = pending.remove(&ack.version).flatten();
                     pending.retain(|v, _| *v > ack.version);
                     if ack.error.is_empty() {
@@ -266,6 +284,10 @@ impl ConfigStream {
                         self.update_status(session, |s| s.last_error = ack.error.clone());
                     }
                 }
+                _ = async { tokio::time::sleep_until(slot_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if slot_deadline.is_some() => {
+                    tracing::warn!(%node, "no acknowledgement of the snapshot within 10 s");
+                    slot = None;
+                }
                 _ = tx.closed() => return,
             }
         }
@@ -278,9 +300,9 @@ impl ConfigStream {
         node: &str,
         role: Role,
         session: u64,
-        tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
-        update: pb::ConfigUpdate,
-        slice: &Slice,
+        tx: &mpsc::Sender<Result<RawUpdate, Status>>,
+        update: RawUpdate,
+        slice: &ServerSlice,
         kind: &'static str,
     ) -> bool {
         let version = update.version;
@@ -307,6 +329,7 @@ pub mod client {
     //! The subscriber side: keeps a node's slice in sync, reconnecting and resuming as needed.
 
     use super::*;
+    use crate::model::Slice;
     use trellis_api::config::v1::config_service_client::ConfigServiceClient;
 
     /// A node's applied view: the version it last applied and its resources.

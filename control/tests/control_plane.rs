@@ -142,7 +142,7 @@ fn find_workload(applied: &Applied, name: &str) -> Option<pb::Workload> {
         .slice
         .get(&ResKey {
             kind: pb::Kind::Workload,
-            name: format!("shop/{name}"),
+            name: format!("shop/{name}").into(),
         })
         .and_then(|r| match r.kind.as_ref() {
             Some(Variant::Workload(w)) => Some(w.clone()),
@@ -304,8 +304,8 @@ async fn bad_manifests_are_reported_and_keep_the_last_good_state() {
     assert!(now
         .slice
         .keys()
-        .any(|k| k.name == "shop/cart" && k.kind == pb::Kind::Service));
-    assert!(!now.slice.keys().any(|k| k.name == "shop/other"));
+        .any(|k| &*k.name == "shop/cart" && k.kind == pb::Kind::Service));
+    assert!(!now.slice.keys().any(|k| &*k.name == "shop/other"));
     assert_eq!(
         f.plane.hub.model.borrow().version,
         version,

@@ -178,6 +178,8 @@ pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> Receive
                     continue;
                 }
             };
+            // Small config updates and RPC replies must not wait on Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -1,0 +1,322 @@
+//! Control-plane benchmark: a real `trellisd` process discovering N workloads and M services
+//! from a manifest directory, with K nodes subscribed to the config stream over mTLS.
+//!
+//! Measures, at full scale (10,000 workloads, 1,000 services, 100 nodes) and at a 1/10 baseline
+//! in the same run: time until every node holds its first snapshot, trellisd's resident memory,
+//! and the latency from a one-line manifest change to every affected subscriber having it.
+//!
+//! Run: `bash bench/run.sh control-plane` (builds with the bench profile first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use trellis_control::stream::client::{follow, Applied};
+use trellis_identity::caclient::join_node;
+use trellis_identity::tls::{client_config, tls_channel};
+use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
+use trellis_identity::{BundleSet, JoinTokens, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
+
+const CHANGES: usize = 60;
+
+struct Scale {
+    workloads: usize,
+    services: usize,
+    nodes: usize,
+    namespaces: usize,
+}
+
+struct Figures {
+    snapshots: Duration,
+    rss_idle_mib: f64,
+    rss_after_mib: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One file per namespace: the namespace, its services, its workloads (spread over nodes).
+fn write_manifests(dir: &Path, s: &Scale) -> anyhow::Result<()> {
+    let per_ns_services = s.services / s.namespaces;
+    let per_ns_workloads = s.workloads / s.namespaces;
+    let per_service = per_ns_workloads / per_ns_services;
+    let mut w = 0usize;
+    for n in 0..s.namespaces {
+        let mut text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{trellis.io/dataplane-mode: ambient}}}}\n"
+        );
+        for k in 0..per_ns_services {
+            let vip = 10 * 65536 + n * per_ns_services + k;
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{k}, namespace: ns-{n}}}\nspec: {{selector: {{app: app-{k}}}, clusterIP: 10.96.{}.{}, ports: [{{port: 80, targetPort: 8080}}]}}\n",
+                (vip / 256) % 256,
+                vip % 256
+            ));
+        }
+        for i in 0..per_ns_workloads {
+            let app = i / per_service;
+            let ip = w;
+            text.push_str(&format!(
+                "---\napiVersion: trellis.io/v1\nkind: Workload\nmetadata: {{name: pod-{i}, namespace: ns-{n}, labels: {{app: app-{app}}}}}\nspec: {{serviceAccount: sa-{app}, node: node-{}, ip: 10.{}.{}.{}, ready: true}}\n",
+                w % s.nodes,
+                64 + (ip >> 16),
+                (ip >> 8) & 255,
+                ip & 255
+            ));
+            w += 1;
+        }
+        std::fs::write(dir.join(format!("ns-{n}.yaml")), text)?;
+    }
+    Ok(())
+}
+
+fn admin_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(tcp, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    out
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Trellisd(Child);
+
+impl Drop for Trellisd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests)?;
+    write_manifests(&manifests, s)?;
+    let ca_dir = dir.path().join("ca");
+    let port = free_port();
+    let admin = free_port();
+    let child = Command::new(bin.join("trellisd"))
+        .args(["--cluster", "bench", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--ca-dir")
+        .arg(&ca_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting trellisd (run bench/run.sh, which builds it)")?;
+    let trellisd = Trellisd(child);
+    let pid = trellisd.0.id();
+    let addr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "trellisd did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let td = TrustDomain::new("bench.trellis.local")?;
+    let roots = trellis_identity::ca::read_certs(&ca_dir.join("root-cert.pem"))?;
+    let bundles = BundleSet::with(TrustBundle::new(td.clone(), roots));
+    let tokens = JoinTokens::open(&ca_dir.join("join-tokens.json"))?;
+
+    // Join every node first, so the snapshot figure is the config stream's own.
+    let mut managers = Vec::new();
+    for n in 0..s.nodes {
+        let node = format!("node-{n}");
+        let token = tokens.create(&node, Duration::from_secs(600))?;
+        managers.push((
+            node.clone(),
+            join_node(addr, &td, bundles.clone(), &node, &token, ManagerConfig::default()).await?,
+        ));
+    }
+    // Wait for the first model (discovery of every file).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_idle_mib = rss_mib(pid);
+
+    let started = Instant::now();
+    let mut receivers = Vec::new();
+    for (node, manager) in &managers {
+        let verifier = SpiffeServerVerifier::new(bundles.clone(), ExpectedPeer::Exact(SpiffeId::control(&td)));
+        let resolver = manager.resolver(&SpiffeId::node(&td, node)?);
+        let config = client_config(verifier, Some(resolver))?;
+        let channel = tls_channel(addr, Arc::new(config));
+        let (tx, rx) = watch::channel(Applied::default());
+        tokio::spawn(follow(channel, node.clone(), "ztunnel", tx));
+        receivers.push(rx);
+    }
+    let expected_workloads = s.workloads / s.nodes;
+    for rx in &mut receivers {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            rx.wait_for(|a| {
+                a.slice
+                    .keys()
+                    .filter(|k| k.kind == trellis_api::config::v1::Kind::Workload)
+                    .count()
+                    == expected_workloads
+                    && a.slice.len() > s.services
+            }),
+        )
+        .await
+        .context("a node never got its snapshot")??;
+    }
+    let snapshots = started.elapsed();
+
+    // One-line changes: flip one workload's readiness; every node holds that service.
+    let file = manifests.join("ns-0.yaml");
+    let original = std::fs::read_to_string(&file)?;
+    let mut latencies = Vec::new();
+    for i in 0..CHANGES {
+        let before: Vec<u64> = receivers.iter().map(|r| r.borrow().version).collect();
+        let text = if i % 2 == 0 {
+            original.replacen("ready: true", "ready: false", 1)
+        } else {
+            original.clone()
+        };
+        let tmp = manifests.join(".ns-0.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, &file)?;
+        for (rx, v0) in receivers.iter_mut().zip(before) {
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|a| a.version > v0))
+                .await
+                .context("a change never arrived")??;
+        }
+        latencies.push(t0.elapsed());
+        // Let the directory's modification time move on before the next write.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    latencies.sort();
+    let rss_after_mib = rss_mib(pid);
+    let metrics = admin_get(admin, "/metrics");
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let builds = metric("trellis_config_model_build_seconds_count");
+    println!(
+        "  {} workloads: {} model builds, mean {:.1} ms",
+        s.workloads,
+        builds,
+        1000.0 * metric("trellis_config_model_build_seconds_sum") / builds.max(1.0)
+    );
+    Ok(Figures {
+        snapshots,
+        rss_idle_mib,
+        rss_after_mib,
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("binary directory")?
+        .to_path_buf();
+    let baseline = Scale {
+        workloads: 1_000,
+        services: 100,
+        nodes: 10,
+        namespaces: 10,
+    };
+    let full = Scale {
+        workloads: 10_000,
+        services: 1_000,
+        nodes: 100,
+        namespaces: 100,
+    };
+    println!("trellisd control-plane benchmark ({CHANGES} one-line changes per scale)");
+    let b = run(&bin, &baseline).await?;
+    let f = run(&bin, &full).await?;
+    println!();
+    println!(
+        "{:<44} {:>12} {:>12} {:>8} {:>10}",
+        "", "baseline", "full", "ratio", "target"
+    );
+    println!(
+        "{:<44} {:>12} {:>12}",
+        "scale (workloads/services/nodes)", "1k/100/10", "10k/1k/100"
+    );
+    let row = |name: &str, b: f64, f: f64, unit: &str, target: &str| {
+        println!(
+            "{:<44} {:>10.1}{unit} {:>10.1}{unit} {:>7.1}x {:>10}",
+            name,
+            b,
+            f,
+            if b > 0.0 { f / b } else { 0.0 },
+            target
+        );
+    };
+    row(
+        "first snapshots on every node (ms)",
+        ms(b.snapshots),
+        ms(f.snapshots),
+        "",
+        "< 1000",
+    );
+    row("change -> every subscriber, p50 (ms)", ms(b.p50), ms(f.p50), "", "");
+    row(
+        "change -> every subscriber, p99 (ms)",
+        ms(b.p99),
+        ms(f.p99),
+        "",
+        "< 100",
+    );
+    row(
+        "trellisd RSS after discovery (MiB)",
+        b.rss_idle_mib,
+        f.rss_idle_mib,
+        "",
+        "",
+    );
+    row(
+        "trellisd RSS with nodes subscribed (MiB)",
+        b.rss_after_mib,
+        f.rss_after_mib,
+        "",
+        "< 200",
+    );
+    let ok = ms(f.snapshots) < 1000.0 && ms(f.p99) < 100.0 && f.rss_after_mib < 200.0;
+    println!();
+    println!("targets at full scale: {}", if ok { "met" } else { "NOT met" });
+    Ok(())
+}
