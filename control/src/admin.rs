@@ -38,10 +38,9 @@ impl Admin {
             .map(|(name, _)| name)
             .collect();
         let mut nodes = serde_json::Map::new();
-        for (node, keys) in &published.model.by_node {
-            let workloads: Vec<serde_json::Value> = keys
+        for (node, entries) in &published.model.by_node {
+            let workloads: Vec<serde_json::Value> = entries
                 .iter()
-                .filter_map(|k| published.model.workloads.get(k))
                 .filter_map(|r| match r.resource.kind.as_ref() {
                     Some(Variant::Workload(w)) => Some(json!({
                         "name": format!("{}/{}", w.namespace, w.name),

@@ -88,12 +88,7 @@ pub fn authorizer(
             };
         }
         let published = model.borrow().clone();
-        let scheduled = published
-            .model
-            .identities_by_node
-            .get(node)
-            .is_some_and(|ids| ids.contains(&id.to_string()));
-        if scheduled {
+        if published.model.runs_on(node, &id.to_string()) {
             Ok(())
         } else {
             Err(format!("no workload with {id} is scheduled on {node}"))

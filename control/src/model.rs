@@ -87,9 +87,20 @@ pub struct MeshModel {
     pub waypoints: BTreeMap<ObjectKey, Arc<Entry>>,
     pub routes: BTreeMap<ObjectKey, Arc<Entry>>,
     /// Workloads scheduled on each node.
-    pub by_node: BTreeMap<String, Vec<ObjectKey>>,
-    /// SPIFFE IDs of the workloads scheduled on each node: what the CA may issue to it.
-    pub identities_by_node: BTreeMap<String, BTreeSet<String>>,
+    pub by_node: BTreeMap<String, Vec<Arc<Entry>>>,
+}
+
+impl MeshModel {
+    /// Whether a workload with SPIFFE ID `identity` is scheduled on `node`: what the CA may
+    /// issue to that node.
+    pub fn runs_on(&self, node: &str, identity: &str) -> bool {
+        self.by_node.get(node).is_some_and(|entries| {
+            entries.iter().any(|e| match &e.resource.kind {
+                Some(Variant::Workload(w)) => w.identity == identity,
+                _ => false,
+            })
+        })
+    }
 }
 
 fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -201,12 +212,15 @@ pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<(&Inventor
             _ => build_namespace(&mut model, inv, cluster, previous.map(|p| p.1), &ns),
         }
         for (key, (w, _)) in in_namespace(&inv.workloads, &ns) {
-            model.by_node.entry(w.node.clone()).or_default().push(key.clone());
-            model
-                .identities_by_node
-                .entry(w.node.clone())
-                .or_default()
-                .insert(workload_identity(cluster, key, w));
+            let Some(entry) = model.workloads.get(key).cloned() else {
+                continue;
+            };
+            match model.by_node.get_mut(&w.node) {
+                Some(list) => list.push(entry),
+                None => {
+                    model.by_node.insert(w.node.clone(), vec![entry]);
+                }
+            }
         }
     }
     model
@@ -400,11 +414,7 @@ pub enum Role {
 /// gets every policy and HTTPRoute. Never another node's workloads.
 pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
     let mut slice = ServerSlice::new();
-    let own: Vec<&Arc<Entry>> = model
-        .by_node
-        .get(node)
-        .map(|keys| keys.iter().filter_map(|k| model.workloads.get(k)).collect())
-        .unwrap_or_default();
+    let own: &[Arc<Entry>] = model.by_node.get(node).map(Vec::as_slice).unwrap_or_default();
     let mut add = |e: &Arc<Entry>| {
         slice.insert(e.key.clone(), e.clone());
     };
@@ -447,6 +457,17 @@ pub fn to_client(slice: &ServerSlice) -> Slice {
         .iter()
         .map(|(k, e)| (k.clone(), Arc::new(e.resource.clone())))
         .collect()
+}
+
+/// Whether a subscriber can apply `update`: every key and resource has a known kind.
+pub fn check(update: &pb::ConfigUpdate) -> Result<(), String> {
+    for key in &update.removals {
+        pb::Kind::try_from(key.kind).map_err(|_| format!("unknown kind {} in a removal", key.kind))?;
+    }
+    if update.upserts.iter().any(|r| key_of(r).is_none()) {
+        return Err("a resource with no kind".into());
+    }
+    Ok(())
 }
 
 /// Applies an update to a slice, as a subscriber does; pure, for tests and clients.
@@ -590,10 +611,8 @@ spec: {selector: {matchLabels: {app: payments}}}
         );
         let empty = node_slice(&model, "node-9", Role::Ztunnel);
         assert!(empty.keys().all(|k| k.kind != pb::Kind::Workload));
-        assert_eq!(
-            model.identities_by_node["node-2"].iter().next().unwrap(),
-            "spiffe://east.trellis.local/ns/shop/sa/cart"
-        );
+        assert!(model.runs_on("node-2", "spiffe://east.trellis.local/ns/shop/sa/cart"));
+        assert!(!model.runs_on("node-9", "spiffe://east.trellis.local/ns/shop/sa/cart"));
     }
 
     #[test]
@@ -640,8 +659,8 @@ spec: {selector: {matchLabels: {app: payments}}}
         let moved = MESH.replace("node: node-1, ip: 10.1.1.5", "node: node-3, ip: 10.1.1.5");
         let after = build(&parse_file(&moved).unwrap(), &cluster(), Some((&inv, &before)));
         let cart = "spiffe://east.trellis.local/ns/shop/sa/cart";
-        assert!(before.identities_by_node["node-1"].contains(cart));
-        assert!(!after.identities_by_node["node-1"].contains(cart));
-        assert!(after.identities_by_node["node-3"].contains(cart));
+        assert!(before.runs_on("node-1", cart));
+        assert!(!after.runs_on("node-1", cart));
+        assert!(after.runs_on("node-3", cart));
     }
 }

@@ -392,12 +392,13 @@ pub mod client {
         let mut client = ConfigServiceClient::new(channel);
         let mut updates = client.stream(ReceiverStream::new(rx)).await?.into_inner();
         while let Some(update) = updates.message().await? {
-            let mut next = state.borrow().clone();
-            let result = crate::model::apply(&mut next.slice, &update);
-            let error = match result {
+            // Check first, then apply in place: a rejected update leaves the state untouched.
+            let error = match crate::model::check(&update) {
                 Ok(()) => {
-                    next.version = update.version;
-                    state.send_replace(next);
+                    state.send_modify(|applied| {
+                        let _ = crate::model::apply(&mut applied.slice, &update);
+                        applied.version = update.version;
+                    });
                     String::new()
                 }
                 Err(e) => e,

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::manifest::{parse_file, MAX_FILE_BYTES};
-use super::{Discovered, DiscoverySource, Inventory};
+use super::{Discovered, DiscoverySource, Inventory, ObjectKey};
 
 /// How often the directory is scanned for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
@@ -50,37 +50,44 @@ fn conflicts(files: &BTreeMap<PathBuf, Inventory>, path: &Path, candidate: &Inve
     unique!(policies, "AuthorizationPolicy");
     unique!(waypoints, "Waypoint");
 
-    // A VIP belongs to one service, and a workload IP to one workload, across all files.
-    let mut vips: BTreeMap<IpAddr, (String, String)> = BTreeMap::new();
-    let mut ips: BTreeMap<IpAddr, (String, String)> = BTreeMap::new();
+    // A VIP belongs to one service, and a workload IP to one workload, across all files. The
+    // maps hold references; text is only made for an actual conflict.
+    let mut vips: BTreeMap<IpAddr, (&ObjectKey, Option<&Path>, u64)> = BTreeMap::new();
+    let mut ips: BTreeMap<IpAddr, (&ObjectKey, Option<&Path>, u64)> = BTreeMap::new();
     for (p, inv) in files.iter().filter(|(p, _)| p.as_path() != path) {
         for (key, (svc, line)) in &inv.services {
             for vip in &svc.vips {
-                vips.insert(*vip, (key.to_string(), format!("{} line {line}", p.display())));
+                vips.insert(*vip, (key, Some(p.as_path()), *line));
             }
         }
         for (key, (w, line)) in &inv.workloads {
-            ips.insert(w.ip, (key.to_string(), format!("{} line {line}", p.display())));
+            ips.insert(w.ip, (key, Some(p.as_path()), *line));
         }
     }
+    let place = |file: Option<&Path>, line: u64| match file {
+        Some(f) => format!("{} line {line}", f.display()),
+        None => format!("line {line}"),
+    };
     for (key, (svc, line)) in &candidate.services {
         for vip in &svc.vips {
-            if let Some((owner, at)) = vips.get(vip) {
+            if let Some((owner, file, at)) = vips.get(vip) {
                 return Err(format!(
-                    "line {line}: Service {key} claims VIP {vip}, which Service {owner} ({at}) already has"
+                    "line {line}: Service {key} claims VIP {vip}, which Service {owner} ({}) already has",
+                    place(*file, *at)
                 ));
             }
-            vips.insert(*vip, (key.to_string(), format!("line {line}")));
+            vips.insert(*vip, (key, None, *line));
         }
     }
     for (key, (w, line)) in &candidate.workloads {
-        if let Some((owner, at)) = ips.get(&w.ip) {
+        if let Some((owner, file, at)) = ips.get(&w.ip) {
             return Err(format!(
-                "line {line}: Workload {key} claims IP {}, which Workload {owner} ({at}) already has",
-                w.ip
+                "line {line}: Workload {key} claims IP {}, which Workload {owner} ({}) already has",
+                w.ip,
+                place(*file, *at)
             ));
         }
-        ips.insert(w.ip, (key.to_string(), format!("line {line}")));
+        ips.insert(w.ip, (key, None, *line));
     }
     Ok(())
 }

@@ -135,19 +135,21 @@ pub struct WaypointObj {
     pub service_account: String,
 }
 
-/// Everything a source knows, each object with the line it was defined at.
+/// Everything a source knows, each object with the line it was defined at. Objects are shared
+/// (`Arc`): merging files and comparing snapshots touch pointers, not contents, for everything
+/// that did not change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {
-    pub namespaces: BTreeMap<String, (NamespaceObj, u64)>,
-    pub services: BTreeMap<ObjectKey, (ServiceObj, u64)>,
-    pub workloads: BTreeMap<ObjectKey, (WorkloadObj, u64)>,
-    pub routes: BTreeMap<ObjectKey, (RouteObj, u64)>,
-    pub policies: BTreeMap<ObjectKey, (PolicyObj, u64)>,
-    pub waypoints: BTreeMap<ObjectKey, (WaypointObj, u64)>,
+    pub namespaces: BTreeMap<String, (Arc<NamespaceObj>, u64)>,
+    pub services: BTreeMap<ObjectKey, (Arc<ServiceObj>, u64)>,
+    pub workloads: BTreeMap<ObjectKey, (Arc<WorkloadObj>, u64)>,
+    pub routes: BTreeMap<ObjectKey, (Arc<RouteObj>, u64)>,
+    pub policies: BTreeMap<ObjectKey, (Arc<PolicyObj>, u64)>,
+    pub waypoints: BTreeMap<ObjectKey, (Arc<WaypointObj>, u64)>,
 }
 
 fn insert_once<K: Ord + fmt::Display + Clone, V>(
-    map: &mut BTreeMap<K, (V, u64)>,
+    map: &mut BTreeMap<K, (Arc<V>, u64)>,
     kind: &str,
     key: K,
     value: V,
@@ -156,7 +158,7 @@ fn insert_once<K: Ord + fmt::Display + Clone, V>(
     if let Some((_, first)) = map.get(&key) {
         return Err(format!("{kind} {key} is defined twice (first at line {first})"));
     }
-    map.insert(key, (value, line));
+    map.insert(key, (Arc::new(value), line));
     Ok(())
 }
 
