@@ -60,8 +60,8 @@ impl Admin {
             "version": published.version,
             "enrolled_namespaces": enrolled,
             "workloads_by_node": nodes,
-            "services": published.model.services.len(),
-            "policies": published.model.policies.len(),
+            "services": published.model.services().count(),
+            "policies": published.model.policies().count(),
             "connected_nodes": self.stream.connected(),
             "problems": discovered.problems,
         })
@@ -71,18 +71,18 @@ impl Admin {
     pub fn config_dump(&self) -> serde_json::Value {
         let published = self.hub.model.borrow().clone();
         let m = &published.model;
-        let dump = |map: &std::collections::BTreeMap<crate::discovery::ObjectKey, Arc<crate::model::Entry>>| {
-            map.iter()
+        let dump = |items: &mut dyn Iterator<Item = (&crate::discovery::ObjectKey, &Arc<crate::model::Entry>)>| {
+            items
                 .map(|(k, e)| (k.to_string(), json!(format!("{:?}", e.resource))))
                 .collect::<serde_json::Map<_, _>>()
         };
         json!({
             "version": published.version,
-            "workloads": dump(&m.workloads),
-            "services": dump(&m.services),
-            "policies": dump(&m.policies),
-            "waypoints": dump(&m.waypoints),
-            "routes": dump(&m.routes),
+            "workloads": dump(&mut m.workloads()),
+            "services": dump(&mut m.services()),
+            "policies": dump(&mut m.policies()),
+            "waypoints": dump(&mut m.waypoints()),
+            "routes": dump(&mut m.routes()),
         })
     }
 

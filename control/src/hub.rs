@@ -53,10 +53,12 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
                 .as_ref()
                 .zip(previous.as_deref())
                 .map(|(i, m)| (&i.inventory, m));
-            let model = Arc::new(build(&snapshot.inventory, &cluster, prior));
+            let (model, changed) = build(&snapshot.inventory, &cluster, prior);
+            let model = Arc::new(model);
             metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
             metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
             metrics.services.set(snapshot.inventory.services.len() as i64);
+            let changed = prior.map(|_| (version, Arc::new(changed)));
             version += 1;
             metrics.model_version.set(version as i64);
             previous = Some(model.clone());
@@ -65,6 +67,7 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
                 version,
                 model,
                 at: Some(seen),
+                changed,
             };
             if tx.send(Arc::new(published)).is_err() {
                 return;

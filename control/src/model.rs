@@ -78,16 +78,30 @@ pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
 /// One node's view as a subscriber holds it: every resource it should hold, by key.
 pub type Slice = BTreeMap<ResKey, Arc<pb::Resource>>;
 
-/// The whole mesh of one cluster, as trellisd serves it.
-#[derive(Debug, Clone, Default)]
-pub struct MeshModel {
+/// The resources of one namespace.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NsModel {
     pub workloads: BTreeMap<ObjectKey, Arc<Entry>>,
     pub services: BTreeMap<ObjectKey, Arc<Entry>>,
     pub policies: BTreeMap<ObjectKey, Arc<Entry>>,
     pub waypoints: BTreeMap<ObjectKey, Arc<Entry>>,
     pub routes: BTreeMap<ObjectKey, Arc<Entry>>,
+}
+
+/// The whole mesh of one cluster, as trellisd serves it: namespace by namespace, so that an
+/// unchanged namespace is carried from one version to the next as a single shared pointer.
+#[derive(Debug, Clone, Default)]
+pub struct MeshModel {
+    pub namespaces: BTreeMap<String, Arc<NsModel>>,
     /// Workloads scheduled on each node.
     pub by_node: BTreeMap<String, Vec<Arc<Entry>>>,
+}
+
+fn node_of(entry: &Entry) -> Option<&str> {
+    match &entry.resource.kind {
+        Some(Variant::Workload(w)) => Some(&w.node),
+        _ => None,
+    }
 }
 
 impl MeshModel {
@@ -100,6 +114,34 @@ impl MeshModel {
                 _ => false,
             })
         })
+    }
+
+    pub fn workload(&self, key: &ObjectKey) -> Option<&Arc<Entry>> {
+        self.namespaces.get(&key.namespace)?.workloads.get(key)
+    }
+
+    pub fn service(&self, key: &ObjectKey) -> Option<&Arc<Entry>> {
+        self.namespaces.get(&key.namespace)?.services.get(key)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Entry>)> {
+        self.namespaces.values().flat_map(|n| n.workloads.iter())
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Entry>)> {
+        self.namespaces.values().flat_map(|n| n.services.iter())
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Entry>)> {
+        self.namespaces.values().flat_map(|n| n.policies.iter())
+    }
+
+    pub fn waypoints(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Entry>)> {
+        self.namespaces.values().flat_map(|n| n.waypoints.iter())
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = (&ObjectKey, &Arc<Entry>)> {
+        self.namespaces.values().flat_map(|n| n.routes.iter())
     }
 }
 
@@ -183,67 +225,77 @@ fn workload_identity(cluster: &ClusterInfo, key: &ObjectKey, w: &WorkloadObj) ->
         .unwrap_or_default()
 }
 
-/// Every namespace that holds an object.
+/// Every namespace that holds an object: one lookup per namespace, not per object.
 fn namespaces(inv: &Inventory) -> BTreeSet<String> {
-    let mut all: BTreeSet<String> = inv.namespaces.keys().cloned().collect();
-    let mut add = |ns: &String| {
-        if !all.contains(ns) {
-            all.insert(ns.clone());
+    fn collect<V>(map: &BTreeMap<ObjectKey, V>, all: &mut BTreeSet<String>) {
+        let mut next = map.keys().next();
+        while let Some(key) = next {
+            all.insert(key.namespace.clone());
+            // The first key after every key of this namespace.
+            let after = ObjectKey::new(&format!("{}\u{0}", key.namespace), "");
+            next = map.range(after..).next().map(|(k, _)| k);
         }
-    };
-    inv.workloads.keys().for_each(|k| add(&k.namespace));
-    inv.services.keys().for_each(|k| add(&k.namespace));
-    inv.policies.keys().for_each(|k| add(&k.namespace));
-    inv.waypoints.keys().for_each(|k| add(&k.namespace));
-    inv.routes.keys().for_each(|k| add(&k.namespace));
+    }
+    let mut all: BTreeSet<String> = inv.namespaces.keys().cloned().collect();
+    collect(&inv.workloads, &mut all);
+    collect(&inv.services, &mut all);
+    collect(&inv.policies, &mut all);
+    collect(&inv.waypoints, &mut all);
+    collect(&inv.routes, &mut all);
     all
 }
 
-/// Builds the mesh model from an inventory. With the previous inventory and model, namespaces
-/// whose objects did not change are carried over as they are (same `Arc`s, no re-encoding),
-/// and unchanged resources of changed namespaces keep their identity.
-pub fn build(inv: &Inventory, cluster: &ClusterInfo, previous: Option<(&Inventory, &MeshModel)>) -> MeshModel {
+/// Builds the mesh model from an inventory, and says which namespaces changed. With the
+/// previous inventory and model, namespaces whose objects did not change are carried over as
+/// they are (one shared pointer each), and unchanged resources of changed namespaces keep their
+/// identity (and their encoding).
+pub fn build(
+    inv: &Inventory,
+    cluster: &ClusterInfo,
+    previous: Option<(&Inventory, &MeshModel)>,
+) -> (MeshModel, BTreeSet<String>) {
     let mut model = MeshModel::default();
+    let mut changed = BTreeSet::new();
     for ns in namespaces(inv) {
-        match previous {
-            Some((old_inv, old_model)) if same_namespace(inv, old_inv, &ns) => {
-                carry_namespace(&mut model, old_model, &ns);
+        let old = previous.and_then(|(_, m)| m.namespaces.get(&ns));
+        let carried = match (previous, old) {
+            (Some((old_inv, _)), Some(old)) if same_namespace(inv, old_inv, &ns) => Some(old.clone()),
+            _ => None,
+        };
+        let ns_model = carried.unwrap_or_else(|| {
+            let fresh = build_namespace(inv, cluster, old.map(|o| &**o), &ns);
+            match old {
+                Some(old) if **old == fresh => old.clone(),
+                _ => {
+                    changed.insert(ns.clone());
+                    Arc::new(fresh)
+                }
             }
-            _ => build_namespace(&mut model, inv, cluster, previous.map(|p| p.1), &ns),
-        }
-        for (key, (w, _)) in in_namespace(&inv.workloads, &ns) {
-            let Some(entry) = model.workloads.get(key).cloned() else {
-                continue;
-            };
-            match model.by_node.get_mut(&w.node) {
-                Some(list) => list.push(entry),
+        });
+        for entry in ns_model.workloads.values() {
+            let Some(node) = node_of(entry) else { continue };
+            match model.by_node.get_mut(node) {
+                Some(list) => list.push(entry.clone()),
                 None => {
-                    model.by_node.insert(w.node.clone(), vec![entry]);
+                    model.by_node.insert(node.to_string(), vec![entry.clone()]);
                 }
             }
         }
+        model.namespaces.insert(ns, ns_model);
     }
-    model
+    if let Some((_, old)) = previous {
+        changed.extend(
+            old.namespaces
+                .keys()
+                .filter(|ns| !model.namespaces.contains_key(*ns))
+                .cloned(),
+        );
+    }
+    (model, changed)
 }
 
-fn carry_namespace(model: &mut MeshModel, old: &MeshModel, ns: &str) {
-    let copy = |from: &BTreeMap<ObjectKey, Arc<Entry>>, to: &mut BTreeMap<ObjectKey, Arc<Entry>>| {
-        to.extend(in_namespace(from, ns).map(|(k, v)| (k.clone(), v.clone())));
-    };
-    copy(&old.workloads, &mut model.workloads);
-    copy(&old.services, &mut model.services);
-    copy(&old.policies, &mut model.policies);
-    copy(&old.waypoints, &mut model.waypoints);
-    copy(&old.routes, &mut model.routes);
-}
-
-fn build_namespace(
-    model: &mut MeshModel,
-    inv: &Inventory,
-    cluster: &ClusterInfo,
-    previous: Option<&MeshModel>,
-    ns: &str,
-) {
+fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsModel>, ns: &str) -> NsModel {
+    let mut model = NsModel::default();
     let labels = inv.namespaces.get(ns).map(|(n, _)| &n.labels);
 
     for (key, (w, _)) in in_namespace(&inv.workloads, ns) {
@@ -400,6 +452,7 @@ fn build_namespace(
         let entry = intern(previous.map(|p| &p.routes), pb::Kind::HttpRoute, key, resource);
         model.routes.insert(key.clone(), entry);
     }
+    model
 }
 
 /// What a subscriber does with its slice.
@@ -409,35 +462,95 @@ pub enum Role {
     Waypoint,
 }
 
-/// The slice of `model` that `node` needs: its own workloads, every service with its
-/// endpoints, the policies that select one of its workloads, and the waypoints; a waypoint also
-/// gets every policy and HTTPRoute. Never another node's workloads.
-pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
-    let mut slice = ServerSlice::new();
-    let own: &[Arc<Entry>] = model.by_node.get(node).map(Vec::as_slice).unwrap_or_default();
-    let mut add = |e: &Arc<Entry>| {
-        slice.insert(e.key.clone(), e.clone());
-    };
-    own.iter().for_each(|e| add(e));
-    model.services.values().for_each(&mut add);
-    for (key, e) in &model.policies {
+/// The part of namespace `ns` that `node` needs, handed to `out` entry by entry.
+fn ns_part(model: &MeshModel, node: &str, role: Role, ns: &str, out: &mut impl FnMut(&Arc<Entry>)) {
+    let Some(n) = model.namespaces.get(ns) else { return };
+    let own: Vec<&Arc<Entry>> = n.workloads.values().filter(|e| node_of(e) == Some(node)).collect();
+    own.iter().for_each(|e| out(e));
+    n.services.values().for_each(&mut *out);
+    for e in n.policies.values() {
         let applies = role == Role::Waypoint
             || match &e.resource.kind {
                 Some(Variant::AuthorizationPolicy(p)) => own.iter().any(|w| match &w.resource.kind {
-                    Some(Variant::Workload(w)) => w.namespace == key.namespace && selects_proto(&p.selector, &w.labels),
+                    Some(Variant::Workload(w)) => selects_proto(&p.selector, &w.labels),
                     _ => false,
                 }),
                 _ => false,
             };
         if applies {
-            add(e);
+            out(e);
         }
     }
-    model.waypoints.values().for_each(&mut add);
+    n.waypoints.values().for_each(&mut *out);
     if role == Role::Waypoint {
-        model.routes.values().for_each(&mut add);
+        n.routes.values().for_each(&mut *out);
+    }
+}
+
+/// The slice of `model` that `node` needs: its own workloads, every service with its
+/// endpoints, the policies that select one of its workloads, and the waypoints; a waypoint also
+/// gets every policy and HTTPRoute. Never another node's workloads.
+pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
+    let mut slice = ServerSlice::new();
+    for ns in model.namespaces.keys() {
+        ns_part(model, node, role, ns, &mut |e| {
+            slice.insert(e.key.clone(), e.clone());
+        });
     }
     slice
+}
+
+/// The kinds a node slice holds.
+const SLICE_KINDS: [pb::Kind; 5] = [
+    pb::Kind::Workload,
+    pb::Kind::Service,
+    pb::Kind::AuthorizationPolicy,
+    pb::Kind::Waypoint,
+    pb::Kind::HttpRoute,
+];
+
+/// Brings `slice` up to `model` when only the namespaces in `changed` differ from the model
+/// it was cut from, and returns what changed: the work is proportional to those namespaces,
+/// not to the mesh.
+pub fn advance(
+    model: &MeshModel,
+    node: &str,
+    role: Role,
+    slice: &mut ServerSlice,
+    changed: &BTreeSet<String>,
+) -> (Vec<Arc<Entry>>, Vec<ResKey>) {
+    let mut upserts = Vec::new();
+    let mut removals = Vec::new();
+    for ns in changed {
+        let prefix = format!("{ns}/");
+        let mut fresh = ServerSlice::new();
+        ns_part(model, node, role, ns, &mut |e| {
+            fresh.insert(e.key.clone(), e.clone());
+        });
+        let mut old = Vec::new();
+        for kind in SLICE_KINDS {
+            old.extend(
+                slice
+                    .range(ResKey::new(kind, &prefix)..)
+                    .take_while(|(k, _)| k.kind == kind && k.name.starts_with(&prefix))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        for key in old {
+            if !fresh.contains_key(&key) {
+                slice.remove(&key);
+                removals.push(key);
+            }
+        }
+        for (key, entry) in fresh {
+            let same = slice.get(&key).is_some_and(|o| Arc::ptr_eq(o, &entry) || **o == *entry);
+            if !same {
+                slice.insert(key, entry.clone());
+                upserts.push(entry);
+            }
+        }
+    }
+    (upserts, removals)
 }
 
 /// What changed from `old` to `new`: entries to upsert and keys to remove.
@@ -555,7 +668,13 @@ spec: {selector: {matchLabels: {app: payments}}}
 "#;
 
     fn workload<'a>(model: &'a MeshModel, ns: &str, name: &str) -> &'a pb::Workload {
-        match model.workloads[&ObjectKey::new(ns, name)].resource.kind.as_ref() {
+        match model
+            .workload(&ObjectKey::new(ns, name))
+            .unwrap()
+            .resource
+            .kind
+            .as_ref()
+        {
             Some(Variant::Workload(w)) => w,
             _ => panic!("not a workload"),
         }
@@ -563,7 +682,7 @@ spec: {selector: {matchLabels: {app: payments}}}
 
     #[test]
     fn enrolment_follows_the_namespace_label_and_a_pod_can_opt_out() {
-        let model = build(&parse_file(MESH).unwrap(), &cluster(), None);
+        let (model, _) = build(&parse_file(MESH).unwrap(), &cluster(), None);
         let cart1 = workload(&model, "shop", "cart-1");
         assert!(cart1.enrolled);
         assert_eq!(cart1.identity, "spiffe://east.trellis.local/ns/shop/sa/cart");
@@ -576,8 +695,13 @@ spec: {selector: {matchLabels: {app: payments}}}
 
     #[test]
     fn services_get_vips_and_endpoints_by_selector() {
-        let model = build(&parse_file(MESH).unwrap(), &cluster(), None);
-        let Some(Variant::Service(cart)) = model.services[&ObjectKey::new("shop", "cart")].resource.kind.as_ref()
+        let (model, _) = build(&parse_file(MESH).unwrap(), &cluster(), None);
+        let Some(Variant::Service(cart)) = model
+            .service(&ObjectKey::new("shop", "cart"))
+            .unwrap()
+            .resource
+            .kind
+            .as_ref()
         else {
             panic!()
         };
@@ -594,7 +718,7 @@ spec: {selector: {matchLabels: {app: payments}}}
 
     #[test]
     fn a_node_gets_its_workloads_services_and_the_policies_that_select_them() {
-        let model = build(&parse_file(MESH).unwrap(), &cluster(), None);
+        let (model, _) = build(&parse_file(MESH).unwrap(), &cluster(), None);
         let slice = node_slice(&model, "node-1", Role::Ztunnel);
         let names: Vec<_> = slice.keys().map(|k| (k.kind, &*k.name)).collect();
         assert!(names.contains(&(pb::Kind::Workload, "shop/cart-1")));
@@ -618,13 +742,20 @@ spec: {selector: {matchLabels: {app: payments}}}
     #[test]
     fn enrolling_a_namespace_changes_exactly_its_workloads_and_endpoints() {
         let inv = parse_file(MESH).unwrap();
-        let before = build(&inv, &cluster(), None);
+        let (before, _) = build(&inv, &cluster(), None);
         let enrolled = MESH.replace(
             "metadata: {name: legacy}",
             "metadata: {name: legacy, labels: {trellis.io/dataplane-mode: ambient}}",
         );
         let after_inv = parse_file(&enrolled).unwrap();
-        let after = build(&after_inv, &cluster(), Some((&inv, &before)));
+        let (after, changed) = build(&after_inv, &cluster(), Some((&inv, &before)));
+        assert_eq!(changed.iter().collect::<Vec<_>>(), vec!["legacy"]);
+        // Advancing a slice over the changed namespaces equals cutting it afresh.
+        let mut advanced = node_slice(&before, "node-1", Role::Ztunnel);
+        let (adv_up, adv_rm) = advance(&after, "node-1", Role::Ztunnel, &mut advanced, &changed);
+        assert_eq!(advanced, node_slice(&after, "node-1", Role::Ztunnel));
+        assert_eq!(adv_up.len(), 1);
+        assert!(adv_rm.is_empty());
         let old = node_slice(&before, "node-1", Role::Ztunnel);
         let new = node_slice(&after, "node-1", Role::Ztunnel);
         let (upserts, removals) = diff(&old, &new);
@@ -632,10 +763,7 @@ spec: {selector: {matchLabels: {app: payments}}}
         let keys: Vec<_> = upserts.iter().map(|e| e.key.name.to_string()).collect();
         assert_eq!(keys, vec!["legacy/old"], "only the legacy workload changed");
         assert!(
-            Arc::ptr_eq(
-                &before.services[&ObjectKey::new("shop", "cart")],
-                &after.services[&ObjectKey::new("shop", "cart")]
-            ),
+            Arc::ptr_eq(&before.namespaces["shop"], &after.namespaces["shop"]),
             "an unchanged namespace is carried over"
         );
         let mut replayed = to_client(&old);
@@ -655,9 +783,9 @@ spec: {selector: {matchLabels: {app: payments}}}
     #[test]
     fn a_workload_moving_nodes_moves_its_identity() {
         let inv = parse_file(MESH).unwrap();
-        let before = build(&inv, &cluster(), None);
+        let (before, _) = build(&inv, &cluster(), None);
         let moved = MESH.replace("node: node-1, ip: 10.1.1.5", "node: node-3, ip: 10.1.1.5");
-        let after = build(&parse_file(&moved).unwrap(), &cluster(), Some((&inv, &before)));
+        let (after, _) = build(&parse_file(&moved).unwrap(), &cluster(), Some((&inv, &before)));
         let cart = "spiffe://east.trellis.local/ns/shop/sa/cart";
         assert!(before.runs_on("node-1", cart));
         assert!(!after.runs_on("node-1", cart));

@@ -19,7 +19,7 @@ use trellis_identity::tls::PeerInfo;
 use trellis_identity::{IdKind, TrustDomain};
 
 use crate::metrics::Metrics;
-use crate::model::{diff, node_slice, Entry, MeshModel, Role, ServerSlice};
+use crate::model::{advance, diff, node_slice, Entry, MeshModel, Role, ServerSlice};
 use crate::wire::{RawUpdate, StreamHandler, UpdateStream};
 
 /// How long a new stream may take to send its Subscribe message.
@@ -37,6 +37,8 @@ pub struct Published {
     pub model: Arc<MeshModel>,
     /// When the change that produced it was seen (for push latency).
     pub at: Option<Instant>,
+    /// The version this one was built from and the namespaces that differ from it.
+    pub changed: Option<(u64, Arc<std::collections::BTreeSet<String>>)>,
 }
 
 /// What the admin endpoint shows about a connected node.
@@ -219,13 +221,35 @@ impl ConfigStream {
         role: Role,
         resume_from: u64,
         session: u64,
+        inbound: Streaming<pb::StreamRequest>,
+        tx: mpsc::Sender<Result<RawUpdate, Status>>,
+    ) {
+        let mut held = Held::default();
+        self.pump(&node, role, resume_from, session, inbound, tx, &mut held)
+            .await;
+        // Remember what the node holds, so that it can resume after a reconnect.
+        if held.sent != 0 && !held.unsent {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.last_sent.insert((node, role), (held.sent, held.slice));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pump(
+        &self,
+        node: &str,
+        role: Role,
+        resume_from: u64,
+        session: u64,
         mut inbound: Streaming<pb::StreamRequest>,
         tx: mpsc::Sender<Result<RawUpdate, Status>>,
+        held: &mut Held,
     ) {
         let mut model = self.model.clone();
         let published = model.borrow_and_update().clone();
-        let mut slice = node_slice(&published.model, &node, role);
-        let first = self.first_update(&node, role, resume_from, published.version, &slice);
+        held.slice = node_slice(&published.model, node, role);
+        held.version = published.version;
+        let first = self.first_update(node, role, resume_from, published.version, &held.slice);
         let kind = if first.snapshot { "snapshot" } else { "resume" };
         // A snapshot holds a slot until the node has it (acknowledged) or a timeout.
         let mut slot: Option<(OwnedSemaphorePermit, tokio::time::Instant)> = None;
@@ -236,7 +260,7 @@ impl ConfigStream {
             slot = Some((permit, tokio::time::Instant::now() + SNAPSHOT_ACK_TIMEOUT));
         }
         let mut pending: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
-        if !self.send(&node, role, session, &tx, first, &slice, kind).await {
+        if !self.send(session, &tx, first, held, kind).await {
             return;
         }
         pending.insert(published.version, published.at);
@@ -248,14 +272,25 @@ impl ConfigStream {
                         return;
                     }
                     let published = model.borrow_and_update().clone();
-                    let next = node_slice(&published.model, &node, role);
-                    let (upserts, removals) = diff(&slice, &next);
-                    slice = next;
+                    let (upserts, removals) = match &published.changed {
+                        // Only some namespaces changed since the model this slice was cut from.
+                        Some((from, namespaces)) if *from == held.version => {
+                            advance(&published.model, node, role, &mut held.slice, namespaces)
+                        }
+                        _ => {
+                            let next = node_slice(&published.model, node, role);
+                            let changes = diff(&held.slice, &next);
+                            held.slice = next;
+                            changes
+                        }
+                    };
+                    held.version = published.version;
                     if upserts.is_empty() && removals.is_empty() {
                         continue;
                     }
+                    held.unsent = true;
                     let update = RawUpdate { version: published.version, snapshot: false, upserts, removals };
-                    if !self.send(&node, role, session, &tx, update, &slice, "delta").await {
+                    if !self.send(session, &tx, update, held, "delta").await {
                         return;
                     }
                     pending.insert(published.version, published.at);
@@ -293,36 +328,42 @@ impl ConfigStream {
         }
     }
 
-    /// Sends one update and remembers it for resumption; false when the node is gone.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one update; false when the node is gone.
     async fn send(
         &self,
-        node: &str,
-        role: Role,
         session: u64,
         tx: &mpsc::Sender<Result<RawUpdate, Status>>,
         update: RawUpdate,
-        slice: &ServerSlice,
+        held: &mut Held,
         kind: &'static str,
     ) -> bool {
         let version = update.version;
         if tx.send(Ok(update)).await.is_err() {
             return false;
         }
+        held.sent = version;
+        held.unsent = false;
         self.metrics
             .pushes
             .get_or_create(&crate::metrics::PushLabels { kind })
             .inc();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions
-            .last_sent
-            .insert((node.to_string(), role), (version, slice.clone()));
-        if let Some(status) = sessions.connected.get_mut(&session) {
+        let resources = held.slice.len();
+        self.update_status(session, |status| {
             status.sent_version = version;
-            status.resources = slice.len();
-        }
+            status.resources = resources;
+        });
         true
     }
+}
+
+/// What one stream has cut for its node: the slice, the model version it was cut from, the
+/// last version actually sent, and whether the slice holds changes not sent yet.
+#[derive(Default)]
+struct Held {
+    slice: ServerSlice,
+    version: u64,
+    sent: u64,
+    unsent: bool,
 }
 
 pub mod client {
