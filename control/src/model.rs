@@ -492,10 +492,32 @@ fn ns_part(model: &MeshModel, node: &str, role: Role, ns: &str, out: &mut impl F
 /// gets every policy and HTTPRoute. Never another node's workloads.
 pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
     let mut slice = ServerSlice::new();
-    for ns in model.namespaces.keys() {
-        ns_part(model, node, role, ns, &mut |e| {
+    let own: &[Arc<Entry>] = model.by_node.get(node).map(Vec::as_slice).unwrap_or_default();
+    for e in own {
+        slice.insert(e.key.clone(), e.clone());
+    }
+    for (ns, n) in &model.namespaces {
+        for e in n.services.values().chain(n.waypoints.values()) {
             slice.insert(e.key.clone(), e.clone());
-        });
+        }
+        if role == Role::Waypoint {
+            for e in n.routes.values().chain(n.policies.values()) {
+                slice.insert(e.key.clone(), e.clone());
+            }
+            continue;
+        }
+        for e in n.policies.values() {
+            let Some(Variant::AuthorizationPolicy(p)) = &e.resource.kind else {
+                continue;
+            };
+            let applies = own.iter().any(|w| match &w.resource.kind {
+                Some(Variant::Workload(w)) => &w.namespace == ns && selects_proto(&p.selector, &w.labels),
+                _ => false,
+            });
+            if applies {
+                slice.insert(e.key.clone(), e.clone());
+            }
+        }
     }
     slice
 }

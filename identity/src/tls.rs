@@ -225,6 +225,9 @@ pub fn tls_channel(addr: SocketAddr, config: Arc<ClientConfig>) -> tonic::transp
     });
     tonic::transport::Endpoint::from_static("http://trellis.invalid")
         .connect_timeout(Duration::from_secs(5))
+        // Config snapshots run to megabytes: let them stream without waiting on window updates.
+        .initial_stream_window_size(Some(2 * 1024 * 1024))
+        .initial_connection_window_size(Some(4 * 1024 * 1024))
         .connect_with_connector_lazy(connect)
 }
 
