@@ -341,11 +341,18 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     row(
-        "first snapshots on every node (ms)",
+        "build: discover + model + every snapshot (ms)",
+        ms(b.build),
+        ms(f.build),
+        "",
+        "< 1000",
+    );
+    row(
+        "deliver: every node holds its snapshot (ms)",
         ms(b.snapshots),
         ms(f.snapshots),
         "",
-        "< 1000",
+        "",
     );
     row("change -> every subscriber, p50 (ms)", ms(b.p50), ms(f.p50), "", "");
     row(
@@ -369,8 +376,9 @@ async fn main() -> anyhow::Result<()> {
         "",
         "< 200",
     );
-    let ok = ms(f.build) < 1000.0 && ms(f.p99) < 100.0 && f.rss_after_mib < 200.0;
+    let ok = ms(f.build) < 1000.0 && ms(f.snapshots) < 1000.0 && ms(f.p99) < 100.0 && f.rss_after_mib < 200.0;
     println!();
     println!("targets at full scale: {}", if ok { "met" } else { "NOT met" });
+    println!("(deliver runs 100 subscribers on the same machine as trellisd; both figures are held to 1 s)");
     Ok(())
 }
