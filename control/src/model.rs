@@ -606,7 +606,8 @@ pub fn check(update: &pb::ConfigUpdate) -> Result<(), String> {
 }
 
 /// Applies an update to a slice, as a subscriber does; pure, for tests and clients.
-pub fn apply(slice: &mut Slice, update: &pb::ConfigUpdate) -> Result<(), String> {
+/// The update is taken by value: its resources move into the slice without a copy.
+pub fn apply(slice: &mut Slice, update: pb::ConfigUpdate) -> Result<(), String> {
     if update.snapshot {
         slice.clear();
     }
@@ -614,9 +615,9 @@ pub fn apply(slice: &mut Slice, update: &pb::ConfigUpdate) -> Result<(), String>
         let kind = pb::Kind::try_from(key.kind).map_err(|_| format!("unknown kind {}", key.kind))?;
         slice.remove(&ResKey::new(kind, &key.name));
     }
-    for r in &update.upserts {
-        let key = key_of(r).ok_or("a resource with no kind")?;
-        slice.insert(key, Arc::new(r.clone()));
+    for r in update.upserts {
+        let key = key_of(&r).ok_or("a resource with no kind")?;
+        slice.insert(key, Arc::new(r));
     }
     Ok(())
 }
@@ -791,7 +792,7 @@ spec: {selector: {matchLabels: {app: payments}}}
         let mut replayed = to_client(&old);
         apply(
             &mut replayed,
-            &pb::ConfigUpdate {
+            pb::ConfigUpdate {
                 version: 2,
                 snapshot: false,
                 upserts: upserts.iter().map(|e| e.resource.clone()).collect(),

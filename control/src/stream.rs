@@ -434,21 +434,19 @@ pub mod client {
         let mut updates = client.stream(ReceiverStream::new(rx)).await?.into_inner();
         while let Some(update) = updates.message().await? {
             // Check first, then apply in place: a rejected update leaves the state untouched.
+            let version = update.version;
             let error = match crate::model::check(&update) {
                 Ok(()) => {
                     state.send_modify(|applied| {
-                        let _ = crate::model::apply(&mut applied.slice, &update);
-                        applied.version = update.version;
+                        let _ = crate::model::apply(&mut applied.slice, update);
+                        applied.version = version;
                     });
                     String::new()
                 }
                 Err(e) => e,
             };
             let ack = pb::StreamRequest {
-                kind: Some(pb::stream_request::Kind::Ack(pb::Ack {
-                    version: update.version,
-                    error,
-                })),
+                kind: Some(pb::stream_request::Kind::Ack(pb::Ack { version, error })),
             };
             if tx.send(ack).await.is_err() {
                 break;

@@ -377,3 +377,51 @@ async fn a_node_sees_only_its_own_workloads_and_cannot_pose_as_another() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_rejects_a_version_is_logged_counted_and_shown() {
+    use trellis_api::config::v1::config_service_client::ConfigServiceClient;
+    let f = Fixture::start().await;
+    let node = f.join("node-1").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Subscribe(pb::Subscribe {
+            node: "node-1".into(),
+            role: "ztunnel".into(),
+            resume_from: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = ConfigServiceClient::new(f.channel(Some(&node), "node-1"));
+    let mut updates = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = updates.message().await.unwrap().expect("a snapshot");
+    assert!(snapshot.snapshot);
+    tx.send(pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Ack(pb::Ack {
+            version: snapshot.version,
+            error: "cannot program the dataplane".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = f.status();
+        let nodes = status["connected_nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.iter().any(|n| n["last_error"] == "cannot program the dataplane") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rejection never showed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = http_get(f.plane.admin_addr, "/metrics");
+    assert!(metrics.contains("trellis_config_push_errors_total 1"), "{metrics}");
+}
