@@ -10,12 +10,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_api::identity::v1::certificate_service_server::CertificateServiceServer;
-use trellis_identity::issuance::CaService;
-use trellis_identity::tls::{server_config, tls_incoming};
-use trellis_identity::verify::{ExpectedPeer, SpiffeClientVerifier};
-use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId, TrustBundle,
-};
+use trellis_identity::issuance::{control_plane_tls, CaService};
+use trellis_identity::tls::tls_incoming;
+use trellis_identity::{CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId};
 
 use crate::discovery::directory::ManifestDirectory;
 use crate::discovery::{Discovered, DiscoverySource};
@@ -79,9 +76,7 @@ impl ControlPlane {
 
         let stream = ConfigStream::new(td.clone(), hub.model.clone(), metrics.clone());
         let ca_service = CaService::new(ca.clone(), tokens.clone(), Arc::new(hub::authorizer(hub.model.clone())));
-        let bundles = BundleSet::with(TrustBundle::new(td.clone(), ca.roots().to_vec()));
-        let verifier = SpiffeClientVerifier::optional(bundles, ExpectedPeer::TrustDomains(vec![td.clone()]));
-        let tls = server_config(control_certs.resolver(&control_id), verifier)?;
+        let tls = control_plane_tls(&ca, &control_certs)?;
         let listener = TcpListener::bind(opts.grpc_listen)
             .await
             .with_context(|| format!("cannot listen on {}", opts.grpc_listen))?;

@@ -181,6 +181,19 @@ impl CertificateService for CaService {
     }
 }
 
+/// The TLS config of the control plane's port: the server presents `control_certs`'s SVID for
+/// `spiffe://<td>/trellis/control`; clients may connect without a certificate (for Join), and
+/// a certificate they do present must be an SVID of the CA's own trust domain.
+pub fn control_plane_tls(
+    ca: &CertificateAuthority,
+    control_certs: &CertManager,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let td = ca.trust_domain();
+    let bundles = BundleSet::with(TrustBundle::new(td.clone(), ca.roots().to_vec()));
+    let verifier = SpiffeClientVerifier::optional(bundles, ExpectedPeer::TrustDomains(vec![td.clone()]));
+    server_config(control_certs.resolver(&SpiffeId::control(td)), verifier)
+}
+
 /// A running issuance endpoint.
 pub struct CaServer {
     pub local_addr: SocketAddr,
@@ -189,14 +202,9 @@ pub struct CaServer {
 }
 
 impl CaServer {
-    /// Serves `service` on `listener` over TLS 1.3. The server presents `server_certs`'s SVID for
-    /// `spiffe://<td>/trellis/control`; clients may connect without a certificate (for Join), and
-    /// a certificate they do present must be an SVID of this trust domain.
+    /// Serves `service` on `listener` over TLS 1.3 with [`control_plane_tls`].
     pub fn start(listener: TcpListener, service: CaService, server_certs: &CertManager) -> anyhow::Result<Self> {
-        let td = service.ca.trust_domain().clone();
-        let bundles = BundleSet::with(TrustBundle::new(td.clone(), service.ca.roots().to_vec()));
-        let verifier = SpiffeClientVerifier::optional(bundles, ExpectedPeer::TrustDomains(vec![td.clone()]));
-        let config = server_config(server_certs.resolver(&SpiffeId::control(&td)), verifier)?;
+        let config = control_plane_tls(&service.ca, server_certs)?;
         let local_addr = listener.local_addr()?;
         let incoming = tls_incoming(listener, Arc::new(config));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -21,6 +21,16 @@ fn trellisd(dir: &std::path::Path, port: u16) -> std::process::Command {
     cmd
 }
 
+/// `trellisd token create` as an operator runs it.
+fn create_token(ca_dir: &std::path::Path, node: &str) -> std::process::Output {
+    binary("trellisd")
+        .args(["--cluster", "east", "--ca-dir"])
+        .arg(ca_dir)
+        .args(["token", "create", "--node", node])
+        .output()
+        .unwrap()
+}
+
 fn wait_for_port(port: u16, within: Duration) {
     let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -82,12 +92,7 @@ fn a_node_joins_with_a_token_once_and_a_replay_is_refused() {
     let _trellisd = Process::spawn("trellisd", trellisd(dir.path(), port));
     wait_for_port(port, Duration::from_secs(15));
 
-    let out = binary("trellisd")
-        .args(["--cluster", "east", "--ca-dir"])
-        .arg(&ca_dir)
-        .args(["token", "create", "--node", "node-1"])
-        .output()
-        .unwrap();
+    let out = create_token(&ca_dir, "node-1");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &out.stdout).unwrap();
@@ -109,12 +114,7 @@ fn trellisd_refuses_a_ca_key_readable_by_others() {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     // First start creates the CA, then we loosen the key's mode.
-    let out = binary("trellisd")
-        .args(["--cluster", "east", "--ca-dir"])
-        .arg(&ca_dir)
-        .args(["token", "create", "--node", "node-1"])
-        .output()
-        .unwrap();
+    let out = create_token(&ca_dir, "node-1");
     assert!(out.status.success());
     let port = free_port();
     drop(Process::spawn("trellisd", trellisd(dir.path(), port)).wait_ready(port));
