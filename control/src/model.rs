@@ -181,6 +181,10 @@ fn waypoint_for(
     }
 }
 
+fn node_address(w: &WorkloadObj) -> String {
+    w.node_ip.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
 fn locality(region: &str, zone: &str) -> Option<pb::Locality> {
     (!region.is_empty() || !zone.is_empty()).then(|| pb::Locality {
         region: region.to_string(),
@@ -315,6 +319,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                 identity: workload_identity(cluster, key, w),
                 waypoint: waypoint_for(&w.labels, &key.namespace, labels),
                 locality: locality(&w.region, &w.zone),
+                node_address: node_address(w),
             })),
         };
         let entry = intern(previous.map(|p| &p.workloads), pb::Kind::Workload, key, resource);
@@ -335,6 +340,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                     locality: locality(&w.region, &w.zone),
                     identity: workload_identity(cluster, wk, w),
                     enrolled: is_enrolled(w, labels),
+                    node_address: node_address(w),
                 })
                 .collect()
         };

@@ -101,6 +101,9 @@ struct WorkloadSpec {
     service_account: Option<String>,
     node: String,
     ip: String,
+    /// The node's address (a Pod's `status.hostIP`): where tunnels to this workload go.
+    #[serde(default, rename = "nodeIP")]
+    node_ip: Option<String>,
     #[serde(default)]
     ready: Option<bool>,
     #[serde(default)]
@@ -407,12 +410,17 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
             check_name("serviceAccount", &sa).map_err(at)?;
             check_name("node", &spec.node).map_err(at)?;
             let ip = parse_ip("ip", &spec.ip).map_err(at)?;
+            let node_ip = match &spec.node_ip {
+                Some(a) => Some(parse_ip("nodeIP", a).map_err(at)?),
+                None => None,
+            };
             let obj = WorkloadObj {
                 key: ObjectKey::new(&ns, &d.metadata.name),
                 labels: d.metadata.labels,
                 service_account: sa,
                 node: spec.node,
                 ip,
+                node_ip,
                 ready: spec.ready.unwrap_or(true),
                 region: spec.region,
                 zone: spec.zone,

@@ -69,6 +69,8 @@ pub struct WorkloadObj {
     pub service_account: String,
     pub node: String,
     pub ip: IpAddr,
+    /// Where the workload's node accepts tunnels; unknown for manifests that leave it out.
+    pub node_ip: Option<IpAddr>,
     pub ready: bool,
     pub region: String,
     pub zone: String,

@@ -1,0 +1,331 @@
+//! Wires ztunnel together: join, config stream, certificates, capture, listeners, admin, drain.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use trellis_control::stream::client::{follow, Applied};
+use trellis_identity::tls::{client_config, tls_channel};
+use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
+use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
+
+use crate::admin::{self, query_param, Readiness, Reply, Route};
+use crate::capture::{self, Plan, Ports};
+use crate::config::{CaptureMode, Config};
+use crate::hbone::server::{self as hbone_server, LocalCerts};
+use crate::metrics::{IdentityLabels, Metrics};
+use crate::proxy::{inbound::Inbound, inbound_plain, outbound, Proxy};
+use crate::state::ProxyState;
+
+/// Changes the log filter at runtime (`/logging?level=...` on the admin endpoint).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Runs ztunnel until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let td: TrustDomain = config.trust_domain.parse().context("--trust-domain")?;
+    let roots = trellis_identity::ca::read_certs(&config.ca_roots)
+        .with_context(|| format!("reading --ca-roots {}", config.ca_roots.display()))?;
+    let bundles = BundleSet::with(TrustBundle::new(td.clone(), roots));
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(Readiness::default());
+
+    // Bind every port first: a port in use is a configuration error worth failing on at once.
+    let bind = |addr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} listener on {addr}"))
+    };
+    let hbone_listener = bind(config.hbone_listen, "HBONE").await?;
+    let outbound_listener = bind(config.outbound_listen, "outbound capture").await?;
+    let plain_listener = bind(config.inbound_plain_listen, "inbound plaintext capture").await?;
+    let metrics_listener = bind(config.metrics_listen, "metrics").await?;
+    let ready_listener = bind(config.readiness_listen, "readiness").await?;
+    let admin_listener = bind(config.admin_listen, "admin").await?;
+
+    let ready_route: Route = {
+        let ready = ready.clone();
+        Arc::new(move |_: &Method, _: &str, _: Option<&str>| ready.reply())
+    };
+    tokio::spawn(admin::serve(ready_listener, ready_route));
+    let metrics_route: Route = {
+        let metrics = metrics.clone();
+        Arc::new(move |_: &Method, path: &str, _: Option<&str>| match path {
+            "/metrics" | "/stats/prometheus" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.render(),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
+        })
+    };
+    tokio::spawn(admin::serve(metrics_listener, metrics_route));
+
+    let certs = join(&config, &td, bundles.clone()).await?;
+    let node_id = SpiffeId::node(&td, &config.node)?;
+    ready.node_svid.store(true, Ordering::Release);
+
+    let control = SpiffeServerVerifier::new(bundles.clone(), ExpectedPeer::Exact(SpiffeId::control(&td)));
+    let channel = tls_channel(
+        config.ca_addr,
+        Arc::new(client_config(control, Some(certs.resolver(&node_id)))?),
+    );
+    let (applied_tx, applied_rx) = watch::channel(Applied::default());
+    tokio::spawn(follow(channel, config.node.clone(), "ztunnel", applied_tx));
+
+    let (state_tx, state_rx) = watch::channel(Arc::new(ProxyState::default()));
+    let local = LocalCerts::new(certs.clone());
+    let proxy = Proxy::new(
+        config.node.clone(),
+        config.cluster.clone(),
+        state_rx,
+        certs.clone(),
+        bundles.clone(),
+        metrics.clone(),
+    );
+    tokio::spawn(apply_config(
+        config.clone(),
+        applied_rx,
+        state_tx,
+        certs.clone(),
+        local.clone(),
+        metrics.clone(),
+        ready.clone(),
+    ));
+    tokio::spawn(export_expiry(certs.clone(), metrics.clone()));
+
+    let server_tls = hbone_server::tls_config(local.clone(), bundles.clone());
+    let inbound = Arc::new(Inbound { proxy: proxy.clone() });
+    tokio::spawn(hbone_server::serve(hbone_listener, server_tls, local, inbound, proxy.drain.watch()));
+    tokio::spawn(outbound::serve(outbound_listener, proxy.clone()));
+    tokio::spawn(inbound_plain::serve(plain_listener, proxy.clone()));
+    tokio::spawn(admin::serve(admin_listener, admin_route(&config, proxy.clone(), ready.clone(), log)));
+
+    tracing::info!(node = %config.node, identity = %node_id, "ztunnel serving");
+    shutdown_signal().await;
+    ready.draining.store(true, Ordering::Release);
+    let grace = Duration::from_secs(config.drain_seconds);
+    tracing::info!(open = proxy.drain.open(), grace_s = grace.as_secs(), "draining");
+    let left = proxy.drain.drain(grace).await;
+    tracing::info!(left_open = left, "drained; exiting");
+    Ok(())
+}
+
+async fn join(config: &Config, td: &TrustDomain, bundles: BundleSet) -> anyhow::Result<CertManager> {
+    let token = std::fs::read_to_string(&config.join_token_file)
+        .with_context(|| format!("reading the join token from {}", config.join_token_file.display()))?;
+    let certs = trellis_identity::caclient::join_node(
+        config.ca_addr,
+        td,
+        bundles,
+        &config.node,
+        token.trim(),
+        ManagerConfig::default(),
+    )
+    .await
+    .with_context(|| format!("joining the cluster at {} as node {}", config.ca_addr, config.node))?;
+    let node_id = SpiffeId::node(td, &config.node)?;
+    let held = certs
+        .wait_for(&node_id, Duration::from_secs(5))
+        .await
+        .context("the node SVID vanished right after joining")?;
+    let expires = trellis_identity::svid::to_unix(held.svid.not_after);
+    tracing::info!(identity = %node_id, not_after_unix = expires, "joined: holding the node SVID");
+    println!("ztunnel joined as {node_id} (SVID valid until unix time {expires})");
+    Ok(certs)
+}
+
+/// Follows applied config versions: rebuilds the state, keeps workload SVIDs and the served
+/// identities in step, and rewrites the capture rules when enrolment changes.
+async fn apply_config(
+    config: Config,
+    mut applied: watch::Receiver<Applied>,
+    state_tx: watch::Sender<Arc<ProxyState>>,
+    certs: CertManager,
+    local: Arc<LocalCerts>,
+    metrics: Arc<Metrics>,
+    ready: Arc<Readiness>,
+) {
+    let ports = Ports {
+        outbound: config.outbound_listen.port(),
+        inbound_plain: config.inbound_plain_listen.port(),
+    };
+    let mut installed: Option<Plan> = None;
+    let mut served: BTreeSet<SpiffeId> = BTreeSet::new();
+    if config.capture == CaptureMode::None {
+        ready.capture.store(true, Ordering::Release);
+    }
+    loop {
+        let (version, state) = {
+            let a = applied.borrow_and_update();
+            (a.version, ProxyState::from_slice(&config.node, a.version, &a.slice))
+        };
+        if version > 0 {
+            for problem in &state.problems {
+                tracing::warn!(version, %problem, "config resource skipped");
+            }
+            let enrolled: Vec<_> = state.local.values().filter(|w| w.enrolled).collect();
+            let ids: BTreeSet<SpiffeId> = enrolled.iter().map(|w| w.identity.clone()).collect();
+            for id in ids.difference(&served) {
+                certs.ensure(id);
+            }
+            for id in served.difference(&ids) {
+                certs.forget(id);
+            }
+            local.set(ids.iter().cloned());
+            served = ids;
+            let plan = match config.capture {
+                CaptureMode::Pod => Some(Plan::Pods(
+                    enrolled
+                        .iter()
+                        .filter_map(|w| match w.ip {
+                            IpAddr::V4(v4) => Some(v4),
+                            IpAddr::V6(_) => None,
+                        })
+                        .collect(),
+                )),
+                CaptureMode::Host => Some(Plan::Host),
+                CaptureMode::None => None,
+            };
+            metrics.captured_workloads.set(enrolled.len() as i64);
+            metrics.config_version.set(version as i64);
+            state_tx.send_replace(Arc::new(state));
+            ready.config.store(true, Ordering::Release);
+            if let Some(plan) = plan.filter(|p| installed.as_ref() != Some(p)) {
+                match capture::apply(&capture::ruleset(&plan, ports)).await {
+                    Ok(()) => {
+                        tracing::info!(?plan, "capture rules installed");
+                        installed = Some(plan);
+                        ready.capture.store(true, Ordering::Release);
+                    }
+                    Err(e) => tracing::error!(error = %e, "capture rules not installed; will retry on the next change"),
+                }
+            }
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn export_expiry(certs: CertManager, metrics: Arc<Metrics>) {
+    loop {
+        metrics.cert_expiry.clear();
+        for id in certs.identities() {
+            if let Some(held) = certs.current(&id) {
+                let labels = IdentityLabels { identity: id.to_string() };
+                metrics
+                    .cert_expiry
+                    .get_or_create(&labels)
+                    .set(trellis_identity::svid::to_unix(held.svid.not_after) as i64);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+fn admin_route(config: &Config, proxy: Arc<Proxy>, ready: Arc<Readiness>, log: LogControl) -> Route {
+    let config = serde_json::to_value(config).unwrap_or_default();
+    Arc::new(move |method: &Method, path: &str, query: Option<&str>| -> Reply {
+        match (path, method) {
+            ("/config_dump", &Method::GET) => json_reply(config_dump(&config, &proxy)),
+            ("/certs", &Method::GET) => json_reply(certs_dump(&proxy.certs)),
+            ("/healthz/ready", &Method::GET) => ready.reply(),
+            ("/logging", _) => match query_param(query, "level") {
+                Some(level) => match log(level) {
+                    Ok(()) => (StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
+                    Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("bad level {level:?}: {e}\n")),
+                },
+                None => (StatusCode::BAD_REQUEST, "text/plain", "give ?level=<filter>, e.g. info or ztunnel=debug\n".into()),
+            },
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /config_dump, /certs, /logging?level=debug or /healthz/ready\n".into(),
+            ),
+        }
+    })
+}
+
+fn json_reply(value: serde_json::Value) -> Reply {
+    let body = serde_json::to_string_pretty(&value).unwrap_or_default() + "\n";
+    (StatusCode::OK, "application/json", body)
+}
+
+fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
+    let state = proxy.state();
+    let mut workloads: Vec<_> = state
+        .local
+        .values()
+        .map(|w| json!({"name": w.name, "namespace": w.namespace, "ip": w.ip, "identity": w.identity.to_string(), "enrolled": w.enrolled}))
+        .collect();
+    workloads.sort_by_key(|w| w["ip"].to_string());
+    let services: Vec<_> = state
+        .services()
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name, "namespace": s.namespace, "vips": s.vips, "ports": s.ports,
+                "endpoints": s.endpoints.iter().map(|e| json!({
+                    "name": e.name, "ip": e.ip, "node": e.node, "node_address": e.node_address,
+                    "identity": e.identity.as_ref().map(ToString::to_string), "enrolled": e.enrolled, "healthy": e.healthy,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let pool: Vec<_> = proxy
+        .pool
+        .snapshot()
+        .into_iter()
+        .map(|(k, conns, streams)| json!({"source": k.source.to_string(), "node": k.node, "destination": k.destination.to_string(), "connections": conns, "tunnels": streams}))
+        .collect();
+    json!({
+        "config": config,
+        "version": state.version,
+        "workloads": workloads,
+        "services": services,
+        "problems": state.problems,
+        "pool": pool,
+        "open_connections": proxy.drain.open(),
+    })
+}
+
+fn certs_dump(certs: &CertManager) -> serde_json::Value {
+    let now = SystemTime::now();
+    let list: Vec<_> = certs
+        .identities()
+        .into_iter()
+        .filter_map(|id| certs.current(&id).map(|held| (id, held)))
+        .map(|(id, held)| {
+            let left = held.svid.not_after.duration_since(now).unwrap_or_default();
+            json!({
+                "identity": id.to_string(),
+                "not_after_unix": trellis_identity::svid::to_unix(held.svid.not_after),
+                "seconds_left": left.as_secs(),
+            })
+        })
+        .collect();
+    json!({ "certificates": list })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops ztunnel");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

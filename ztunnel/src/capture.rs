@@ -1,0 +1,142 @@
+//! Transparent capture with nftables, in the node's network namespace.
+//!
+//! ztunnel owns one table, `ip trellis`, and rewrites it whole (one atomic `nft -f`
+//! transaction) whenever the set of enrolled local workloads changes; [`ruleset`] renders it
+//! as a pure function. Pod mode:
+//! - TCP *from* an enrolled pod is redirected to 15001 (the original destination stays
+//!   readable with `SO_ORIGINAL_DST`);
+//! - TCP *to* an enrolled pod that did not come through a tunnel is redirected to 15006;
+//!   tunnels arrive on the node's own address at 15008 and are delivered by ztunnel itself
+//!   (locally generated packets never pass prerouting), so they are not captured again;
+//! - a packet claiming an enrolled pod's address on any interface but that pod's own is
+//!   dropped (reverse-path check), so nothing can borrow a pod's identity by spoofing its IP.
+//! Non-enrolled pods match no rule. Host mode captures the host's own outbound TCP instead,
+//! except ztunnel's own sockets (marked) and loopback.
+//!
+//! The rules stay when ztunnel stops: enrolled pods then fail closed rather than leak
+//! plaintext. `trellis lab down` (or deleting the table) removes them.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::hbone::SOCKET_MARK;
+
+/// Where captured traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plain: u16,
+}
+
+/// What to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Pods behind this node: capture these enrolled pod addresses.
+    Pods(BTreeSet<Ipv4Addr>),
+    /// The host itself is the one workload.
+    Host,
+}
+
+/// The nftables table ztunnel owns.
+pub const TABLE: &str = "trellis";
+
+/// The whole `ip trellis` table for `plan`, as an `nft -f` script that replaces any previous one.
+pub fn ruleset(plan: &Plan, ports: Ports) -> String {
+    let mut out = format!("table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
+    match plan {
+        Plan::Pods(pods) => {
+            out.push_str("  set enrolled {\n    type ipv4_addr\n");
+            if !pods.is_empty() {
+                let list: Vec<String> = pods.iter().map(ToString::to_string).collect();
+                out.push_str(&format!("    elements = {{ {} }}\n", list.join(", ")));
+            }
+            out.push_str("  }\n");
+            out.push_str(
+                "  chain antispoof {\n    type filter hook prerouting priority raw; policy accept;\n    \
+                 ip saddr @enrolled fib saddr . iif oif missing counter drop\n  }\n",
+            );
+            out.push_str(&format!(
+                "  chain capture {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+                 ip saddr @enrolled meta l4proto tcp counter redirect to :{}\n    \
+                 ip daddr @enrolled meta l4proto tcp counter redirect to :{}\n  }}\n",
+                ports.outbound, ports.inbound_plain
+            ));
+        }
+        Plan::Host => {
+            out.push_str(&format!(
+                "  chain capture_out {{\n    type nat hook output priority dstnat; policy accept;\n    \
+                 meta mark {SOCKET_MARK:#x} return\n    ip daddr 127.0.0.0/8 return\n    \
+                 meta l4proto tcp counter redirect to :{}\n  }}\n",
+                ports.outbound
+            ));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Why the rules could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot run nft (install nftables, and run ztunnel as root or with CAP_NET_ADMIN): {0}")]
+    Spawn(std::io::Error),
+    #[error("nft refused the ruleset: {0}")]
+    Refused(String),
+}
+
+/// Installs `script` with one `nft -f -` transaction.
+pub async fn apply(script: &str) -> Result<(), CaptureError> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(CaptureError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await.map_err(CaptureError::Spawn)?;
+    }
+    let output = child.wait_with_output().await.map_err(CaptureError::Spawn)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(CaptureError::Refused(String::from_utf8_lossy(&output.stderr).trim().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORTS: Ports = Ports {
+        outbound: 15001,
+        inbound_plain: 15006,
+    };
+
+    #[test]
+    fn pod_rules_name_only_enrolled_pods() {
+        let pods = BTreeSet::from(["10.1.1.10".parse().unwrap(), "10.1.1.12".parse().unwrap()]);
+        let rules = ruleset(&Plan::Pods(pods), PORTS);
+        assert!(rules.contains("elements = { 10.1.1.10, 10.1.1.12 }"), "{rules}");
+        assert!(rules.contains("ip saddr @enrolled meta l4proto tcp counter redirect to :15001"));
+        assert!(rules.contains("ip daddr @enrolled meta l4proto tcp counter redirect to :15006"));
+        assert!(rules.starts_with("table ip trellis\ndelete table ip trellis\n"), "replaces the old table");
+        assert!(!rules.contains("10.1.1.11"));
+    }
+
+    #[test]
+    fn no_enrolled_pod_means_an_empty_set() {
+        let rules = ruleset(&Plan::Pods(BTreeSet::new()), PORTS);
+        assert!(!rules.contains("elements"), "{rules}");
+    }
+
+    #[test]
+    fn host_mode_skips_ztunnels_own_sockets() {
+        let rules = ruleset(&Plan::Host, PORTS);
+        assert!(rules.contains("type nat hook output"));
+        assert!(rules.contains(&format!("meta mark {SOCKET_MARK:#x} return")));
+    }
+}

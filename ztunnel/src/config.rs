@@ -1,0 +1,81 @@
+//! ztunnel's configuration: one typed struct, from flags or `TRELLIS_*` environment variables,
+//! printed in full by the admin endpoint's config dump.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// What ztunnel captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Enrolled pods behind this node (network namespaces routed through it).
+    Pod,
+    /// The host's own traffic: the host is the one workload (VMs, bare metal).
+    Host,
+    /// Nothing: tunnels only (tests, or capture managed elsewhere).
+    None,
+}
+
+/// Everything ztunnel is configured with.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "ztunnel", version, about = "Trellis's per-node zero-trust tunnel proxy")]
+pub struct Config {
+    /// This node's name.
+    #[arg(long, env = "TRELLIS_NODE")]
+    pub node: String,
+    /// This node's cluster (for metrics and the baggage header).
+    #[arg(long, env = "TRELLIS_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// The cluster's trust domain.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Address of trellisd (certificate service and config stream).
+    #[arg(long, env = "TRELLIS_CA_ADDR", default_value = "127.0.0.1:15012")]
+    pub ca_addr: SocketAddr,
+    /// PEM file with the cluster's root certificates (trellisd's root-cert.pem).
+    #[arg(long, env = "TRELLIS_CA_ROOTS")]
+    pub ca_roots: PathBuf,
+    /// File holding the one-time join token.
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN_FILE")]
+    pub join_token_file: PathBuf,
+    /// What to capture.
+    #[arg(long, env = "TRELLIS_CAPTURE", value_enum, default_value = "pod")]
+    pub capture: CaptureMode,
+    /// HBONE listener (mTLS + HTTP/2 CONNECT).
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub hbone_listen: SocketAddr,
+    /// Outbound capture listener.
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    pub outbound_listen: SocketAddr,
+    /// Inbound plaintext capture listener.
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    pub inbound_plain_listen: SocketAddr,
+    /// Prometheus metrics.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_listen: SocketAddr,
+    /// Readiness probe (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_listen: SocketAddr,
+    /// Admin endpoint (config dump, certificates, log level); loopback only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_listen: SocketAddr,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+}
+
+impl Config {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.admin_listen.ip().is_loopback() {
+            return Err(format!(
+                "--admin-listen {} is not a loopback address; the admin endpoint must not leave the node",
+                self.admin_listen
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! Moves bytes between a TCP socket and an HTTP/2 CONNECT stream, with backpressure both ways:
+//! a DATA frame is sent only when the peer's window has room, and window is given back only
+//! once the bytes are written to the socket. Half-closes travel end to end (TCP FIN becomes
+//! END_STREAM and back); an error on either side resets the other.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Read size: large enough that one read fills several TLS records.
+const CHUNK: usize = 64 * 1024;
+
+/// Called with every chunk that crosses, for live byte counters.
+pub trait OnBytes: Send + Sync {
+    /// Bytes read from the TCP side and sent into the tunnel.
+    fn upstream(&self, n: u64);
+    /// Bytes received from the tunnel and written to the TCP side.
+    fn downstream(&self, n: u64);
+}
+
+/// Bytes moved each way once a tunnel ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// TCP → tunnel.
+    pub upstream: u64,
+    /// Tunnel → TCP.
+    pub downstream: u64,
+}
+
+/// Runs the tunnel until both directions are closed, or one fails (then the other is reset).
+pub async fn splice(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream, counters: &dyn OnBytes) -> (Moved, io::Result<()>) {
+    let (rd, wr) = tcp.into_split();
+    let mut moved = Moved::default();
+    let up = tcp_to_h2(rd, send, counters, &mut moved.upstream);
+    let down = h2_to_tcp(recv, wr, counters, &mut moved.downstream);
+    let result = tokio::try_join!(up, down).map(|_| ());
+    (moved, result)
+}
+
+async fn tcp_to_h2(
+    mut rd: OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    counters: &dyn OnBytes,
+    total: &mut u64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        if buf.capacity() < CHUNK / 4 {
+            buf = BytesMut::with_capacity(CHUNK);
+        }
+        let n = match rd.read_buf(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(granted)) => granted,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            let len = part.len() as u64;
+            send.send_data(part, false).map_err(h2_io)?;
+            *total += len;
+            counters.upstream(len);
+        }
+    }
+}
+
+async fn h2_to_tcp(mut recv: RecvStream, mut wr: OwnedWriteHalf, counters: &dyn OnBytes, total: &mut u64) -> io::Result<()> {
+    while let Some(data) = recv.data().await {
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
+                // The peer reset the stream: reset our side too, so the application sees it.
+                let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+                return Err(h2_io(e));
+            }
+        };
+        wr.write_all(&data).await?;
+        let len = data.len();
+        let _ = recv.flow_control().release_capacity(len);
+        *total += len as u64;
+        counters.downstream(len as u64);
+    }
+    wr.shutdown().await
+}
+
+/// An h2 error as an I/O error, keeping the reason in the message.
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
+}
+
+/// Copies between two plain sockets (traffic outside the mesh), counting as it goes; the
+/// client's side is `client`.
+pub async fn copy_plain(
+    client: TcpStream,
+    upstream: TcpStream,
+    counters: &dyn OnBytes,
+) -> (Moved, std::io::Result<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        count: &(dyn Fn(u64) + Sync),
+        total: &mut u64,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return to.shutdown().await;
+            }
+            to.write_all(&buf[..n]).await?;
+            *total += n as u64;
+            count(n as u64);
+        }
+    }
+    let (client_rd, client_wr) = client.into_split();
+    let (up_rd, up_wr) = upstream.into_split();
+    let mut moved = Moved::default();
+    let up = |n| counters.upstream(n);
+    let down = |n| counters.downstream(n);
+    let result = tokio::try_join!(
+        pump(client_rd, up_wr, &up, &mut moved.upstream),
+        pump(up_rd, client_wr, &down, &mut moved.downstream)
+    )
+    .map(|_| ());
+    (moved, result)
+}
+

@@ -1,0 +1,272 @@
+//! The HBONE client: opens CONNECT tunnels over pooled HTTP/2 connections.
+//!
+//! One pool entry per (source identity, destination node, destination identity), as DESIGN.md
+//! says: the TLS client certificate is the source workload's SVID and the server must present
+//! the destination's identity, so neither can be shared across those keys. An entry holds as
+//! many connections as its tunnels need at [`MAX_STREAMS`] each; connections idle for
+//! [`IDLE_TIMEOUT`] are closed by a reaper.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
+use trellis_identity::tls::client_config;
+use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
+use trellis_identity::{BundleSet, CertManager, SpiffeId};
+
+use super::{dial, sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no valid SVID for {0} (is trellisd reachable, and the workload on this node?)")]
+    NoCertificate(SpiffeId),
+    #[error("cannot reach node {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("TLS with node {0} failed: {1}")]
+    Tls(SocketAddr, io::Error),
+    #[error("HTTP/2 with node {0} failed: {1}")]
+    Protocol(SocketAddr, h2::Error),
+    #[error("denied by the destination's policy (401)")]
+    Denied,
+    #[error("the destination node could not reach the workload (503)")]
+    Unreachable,
+    #[error("the destination node answered {0}")]
+    Status(StatusCode),
+}
+
+impl OpenError {
+    /// Whether the endpoint itself failed, so that it should be ejected and the next one tried.
+    /// A policy denial is an answer, not a failure.
+    pub fn endpoint_failed(&self) -> bool {
+        !matches!(self, Self::Denied | Self::NoCertificate(_))
+    }
+}
+
+/// Where a tunnel goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub source: SpiffeId,
+    /// The destination node's HBONE address.
+    pub node: SocketAddr,
+    pub destination: SpiffeId,
+}
+
+/// An open tunnel. The pooled connection counts it as in flight until this is dropped.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    _in_flight: InFlight,
+}
+
+struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+/// The pool of HBONE connections of one ztunnel.
+pub struct Pool {
+    certs: CertManager,
+    bundles: BundleSet,
+    conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
+    tls: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<ClientConfig>>>,
+}
+
+impl Pool {
+    /// A pool presenting SVIDs from `certs` and checking servers against `bundles`; starts its
+    /// idle reaper.
+    pub fn new(certs: CertManager, bundles: BundleSet) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            certs,
+            bundles,
+            conns: Mutex::new(HashMap::new()),
+            tls: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
+    /// with the extra request `headers`.
+    pub async fn open(&self, key: &Key, authority: SocketAddr, headers: &[(&str, String)]) -> Result<Tunnel, OpenError> {
+        // A pooled connection may have just received GOAWAY: then dial once more.
+        for attempt in 0..2 {
+            let conn = self.connection(key, attempt > 0).await?;
+            let in_flight = InFlight(conn.clone());
+            let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string());
+            for (name, value) in headers {
+                request = request.header(*name, value);
+            }
+            let request = request.body(()).map_err(|e| OpenError::Status(bad_request(e)))?;
+            let sent = match conn.send.clone().ready().await {
+                Ok(mut send) => send.send_request(request, false),
+                Err(e) => Err(e),
+            };
+            let (response, send) = match sent {
+                Ok(sent) => sent,
+                Err(e) if attempt == 0 && (e.is_go_away() || e.is_io() || conn.closed.load(Ordering::Acquire)) => {
+                    conn.closed.store(true, Ordering::Release);
+                    continue;
+                }
+                Err(e) => return Err(OpenError::Protocol(key.node, e)),
+            };
+            let response = response.await.map_err(|e| OpenError::Protocol(key.node, e))?;
+            return match response.status() {
+                StatusCode::OK => Ok(Tunnel {
+                    send,
+                    recv: response.into_body(),
+                    _in_flight: in_flight,
+                }),
+                StatusCode::UNAUTHORIZED => Err(OpenError::Denied),
+                StatusCode::SERVICE_UNAVAILABLE => Err(OpenError::Unreachable),
+                other => Err(OpenError::Status(other)),
+            };
+        }
+        Err(OpenError::Connect(key.node, io::Error::other("connection closed twice in a row")))
+    }
+
+    /// A connection of `key` with a free stream slot, dialling one if there is none.
+    async fn connection(&self, key: &Key, fresh: bool) -> Result<Arc<Conn>, OpenError> {
+        if !fresh {
+            let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            for conn in conns.get(key).into_iter().flatten() {
+                if conn.closed.load(Ordering::Acquire) {
+                    continue;
+                }
+                let active = conn.active.load(Ordering::Acquire);
+                if active < MAX_STREAMS as usize
+                    && conn
+                        .active
+                        .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    return Ok(conn.clone());
+                }
+            }
+        }
+        let conn = Arc::new(self.dial(key).await?);
+        conn.active.store(1, Ordering::Release);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, key: &Key) -> Result<Conn, OpenError> {
+        if self.certs.wait_for(&key.source, Duration::from_secs(5)).await.is_none() {
+            return Err(OpenError::NoCertificate(key.source.clone()));
+        }
+        let config = self.tls_config(&key.source, &key.destination);
+        let tcp = dial(key.node).await.map_err(|e| OpenError::Connect(key.node, e))?;
+        let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
+            .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let handshake = async {
+            let tls = TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| OpenError::Tls(key.node, e))?;
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .max_header_list_size(MAX_HEADERS)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| OpenError::Protocol(key.node, e))
+        };
+        let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
+        let closed = Arc::new(AtomicBool::new(false));
+        let on_close = closed.clone();
+        let node = key.node;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%node, error = %e, "HBONE connection ended");
+            }
+            on_close.store(true, Ordering::Release);
+        });
+        tracing::debug!(%node, source = %key.source, destination = %key.destination, "HBONE connection opened");
+        Ok(Conn {
+            send,
+            active: AtomicUsize::new(0),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn tls_config(&self, source: &SpiffeId, destination: &SpiffeId) -> Arc<ClientConfig> {
+        let mut configs = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        configs
+            .entry((source.clone(), destination.clone()))
+            .or_insert_with(|| {
+                let verifier = SpiffeServerVerifier::new(self.bundles.clone(), ExpectedPeer::Exact(destination.clone()));
+                let mut config = client_config(verifier, Some(self.certs.resolver(source)))
+                    .unwrap_or_else(|e| unreachable!("TLS 1.3 with aws-lc-rs is always available: {e}"));
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                Arc::new(config)
+            })
+            .clone()
+    }
+
+    /// Open connections per key, for the config dump.
+    pub fn snapshot(&self) -> Vec<(Key, usize, usize)> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len(), v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum()))
+            .collect()
+    }
+
+    /// Drops closed connections and those idle too long (which closes them).
+    fn reap_once(&self, now: Instant) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|_, list| {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|p| p.into_inner())) > IDLE_TIMEOUT;
+                !c.closed.load(Ordering::Acquire) && !idle
+            });
+            !list.is_empty()
+        });
+        let mut tls = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        tls.retain(|(src, dst), _| conns.keys().any(|k| &k.source == src && &k.destination == dst));
+    }
+}
+
+async fn reap(pool: Weak<Pool>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.reap_once(Instant::now());
+    }
+}
+
+fn bad_request(e: http::Error) -> StatusCode {
+    tracing::warn!(error = %e, "could not build the CONNECT request");
+    StatusCode::BAD_REQUEST
+}

@@ -1,0 +1,212 @@
+//! The HBONE server on 15008: TLS 1.3 with the client's workload SVID required, the
+//! destination workload's certificate chosen by SNI, then HTTP/2 with bounded streams.
+//! What each CONNECT means is the [`Handler`]'s business (see `proxy::inbound`).
+//!
+//! Hostile peers cost little: a handshake (TLS and HTTP/2 preface together) must finish within
+//! [`HANDSHAKE_TIMEOUT`], at most [`MAX_PENDING_HANDSHAKES`] run at once, a connection carries
+//! at most [`MAX_STREAMS`] tunnels, one with no tunnel for [`IDLE_TIMEOUT`] is closed, and a
+//! connection ends when its client's certificate expires.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::Request;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use trellis_identity::tls::{server_config, MAX_PENDING_HANDSHAKES};
+use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier};
+use trellis_identity::{BundleSet, CertManager, IdKind, SpiffeId};
+
+use super::{sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
+
+/// The certificates this node serves on 15008: one per identity of its enrolled workloads,
+/// found by the SNI a client sends ([`sni_for`]).
+pub struct LocalCerts {
+    certs: CertManager,
+    by_sni: RwLock<HashMap<String, SpiffeId>>,
+}
+
+impl std::fmt::Debug for LocalCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCerts").finish_non_exhaustive()
+    }
+}
+
+impl LocalCerts {
+    pub fn new(certs: CertManager) -> Arc<Self> {
+        Arc::new(Self {
+            certs,
+            by_sni: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Serves exactly these identities from now on.
+    pub fn set(&self, ids: impl IntoIterator<Item = SpiffeId>) {
+        let map = ids.into_iter().map(|id| (sni_for(&id), id)).collect();
+        *self.by_sni.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// The identity an SNI asks for, if this node serves it.
+    pub fn identity(&self, sni: &str) -> Option<SpiffeId> {
+        self.by_sni.read().unwrap_or_else(|p| p.into_inner()).get(sni).cloned()
+    }
+}
+
+impl ResolvesServerCert for LocalCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = self.identity(hello.server_name()?)?;
+        self.certs.current(&id).map(|held| held.certified_key())
+    }
+}
+
+/// The server's TLS config: only workload identities of trusted trust domains may connect.
+pub fn tls_config(local: Arc<LocalCerts>, bundles: BundleSet) -> Arc<ServerConfig> {
+    let workloads_only = ExpectedPeer::Rule(Arc::new(|id: &SpiffeId| match id.kind() {
+        IdKind::Workload { .. } => Ok(()),
+        _ => Err(format!("{id} is not a workload identity")),
+    }));
+    let verifier = SpiffeClientVerifier::new(bundles, workloads_only);
+    let config = server_config(local, verifier).unwrap_or_else(|e| unreachable!("TLS 1.3 is always available: {e}"));
+    Arc::new(config)
+}
+
+/// Who is on the other end of one tunnel connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer_addr: SocketAddr,
+    /// The client's verified workload identity.
+    pub peer_id: SpiffeId,
+    /// The identity this connection was opened for (from SNI).
+    pub served: SpiffeId,
+}
+
+/// A boxed future, as [`Handler::handle`] returns.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What to do with each CONNECT.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> BoxFuture;
+}
+
+/// Accepts HBONE connections on `listener` until `drain` turns true; then tells every open
+/// connection to finish its tunnels and accept no more (GOAWAY).
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    local: Arc<LocalCerts>,
+    handler: Arc<H>,
+    drain: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut stop = drain.clone();
+    loop {
+        let Ok(permit) = pending.clone().acquire_owned().await else { return };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|d| *d) => return,
+        };
+        let (tcp, peer_addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, local, handler, drain) = (acceptor.clone(), local.clone(), handler.clone(), drain.clone());
+        tokio::spawn(async move {
+            let handshake = async {
+                let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                let (_, session) = tls.get_ref();
+                let peer_id = peer_id(session).ok_or("the client presented no SPIFFE ID")?;
+                let not_after = peer_not_after(session);
+                let served = session
+                    .server_name()
+                    .and_then(|sni| local.identity(sni))
+                    .ok_or("the client asked for no identity this node serves")?;
+                let connection = h2::server::Builder::new()
+                    .initial_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
+                    .max_header_list_size(MAX_HEADERS)
+                    .max_concurrent_streams(MAX_STREAMS)
+                    .max_pending_accept_reset_streams(MAX_STREAMS as usize)
+                    .max_local_error_reset_streams(Some(64))
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(|e| format!("HTTP/2 preface: {e}"))?;
+                Ok::<_, String>((connection, ConnInfo { peer_addr, peer_id, served }, not_after))
+            };
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+            drop(permit);
+            match handshake {
+                Ok(Ok((connection, info, not_after))) => run(connection, Arc::new(info), not_after, handler, drain).await,
+                Ok(Err(why)) => tracing::info!(peer = %peer_addr, error = %why, "HBONE connection refused"),
+                Err(_) => tracing::info!(peer = %peer_addr, "HBONE handshake timed out"),
+            }
+        });
+    }
+}
+
+type Connection = h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+
+async fn run<H: Handler>(
+    mut connection: Connection,
+    info: Arc<ConnInfo>,
+    not_after: Option<SystemTime>,
+    handler: Arc<H>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let lifetime = not_after
+        .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
+        .unwrap_or(std::time::Duration::from_secs(365 * 24 * 3600));
+    let expiry = tokio::time::sleep(lifetime);
+    tokio::pin!(expiry);
+    let tunnels = Arc::new(());
+    let mut draining = false;
+    loop {
+        let idle = tokio::time::sleep(IDLE_TIMEOUT);
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let handler = handler.clone();
+                    let info = info.clone();
+                    let held = tunnels.clone();
+                    tokio::spawn(async move {
+                        handler.handle(info, request, respond).await;
+                        drop(held);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %info.peer_addr, error = %e, "HBONE connection error");
+                    return;
+                }
+                None => return,
+            },
+            _ = &mut expiry => {
+                tracing::info!(peer = %info.peer_addr, identity = %info.peer_id, "client certificate expired: closing");
+                return;
+            }
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+            }
+            _ = idle, if Arc::strong_count(&tunnels) == 1 => {
+                connection.graceful_shutdown();
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Inbound tunnels (15008): each CONNECT is checked, authorized and delivered to a local pod.
+//!
+//! Answers (DESIGN.md): 200 tunnel open, 400 malformed (not a CONNECT, a bad authority, an
+//! address that is no enrolled workload of this node, or one whose identity is not the one the
+//! connection was opened for), 401 denied by policy, 503 the pod is unreachable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use trellis_identity::IdKind;
+
+use super::Proxy;
+use crate::hbone::copy::splice;
+use crate::hbone::server::{BoxFuture, ConnInfo, Handler};
+use crate::hbone::{dial, parse_baggage};
+use crate::metrics::{ConnLabels, DecisionLabels};
+use crate::policy::{authorize, Decision, Source};
+use crate::state::{LocalWorkload, ProxyState};
+
+/// The 15008 handler.
+pub struct Inbound {
+    pub proxy: Arc<Proxy>,
+}
+
+impl Handler for Inbound {
+    fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> BoxFuture {
+        Box::pin(async move { self.tunnel(conn, request, respond).await })
+    }
+}
+
+/// Decides which local workload a CONNECT is for, or the status that refuses it.
+pub fn route(
+    method: &Method,
+    authority: Option<&str>,
+    state: &ProxyState,
+    conn: &ConnInfo,
+) -> Result<(Arc<LocalWorkload>, SocketAddr), (StatusCode, String)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::BAD_REQUEST, format!("{method} is not CONNECT")));
+    }
+    let authority = authority.ok_or((StatusCode::BAD_REQUEST, "CONNECT without :authority".to_string()))?;
+    let addr: SocketAddr = authority
+        .parse()
+        .map_err(|_| (StatusCode::BAD_REQUEST, format!(":authority {authority:?} is not <ip>:<port>")))?;
+    let workload = state
+        .enrolled_local(addr.ip())
+        .ok_or((StatusCode::BAD_REQUEST, format!("{} is not an enrolled workload on this node", addr.ip())))?;
+    if workload.identity != conn.served {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("{} is {}, but the connection was opened for {}", addr.ip(), workload.identity, conn.served),
+        ));
+    }
+    Ok((workload.clone(), addr))
+}
+
+impl Inbound {
+    async fn tunnel(&self, conn: Arc<ConnInfo>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let _open = self.proxy.drain.track();
+        let started = Instant::now();
+        let state = self.proxy.state();
+        let authority = request.uri().authority().map(|a| a.as_str().to_string());
+        let (workload, addr) = match route(request.method(), authority.as_deref(), &state, &conn) {
+            Ok(found) => found,
+            Err((status, why)) => {
+                tracing::warn!(peer = %conn.peer_addr, source = %conn.peer_id, %status, error = %why, "tunnel refused");
+                let _ = respond.send_response(status_only(status), true);
+                return;
+            }
+        };
+        let (src_cluster, _, src_workload) = request
+            .headers()
+            .get("baggage")
+            .and_then(|v| v.to_str().ok())
+            .map(parse_baggage)
+            .unwrap_or_default();
+        let forwarded = request
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let src_namespace = match conn.peer_id.kind() {
+            IdKind::Workload { namespace, .. } => namespace.to_string(),
+            _ => String::new(),
+        };
+        let labels = ConnLabels {
+            reporter: "destination",
+            source_workload: src_workload,
+            source_workload_namespace: src_namespace,
+            source_principal: conn.peer_id.to_string(),
+            source_cluster: src_cluster,
+            destination_workload: workload.name.clone(),
+            destination_workload_namespace: workload.namespace.clone(),
+            destination_principal: workload.identity.to_string(),
+            destination_service: String::new(),
+            destination_cluster: workload.cluster.clone(),
+            connection_security_policy: "mutual_tls".into(),
+        };
+        let source = Source {
+            principal: Some(&conn.peer_id),
+            port: addr.port(),
+        };
+        let decision = authorize(state.policies(&workload.namespace), &workload.labels, &source);
+        self.proxy
+            .metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                decision: if decision == Decision::Allow { "allow" } else { "deny" }.into(),
+                destination_workload: workload.name.clone(),
+                destination_workload_namespace: workload.namespace.clone(),
+                source_principal: conn.peer_id.to_string(),
+            })
+            .inc();
+        if let Decision::Deny(why) = decision {
+            tracing::warn!(source = %conn.peer_id, destination = %addr, workload = %workload.name, reason = %why, "tunnel denied (401)");
+            self.proxy.metrics.failures.get_or_create(&labels).inc();
+            let _ = respond.send_response(status_only(StatusCode::UNAUTHORIZED), true);
+            return;
+        }
+        let tcp = match dial(addr).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(source = %conn.peer_id, destination = %addr, error = %e, "workload unreachable (503)");
+                self.proxy.metrics.failures.get_or_create(&labels).inc();
+                let _ = respond.send_response(status_only(StatusCode::SERVICE_UNAVAILABLE), true);
+                return;
+            }
+        };
+        let send = match respond.send_response(status_only(StatusCode::OK), false) {
+            Ok(send) => send,
+            Err(e) => {
+                tracing::debug!(error = %e, "the client left before the tunnel opened");
+                return;
+            }
+        };
+        let counters = self.proxy.metrics.connection(labels, false);
+        let (moved, result) = splice(tcp, send, request.into_body(), &counters).await;
+        tracing::info!(
+            target: "access",
+            reporter = "destination",
+            src = %conn.peer_addr,
+            forwarded = %forwarded,
+            src_identity = %conn.peer_id,
+            dst = %addr,
+            dst_workload = %workload.name,
+            dst_identity = %workload.identity,
+            bytes_received = moved.downstream,
+            bytes_sent = moved.upstream,
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+            "connection closed"
+        );
+    }
+}
+
+fn status_only(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use trellis_identity::SpiffeId;
+
+    fn state_with(ip: &str, id: &SpiffeId, enrolled: bool) -> ProxyState {
+        let mut state = ProxyState::default();
+        let w = LocalWorkload {
+            name: "cart-1".into(),
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+            cluster: "east".into(),
+            ip: ip.parse().unwrap(),
+            identity: id.clone(),
+            labels: BTreeMap::new(),
+            enrolled,
+        };
+        state.local.insert(w.ip, Arc::new(w));
+        state
+    }
+
+    #[test]
+    fn connect_is_routed_only_to_an_enrolled_local_workload_of_the_served_identity() {
+        let cart = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/cart").unwrap();
+        let web = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").unwrap();
+        let conn = |served: &SpiffeId| ConnInfo {
+            peer_addr: "10.1.0.12:40000".parse().unwrap(),
+            peer_id: web.clone(),
+            served: served.clone(),
+        };
+        let state = state_with("10.1.1.10", &cart, true);
+        let ok = route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn(&cart)).unwrap();
+        assert_eq!(ok.1, "10.1.1.10:8080".parse::<SocketAddr>().unwrap());
+        let status = |m: &Method, a: Option<&str>, st: &ProxyState, served: &SpiffeId| route(m, a, st, &conn(served)).unwrap_err().0;
+        assert_eq!(status(&Method::GET, Some("10.1.1.10:8080"), &state, &cart), StatusCode::BAD_REQUEST);
+        assert_eq!(status(&Method::CONNECT, None, &state, &cart), StatusCode::BAD_REQUEST);
+        assert_eq!(status(&Method::CONNECT, Some("cart:80"), &state, &cart), StatusCode::BAD_REQUEST);
+        assert_eq!(status(&Method::CONNECT, Some("10.9.9.9:80"), &state, &cart), StatusCode::BAD_REQUEST, "not local");
+        assert_eq!(status(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &web), StatusCode::BAD_REQUEST, "wrong identity");
+        let plain = state_with("10.1.1.10", &cart, false);
+        assert_eq!(status(&Method::CONNECT, Some("10.1.1.10:8080"), &plain, &cart), StatusCode::BAD_REQUEST, "not enrolled");
+    }
+}

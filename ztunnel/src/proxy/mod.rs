@@ -1,0 +1,147 @@
+//! The data plane's three listeners and what they share.
+//!
+//! - [`outbound`] (15001): captured connections of this node's enrolled workloads, sent through
+//!   HBONE tunnels (or directly, to destinations outside the mesh).
+//! - [`inbound`] (15008): tunnels from other ztunnels, authorized and delivered to local pods.
+//! - [`inbound_plain`] (15006): plaintext connections to enrolled local pods from outside the
+//!   mesh, authorized as an unauthenticated source and delivered.
+
+pub mod inbound;
+pub mod inbound_plain;
+pub mod outbound;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use trellis_identity::{BundleSet, CertManager};
+
+use crate::hbone::pool::Pool;
+use crate::lb::Balancer;
+use crate::metrics::Metrics;
+use crate::state::ProxyState;
+
+/// Everything the listeners share.
+pub struct Proxy {
+    pub node: String,
+    pub cluster: String,
+    pub state: watch::Receiver<Arc<ProxyState>>,
+    pub certs: CertManager,
+    pub bundles: BundleSet,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    balancers: Mutex<HashMap<(String, String), Arc<Balancer>>>,
+}
+
+impl Proxy {
+    pub fn new(
+        node: String,
+        cluster: String,
+        state: watch::Receiver<Arc<ProxyState>>,
+        certs: CertManager,
+        bundles: BundleSet,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let pool = Pool::new(certs.clone(), bundles.clone());
+        Arc::new(Self {
+            node,
+            cluster,
+            state,
+            certs,
+            bundles,
+            pool,
+            metrics,
+            drain: Drain::default(),
+            balancers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The current state (a cheap pointer copy).
+    pub fn state(&self) -> Arc<ProxyState> {
+        self.state.borrow().clone()
+    }
+
+    /// The balancer of one service, kept across config versions.
+    pub fn balancer(&self, namespace: &str, name: &str) -> Arc<Balancer> {
+        let mut balancers = self.balancers.lock().unwrap_or_else(|p| p.into_inner());
+        balancers
+            .entry((namespace.to_string(), name.to_string()))
+            .or_default()
+            .clone()
+    }
+}
+
+/// Graceful shutdown: a signal listeners watch, and a count of connections still open.
+#[derive(Debug)]
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            signal: watch::channel(false).0,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// Held by each proxied connection; the drain waits for all of them.
+pub struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drain {
+    /// Watch this to stop accepting.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.signal.subscribe()
+    }
+
+    /// Counts one open connection until the guard drops.
+    pub fn track(&self) -> Open {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.open.clone())
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Stops the listeners, then waits until every connection has closed or `grace` passed.
+    /// Returns how many were still open.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.signal.send_replace(true);
+        let deadline = Instant::now() + grace;
+        while self.open() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.open()
+    }
+}
+
+/// Resets `tcp` (RST instead of FIN), so the application sees its connection refused.
+pub fn reset(tcp: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// Reads the original destination of a connection redirected by nftables.
+pub fn original_dst(tcp: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match tcp.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}

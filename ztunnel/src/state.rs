@@ -1,0 +1,255 @@
+//! What this node knows of the mesh, derived from the config stream: the workloads on this node,
+//! the services it may reach with their endpoints, and the policies that guard its workloads.
+//!
+//! [`ProxyState::from_slice`] is a pure function of the node's slice; the proxy looks things up
+//! in it and never mutates it. A new slice yields a new state, swapped in whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use trellis_api::config::v1 as pb;
+use trellis_api::config::v1::resource::Kind as Variant;
+use trellis_control::model::Slice;
+use trellis_identity::SpiffeId;
+
+use crate::policy::Policy;
+
+/// A workload scheduled on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub cluster: String,
+    pub ip: IpAddr,
+    pub identity: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    /// Whether its traffic is captured and tunnelled.
+    pub enrolled: bool,
+}
+
+/// One backend of a service, on any node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    pub ip: IpAddr,
+    pub node: String,
+    /// Where that node accepts HBONE tunnels (port 15008); `None` if trellisd did not say.
+    pub node_address: Option<IpAddr>,
+    /// The identity the endpoint must present (enrolled endpoints only).
+    pub identity: Option<SpiffeId>,
+    pub enrolled: bool,
+    pub healthy: bool,
+}
+
+/// A service this node may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port → target port.
+    pub ports: BTreeMap<u16, u16>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Where an intercepted connection is going.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Destination {
+    /// A service VIP: pick an endpoint, then dial `target_port` on it.
+    Service { service: Arc<Service>, target_port: u16 },
+    /// A known workload address, dialled as is.
+    Workload { endpoint: Endpoint, service: Option<Arc<Service>> },
+    /// Outside the mesh as far as this node knows: connect directly.
+    Passthrough,
+}
+
+/// This node's view of the mesh at one config version.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyState {
+    pub version: u64,
+    /// Workloads on this node, by address.
+    pub local: HashMap<IpAddr, Arc<LocalWorkload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
+    by_endpoint: HashMap<IpAddr, (Endpoint, Arc<Service>)>,
+    /// Policies by namespace.
+    policies: HashMap<String, Vec<Arc<Policy>>>,
+    /// Resources that could not be used, with the reason (shown in the config dump).
+    pub problems: Vec<String>,
+}
+
+impl ProxyState {
+    /// Builds the state of `node` from its slice at `version`. Resources that fail to parse are
+    /// skipped and reported in [`problems`](Self::problems), never fatal.
+    pub fn from_slice(node: &str, version: u64, slice: &Slice) -> Self {
+        let mut state = ProxyState {
+            version,
+            ..Default::default()
+        };
+        for resource in slice.values() {
+            match &resource.kind {
+                Some(Variant::Workload(w)) if w.node == node => match local_workload(w) {
+                    Ok(local) => {
+                        state.local.insert(local.ip, Arc::new(local));
+                    }
+                    Err(e) => state.problems.push(format!("workload {}/{}: {e}", w.namespace, w.name)),
+                },
+                Some(Variant::Service(s)) => match service(s) {
+                    Ok((svc, problems)) => {
+                        state.problems.extend(problems);
+                        state.add_service(Arc::new(svc));
+                    }
+                    Err(e) => state.problems.push(format!("service {}/{}: {e}", s.namespace, s.name)),
+                },
+                Some(Variant::AuthorizationPolicy(p)) => match Policy::from_pb(p) {
+                    Ok(policy) => state
+                        .policies
+                        .entry(policy.namespace.clone())
+                        .or_default()
+                        .push(Arc::new(policy)),
+                    Err(e) => state.problems.push(format!("policy {}/{}: {e}", p.namespace, p.name)),
+                },
+                _ => {}
+            }
+        }
+        state
+    }
+
+    fn add_service(&mut self, svc: Arc<Service>) {
+        for vip in &svc.vips {
+            for (&port, &target) in &svc.ports {
+                self.by_vip.insert(SocketAddr::new(*vip, port), (svc.clone(), target));
+            }
+        }
+        for ep in &svc.endpoints {
+            self.by_endpoint.entry(ep.ip).or_insert_with(|| (ep.clone(), svc.clone()));
+        }
+        self.services.push(svc);
+    }
+
+    /// Classifies an intercepted connection's original destination.
+    pub fn destination(&self, dst: SocketAddr) -> Destination {
+        if let Some((service, target_port)) = self.by_vip.get(&dst) {
+            return Destination::Service {
+                service: service.clone(),
+                target_port: *target_port,
+            };
+        }
+        if let Some((endpoint, service)) = self.by_endpoint.get(&dst.ip()) {
+            return Destination::Workload {
+                endpoint: endpoint.clone(),
+                service: Some(service.clone()),
+            };
+        }
+        if let Some(local) = self.local.get(&dst.ip()) {
+            return Destination::Workload {
+                endpoint: Endpoint {
+                    name: local.name.clone(),
+                    ip: local.ip,
+                    node: String::new(),
+                    node_address: None,
+                    identity: Some(local.identity.clone()),
+                    enrolled: local.enrolled,
+                    healthy: true,
+                },
+                service: None,
+            };
+        }
+        Destination::Passthrough
+    }
+
+    /// The enrolled workload on this node at `ip`.
+    pub fn enrolled_local(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {
+        self.local.get(&ip).filter(|w| w.enrolled)
+    }
+
+    /// Policies of `namespace`.
+    pub fn policies(&self, namespace: &str) -> &[Arc<Policy>] {
+        self.policies.get(namespace).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Every service, for the config dump.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+}
+
+fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
+    let ip = w
+        .addresses
+        .first()
+        .ok_or("no address")?
+        .parse::<IpAddr>()
+        .map_err(|e| format!("bad address: {e}"))?;
+    let identity = SpiffeId::parse(&w.identity).map_err(|e| format!("bad identity: {e}"))?;
+    Ok(LocalWorkload {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: w.service_account.clone(),
+        cluster: w.cluster.clone(),
+        ip,
+        identity,
+        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        enrolled: w.enrolled,
+    })
+}
+
+fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
+    let mut problems = Vec::new();
+    let vips = s
+        .vips
+        .iter()
+        .map(|v| v.parse::<IpAddr>().map_err(|e| format!("bad VIP {v:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = BTreeMap::new();
+    for p in &s.ports {
+        let port = u16::try_from(p.port).map_err(|_| format!("bad port {}", p.port))?;
+        let target = match p.target_port {
+            0 => port,
+            t => u16::try_from(t).map_err(|_| format!("bad target port {t}"))?,
+        };
+        ports.insert(port, target);
+    }
+    let mut endpoints = Vec::new();
+    for e in &s.endpoints {
+        match endpoint(e) {
+            Ok(ep) => endpoints.push(ep),
+            Err(why) => problems.push(format!("service {}/{} endpoint {:?}: {why}", s.namespace, s.name, e.address)),
+        }
+    }
+    let svc = Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vips,
+        ports,
+        endpoints,
+    };
+    Ok((svc, problems))
+}
+
+fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
+    let ip = e.address.parse().map_err(|err| format!("bad address: {err}"))?;
+    let node_address = match e.node_address.as_str() {
+        "" => None,
+        a => Some(a.parse().map_err(|err| format!("bad node address {a:?}: {err}"))?),
+    };
+    let identity = match e.identity.as_str() {
+        "" => None,
+        id => Some(SpiffeId::parse(id).map_err(|err| format!("bad identity: {err}"))?),
+    };
+    if e.enrolled && (identity.is_none() || node_address.is_none()) {
+        return Err("enrolled, but without an identity or a node address to tunnel to".into());
+    }
+    let name = e.workload_uid.rsplit('/').next().unwrap_or_default().to_string();
+    Ok(Endpoint {
+        name,
+        ip,
+        node: e.node.clone(),
+        node_address,
+        identity,
+        enrolled: e.enrolled,
+        healthy: e.healthy,
+    })
+}
