@@ -53,7 +53,19 @@ fn run_ztunnel(
         .arg("--ca-roots")
         .arg(ca_dir.join("root-cert.pem"))
         .arg("--join-token-file")
-        .arg(token_file);
+        .arg(token_file)
+        .args(["--capture", "none"]);
+    // Outside the lab: every listener on a free loopback port, no capture rules.
+    for flag in [
+        "--hbone-listen",
+        "--outbound-listen",
+        "--inbound-plain-listen",
+        "--metrics-listen",
+        "--readiness-listen",
+        "--admin-listen",
+    ] {
+        cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
+    }
     let mut zt = Process::spawn("ztunnel", cmd);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut stdout = String::new();

@@ -1,0 +1,173 @@
+//! Drives a lab (`trellis lab up/down`) for an end-to-end test, and reaches into its network
+//! namespaces. The lab is torn down when the [`Lab`] drops, whether the test passed or not.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::{bin_dir, binary};
+
+/// A lab brought up for one test.
+pub struct Lab {
+    pub name: String,
+    pub state_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn describe(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl Lab {
+    /// Brings up lab `name` (≤ 8 characters) from the topology YAML `topology`. Panics with
+    /// trellis's output if it fails; the lab is removed either way.
+    pub fn up(name: &str, topology: &str) -> Lab {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("topology.yaml");
+        std::fs::write(&file, topology).expect("writing the topology");
+        let lab = Lab {
+            name: name.to_string(),
+            state_dir: dir.path().join("state"),
+            _dir: dir,
+        };
+        let out = lab.trellis(&["lab", "up", "--file"], Some(&file));
+        assert!(out.status.success(), "{}", describe("trellis lab up", &out));
+        lab
+    }
+
+    fn trellis(&self, verb: &[&str], file: Option<&Path>) -> Output {
+        let mut cmd = binary("trellis");
+        cmd.args(verb);
+        if let Some(file) = file {
+            cmd.arg(file);
+        }
+        cmd.args(["--name", &self.name])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bin-dir")
+            .arg(bin_dir());
+        cmd.output().expect("running trellis")
+    }
+
+    /// The network namespace of a pod.
+    pub fn pod_ns(&self, cluster: &str, namespace: &str, pod: &str) -> String {
+        format!("tl-{}-{cluster}-{namespace}-{pod}", self.name)
+    }
+
+    /// The network namespace of a node.
+    pub fn node_ns(&self, cluster: &str, node: &str) -> String {
+        format!("tl-{}-{cluster}-{node}", self.name)
+    }
+
+    /// The network namespace of a cluster's trellisd.
+    pub fn control_ns(&self, cluster: &str) -> String {
+        format!("tl-{}-{cluster}-cp", self.name)
+    }
+
+    /// The underlay namespace, which carries every packet between nodes.
+    pub fn underlay_ns(&self) -> String {
+        format!("tl-{}-u", self.name)
+    }
+
+    /// Where trellisd of `cluster` reads its manifests.
+    pub fn manifests(&self, cluster: &str) -> PathBuf {
+        self.state_dir.join(cluster).join("manifests")
+    }
+
+    /// Runs a workspace binary inside network namespace `netns`.
+    pub fn exec(&self, netns: &str, bin: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(bin_dir().join(bin))
+            .args(args)
+            .output()
+            .expect("running ip netns exec")
+    }
+
+    /// One HTTP call from a pod with `trellis demo call`: the body on success, the error
+    /// otherwise.
+    pub fn call(&self, netns: &str, url: &str, send_bytes: usize) -> Result<String, String> {
+        let bytes = send_bytes.to_string();
+        let mut args = vec!["demo", "call", "--url", url, "--timeout-ms", "5000"];
+        if send_bytes > 0 {
+            args.extend(["--send-bytes", &bytes]);
+        }
+        let out = self.exec(netns, "trellis", &args);
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
+    /// Calls until `check` accepts the outcome or `timeout` passes; returns the last outcome.
+    pub fn call_until(
+        &self,
+        netns: &str,
+        url: &str,
+        timeout: Duration,
+        check: impl Fn(&Result<String, String>) -> bool,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let outcome = self.call(netns, url, 0);
+            if check(&outcome) || Instant::now() > deadline {
+                return outcome;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The Prometheus text of the ztunnel on `node`.
+    pub fn metrics(&self, cluster: &str, node: &str) -> String {
+        self.call(&self.node_ns(cluster, node), "http://127.0.0.1:15020/metrics", 0)
+            .unwrap_or_else(|e| panic!("scraping ztunnel on {node}: {e}"))
+    }
+
+    /// Kills every process in a network namespace (e.g. trellisd's).
+    pub fn kill_all_in(&self, netns: &str) {
+        let out = Command::new("ip").args(["netns", "pids", netns]).output().expect("ip netns pids");
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+
+    /// Runs `trellis namespace label` against the lab's manifests.
+    pub fn label_namespace(&self, cluster: &str, namespace: &str, label: &str) {
+        let out = binary("trellis")
+            .args(["namespace", "label", namespace, label, "--manifests"])
+            .arg(self.manifests(cluster))
+            .output()
+            .expect("trellis namespace label");
+        assert!(out.status.success(), "{}", describe("trellis namespace label", &out));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.trellis(&["lab", "down"], None);
+        if !out.status.success() {
+            eprintln!("{}", describe("trellis lab down", &out));
+        }
+    }
+}
+
+/// Sums the samples of `metric` whose labels include every `(key, value)` of `with`.
+pub fn metric_sum(text: &str, metric: &str, with: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            if name != metric {
+                return None;
+            }
+            let all = with.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
