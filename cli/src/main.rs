@@ -3,11 +3,15 @@
 //! Verbs follow DESIGN.md ("What the user does"): `federation`, `namespace`, `waypoint`,
 //! `traffic`, `status` and `lab`. The parser is complete; verbs whose machinery has not landed
 //! yet say so and exit with status 2, naming what they will do.
+//!
+//! Read [`lab`] (the network-namespace lab) and [`demo`] (the application its pods run).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+mod lab;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -45,7 +49,10 @@ enum Verb {
     },
     /// Run Trellis on this machine in network namespaces: nodes, pods, etcd, capture.
     #[command(subcommand)]
-    Lab(Lab),
+    Lab(lab::Lab),
+    /// The lab's demo application: `server`, `call`, `client` (see `trellis demo --help`).
+    #[command(subcommand, hide = true)]
+    Demo(demo::Demo),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,16 +112,6 @@ enum Traffic {
         #[arg(long, value_name = "CLUSTER=WEIGHT,...")]
         cluster: String,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum Lab {
-    /// Build the lab (idempotent).
-    Up,
-    /// Remove everything the lab made.
-    Down,
-    /// Show the lab's clusters, nodes, pods and processes.
-    Status,
 }
 
 /// What a verb that has not landed yet answers.
@@ -183,9 +180,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Verb::Lab(Lab::Up) => not_yet("lab up", "build clusters of nodes and pods in network namespaces"),
-        Verb::Lab(Lab::Down) => not_yet("lab down", "remove everything `lab up` made"),
-        Verb::Lab(Lab::Status) => not_yet("lab status", "show the lab's clusters, nodes and pods"),
+        Verb::Lab(verb) => lab::run(verb),
+        Verb::Demo(verb) => demo::run(verb),
     }
 }
 
@@ -204,7 +200,7 @@ mod tests {
 
     #[test]
     fn the_design_examples_parse() {
-        let examples: [&[&str]; 6] = [
+        let examples: [&[&str]; 9] = [
             &[
                 "trellis",
                 "federation",
@@ -234,6 +230,27 @@ mod tests {
             ],
             &["trellis", "status", "--admin", "127.0.0.1:15014"],
             &["trellis", "lab", "up"],
+            &[
+                "trellis",
+                "lab",
+                "up",
+                "--name",
+                "t1",
+                "--file",
+                "x.yaml",
+                "--bin-dir",
+                "target/debug",
+            ],
+            &["trellis", "lab", "down", "--name", "t1", "--state-dir", "/tmp/t1"],
+            &[
+                "trellis",
+                "demo",
+                "call",
+                "--url",
+                "http://10.1.2.10:8080/",
+                "--send-bytes",
+                "10",
+            ],
         ];
         for args in examples {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));

@@ -46,11 +46,10 @@ impl Lab {
         if let Some(file) = file {
             cmd.arg(file);
         }
-        cmd.args(["--name", &self.name])
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bin-dir")
-            .arg(bin_dir());
+        cmd.args(["--name", &self.name]).arg("--state-dir").arg(&self.state_dir);
+        if verb.contains(&"up") {
+            cmd.arg("--bin-dir").arg(bin_dir());
+        }
         cmd.output().expect("running trellis")
     }
 
@@ -150,6 +149,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let out = self.trellis(&["lab", "down"], None);
+        // A leaked lab would break the next run: fail loudly, unless already unwinding.
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("{}", describe("trellis lab down", &out));
+        }
         if !out.status.success() {
             eprintln!("{}", describe("trellis lab down", &out));
         }
