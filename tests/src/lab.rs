@@ -129,7 +129,10 @@ impl Lab {
 
     /// Kills every process in a network namespace (e.g. trellisd's).
     pub fn kill_all_in(&self, netns: &str) {
-        let out = Command::new("ip").args(["netns", "pids", netns]).output().expect("ip netns pids");
+        let out = Command::new("ip")
+            .args(["netns", "pids", netns])
+            .output()
+            .expect("ip netns pids");
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = Command::new("kill").args(["-9", pid]).status();
         }

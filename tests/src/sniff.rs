@@ -65,9 +65,7 @@ impl Sniffer {
             }
             Ok(seen)
         });
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("sniffer thread died"))??;
+        ready_rx.recv().map_err(|_| io::Error::other("sniffer thread died"))??;
         Ok(Self {
             stop,
             thread: Some(thread),

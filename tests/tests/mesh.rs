@@ -43,8 +43,12 @@ fn pod_to_pod_across_nodes_is_mutual_tls_with_only_hbone_on_the_wire() {
     let alpha = lab.pod_ns("east", "mesh", "alpha");
     let sniffer = Sniffer::start(&lab.underlay_ns()).expect("sniffer in the underlay");
     let marker = marker("mtls");
-    let via_vip = lab.call(&alpha, &format!("{SRV_VIP}/{marker}"), 4096).expect("alpha → srv VIP");
-    let via_pod_ip = lab.call(&alpha, &format!("http://10.1.2.10:8080/{marker}"), 0).expect("alpha → srv pod IP");
+    let via_vip = lab
+        .call(&alpha, &format!("{SRV_VIP}/{marker}"), 4096)
+        .expect("alpha → srv VIP");
+    let via_pod_ip = lab
+        .call(&alpha, &format!("http://10.1.2.10:8080/{marker}"), 0)
+        .expect("alpha → srv pod IP");
     let wire = sniffer.stop();
 
     for body in [&via_vip, &via_pod_ip] {
@@ -53,10 +57,16 @@ fn pod_to_pod_across_nodes_is_mutual_tls_with_only_hbone_on_the_wire() {
     }
     assert!(via_vip.contains("received 4096 bytes"), "{via_vip}");
     let data: Vec<_> = wire.iter().filter(|s| s.src != TRELLISD && s.dst != TRELLISD).collect();
-    assert!(data.iter().any(|s| s.dport == 15008), "the calls crossed the wire on 15008");
+    assert!(
+        data.iter().any(|s| s.dport == 15008),
+        "the calls crossed the wire on 15008"
+    );
     let other: Vec<_> = data.iter().filter(|s| s.sport != 15008 && s.dport != 15008).collect();
     assert!(other.is_empty(), "only HBONE between nodes, saw {:?}", other.first());
-    assert!(!wire.iter().any(|s| s.carries(marker.as_bytes())), "no application plaintext on the wire");
+    assert!(
+        !wire.iter().any(|s| s.carries(marker.as_bytes())),
+        "no application plaintext on the wire"
+    );
 
     let node1 = lab.metrics("east", "node-1");
     let from_alpha = [
@@ -65,14 +75,22 @@ fn pod_to_pod_across_nodes_is_mutual_tls_with_only_hbone_on_the_wire() {
         ("destination_principal", "spiffe://east.trellis.local/ns/mesh/sa/srv"),
         ("connection_security_policy", "mutual_tls"),
     ];
-    assert_eq!(metric_sum(&node1, "trellis_tcp_connections_opened_total", &from_alpha), 2.0, "{node1}");
+    assert_eq!(
+        metric_sum(&node1, "trellis_tcp_connections_opened_total", &from_alpha),
+        2.0,
+        "{node1}"
+    );
     let node2 = lab.metrics("east", "node-2");
     let at_srv = [
         ("reporter", "destination"),
         ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/alpha"),
         ("destination_workload", "srv"),
     ];
-    assert_eq!(metric_sum(&node2, "trellis_tcp_connections_opened_total", &at_srv), 2.0, "{node2}");
+    assert_eq!(
+        metric_sum(&node2, "trellis_tcp_connections_opened_total", &at_srv),
+        2.0,
+        "{node2}"
+    );
 }
 
 #[test]
@@ -81,18 +99,31 @@ fn traffic_of_non_enrolled_pods_is_untouched() {
     let pcli = lab.pod_ns("east", "plain", "pcli");
     let sniffer = Sniffer::start(&lab.underlay_ns()).expect("sniffer in the underlay");
     let marker = marker("plain");
-    let body = lab.call(&pcli, &format!("http://10.1.2.11:8080/{marker}"), 0).expect("pcli → psrv");
+    let body = lab
+        .call(&pcli, &format!("http://10.1.2.11:8080/{marker}"), 0)
+        .expect("pcli → psrv");
     let wire = sniffer.stop();
 
-    assert!(body.contains("hello from psrv") && body.contains("to 10.1.1.12:"), "the server sees pcli itself: {body}");
+    assert!(
+        body.contains("hello from psrv") && body.contains("to 10.1.1.12:"),
+        "the server sees pcli itself: {body}"
+    );
     assert!(
         wire.iter().any(|s| s.dport == 8080 && s.carries(marker.as_bytes())),
         "plaintext straight to the pod, as without a mesh"
     );
     let node1 = lab.metrics("east", "node-1");
-    assert_eq!(metric_sum(&node1, "trellis_tcp_connections_opened_total", &[]), 0.0, "{node1}");
+    assert_eq!(
+        metric_sum(&node1, "trellis_tcp_connections_opened_total", &[]),
+        0.0,
+        "{node1}"
+    );
     let node2 = lab.metrics("east", "node-2");
-    assert_eq!(metric_sum(&node2, "trellis_tcp_connections_opened_total", &[]), 0.0, "{node2}");
+    assert_eq!(
+        metric_sum(&node2, "trellis_tcp_connections_opened_total", &[]),
+        0.0,
+        "{node2}"
+    );
 }
 
 #[test]
@@ -108,14 +139,20 @@ fn enrolling_a_namespace_at_runtime_starts_capture_without_restarting_pods() {
         r.as_ref().is_ok_and(|b| b.contains(NODE2_GATEWAY))
     });
     let after = after.expect("pcli → psrv after enrolment");
-    assert!(after.contains(NODE2_GATEWAY), "now tunnelled through node-2's ztunnel: {after}");
+    assert!(
+        after.contains(NODE2_GATEWAY),
+        "now tunnelled through node-2's ztunnel: {after}"
+    );
     let node1 = lab.metrics("east", "node-1");
     let meshed = [
         ("reporter", "source"),
         ("source_workload", "pcli"),
         ("connection_security_policy", "mutual_tls"),
     ];
-    assert!(metric_sum(&node1, "trellis_tcp_connections_opened_total", &meshed) >= 1.0, "{node1}");
+    assert!(
+        metric_sum(&node1, "trellis_tcp_connections_opened_total", &meshed) >= 1.0,
+        "{node1}"
+    );
 }
 
 #[test]
@@ -139,7 +176,10 @@ spec:
     std::fs::write(lab.manifests("east").join("policy.yaml"), policy).expect("writing the policy");
     let denied = lab.call_until(&alpha, SRV_VIP, Duration::from_secs(20), |r| r.is_err());
     let error = denied.expect_err("alpha is denied");
-    assert!(error.contains("reset") || error.contains("closed"), "the client's connection is reset: {error}");
+    assert!(
+        error.contains("reset") || error.contains("closed"),
+        "the client's connection is reset: {error}"
+    );
     let allowed = lab.call(&beta, SRV_VIP, 0).expect("beta is not named by the policy");
     assert!(allowed.contains("hello from srv"), "{allowed}");
 
@@ -148,9 +188,18 @@ spec:
         ("decision", "deny"),
         ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/alpha"),
     ];
-    assert!(metric_sum(&node2, "trellis_authorization_decisions_total", &deny) >= 1.0, "{node2}");
-    let beta_denied = [("decision", "deny"), ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/beta")];
-    assert_eq!(metric_sum(&node2, "trellis_authorization_decisions_total", &beta_denied), 0.0);
+    assert!(
+        metric_sum(&node2, "trellis_authorization_decisions_total", &deny) >= 1.0,
+        "{node2}"
+    );
+    let beta_denied = [
+        ("decision", "deny"),
+        ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/beta"),
+    ];
+    assert_eq!(
+        metric_sum(&node2, "trellis_authorization_decisions_total", &beta_denied),
+        0.0
+    );
 }
 
 #[test]
@@ -164,7 +213,10 @@ fn killing_trellisd_does_not_break_traffic() {
         let body = lab
             .call(&alpha, &format!("{SRV_VIP}/after-{i}"), 1000)
             .unwrap_or_else(|e| panic!("call {i} with trellisd dead: {e}"));
-        assert!(body.contains("hello from srv") && body.contains(NODE2_GATEWAY), "{body}");
+        assert!(
+            body.contains("hello from srv") && body.contains(NODE2_GATEWAY),
+            "{body}"
+        );
     }
 }
 
@@ -191,7 +243,16 @@ fn byte_counters_match_what_the_client_sent() {
         (sent as f64..sent as f64 + 512.0).contains(&request_at_source),
         "client→server bytes at the source: {request_at_source}"
     );
-    assert_eq!(request_at_source, request_at_destination, "both ztunnels count the same request bytes");
-    assert!(response_at_source >= body.len() as f64, "server→client bytes: {response_at_source}");
-    assert_eq!(response_at_source, response_at_destination, "both ztunnels count the same response bytes");
+    assert_eq!(
+        request_at_source, request_at_destination,
+        "both ztunnels count the same request bytes"
+    );
+    assert!(
+        response_at_source >= body.len() as f64,
+        "server→client bytes: {response_at_source}"
+    );
+    assert_eq!(
+        response_at_source, response_at_destination,
+        "both ztunnels count the same response bytes"
+    );
 }

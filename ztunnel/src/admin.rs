@@ -101,7 +101,10 @@ mod tests {
         let r = Readiness::default();
         r.node_svid.store(true, Ordering::Release);
         let err = r.check().unwrap_err();
-        assert!(err.contains("first config") && err.contains("capture") && !err.contains("node SVID"), "{err}");
+        assert!(
+            err.contains("first config") && err.contains("capture") && !err.contains("node SVID"),
+            "{err}"
+        );
         r.config.store(true, Ordering::Release);
         r.capture.store(true, Ordering::Release);
         assert!(r.check().is_ok());

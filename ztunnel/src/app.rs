@@ -103,10 +103,19 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
 
     let server_tls = hbone_server::tls_config(local.clone(), bundles.clone());
     let inbound = Arc::new(Inbound { proxy: proxy.clone() });
-    tokio::spawn(hbone_server::serve(hbone_listener, server_tls, local, inbound, proxy.drain.watch()));
+    tokio::spawn(hbone_server::serve(
+        hbone_listener,
+        server_tls,
+        local,
+        inbound,
+        proxy.drain.watch(),
+    ));
     tokio::spawn(outbound::serve(outbound_listener, proxy.clone()));
     tokio::spawn(inbound_plain::serve(plain_listener, proxy.clone()));
-    tokio::spawn(admin::serve(admin_listener, admin_route(&config, proxy.clone(), ready.clone(), log)));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_route(&config, proxy.clone(), ready.clone(), log),
+    ));
 
     tracing::info!(node = %config.node, identity = %node_id, "ztunnel serving");
     shutdown_signal().await;
@@ -220,7 +229,9 @@ async fn export_expiry(certs: CertManager, metrics: Arc<Metrics>) {
         metrics.cert_expiry.clear();
         for id in certs.identities() {
             if let Some(held) = certs.current(&id) {
-                let labels = IdentityLabels { identity: id.to_string() };
+                let labels = IdentityLabels {
+                    identity: id.to_string(),
+                };
                 metrics
                     .cert_expiry
                     .get_or_create(&labels)
@@ -241,9 +252,17 @@ fn admin_route(config: &Config, proxy: Arc<Proxy>, ready: Arc<Readiness>, log: L
             ("/logging", _) => match query_param(query, "level") {
                 Some(level) => match log(level) {
                     Ok(()) => (StatusCode::OK, "text/plain", format!("log level set to {level}\n")),
-                    Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("bad level {level:?}: {e}\n")),
+                    Err(e) => (
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("bad level {level:?}: {e}\n"),
+                    ),
                 },
-                None => (StatusCode::BAD_REQUEST, "text/plain", "give ?level=<filter>, e.g. info or ztunnel=debug\n".into()),
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "give ?level=<filter>, e.g. info or ztunnel=debug\n".into(),
+                ),
             },
             _ => (
                 StatusCode::NOT_FOUND,

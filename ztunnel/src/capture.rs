@@ -10,6 +10,7 @@
 //!   (locally generated packets never pass prerouting), so they are not captured again;
 //! - a packet claiming an enrolled pod's address on any interface but that pod's own is
 //!   dropped (reverse-path check), so nothing can borrow a pod's identity by spoofing its IP.
+//!
 //! Non-enrolled pods match no rule. Host mode captures the host's own outbound TCP instead,
 //! except ztunnel's own sockets (marked) and loopback.
 //!
@@ -103,7 +104,9 @@ pub async fn apply(script: &str) -> Result<(), CaptureError> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(CaptureError::Refused(String::from_utf8_lossy(&output.stderr).trim().to_string()))
+        Err(CaptureError::Refused(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -123,7 +126,10 @@ mod tests {
         assert!(rules.contains("elements = { 10.1.1.10, 10.1.1.12 }"), "{rules}");
         assert!(rules.contains("ip saddr @enrolled meta l4proto tcp counter redirect to :15001"));
         assert!(rules.contains("ip daddr @enrolled meta l4proto tcp counter redirect to :15006"));
-        assert!(rules.starts_with("table ip trellis\ndelete table ip trellis\n"), "replaces the old table");
+        assert!(
+            rules.starts_with("table ip trellis\ndelete table ip trellis\n"),
+            "replaces the old table"
+        );
         assert!(!rules.contains("10.1.1.11"));
     }
 

@@ -94,6 +94,7 @@ mod tests {
     fn ep(last: u8, healthy: bool) -> Endpoint {
         Endpoint {
             name: format!("ep-{last}"),
+            cluster: "east".into(),
             ip: IpAddr::from([10, 0, 0, last]),
             node: "n".into(),
             node_address: None,
@@ -128,7 +129,10 @@ mod tests {
         let now = Instant::now();
         let ejections = HashMap::from([(eps[0].ip, eject(None, now))]);
         assert_eq!(ips(&candidates(&eps, &ejections, 0, now)), [2, 3, 1]);
-        assert_eq!(ips(&candidates(&eps, &ejections, 0, now + Duration::from_secs(2))), [1, 2, 3]);
+        assert_eq!(
+            ips(&candidates(&eps, &ejections, 0, now + Duration::from_secs(2))),
+            [1, 2, 3]
+        );
     }
 
     #[test]

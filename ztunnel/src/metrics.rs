@@ -79,8 +79,16 @@ impl Default for Metrics {
         };
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
-        registry.register("tcp_sent_bytes", "Bytes the server sent back to the client", m.sent.clone());
-        registry.register("tcp_received_bytes", "Bytes the client sent to the server", m.received.clone());
+        registry.register(
+            "tcp_sent_bytes",
+            "Bytes the server sent back to the client",
+            m.sent.clone(),
+        );
+        registry.register(
+            "tcp_received_bytes",
+            "Bytes the client sent to the server",
+            m.received.clone(),
+        );
         registry.register(
             "tcp_connection_failures",
             "Connections that could not be opened (no endpoint, refused, denied, unreachable)",
@@ -96,7 +104,11 @@ impl Default for Metrics {
             "Unix time at which each held SVID expires",
             m.cert_expiry.clone(),
         );
-        registry.register("config_version", "Config version applied from trellisd", m.config_version.clone());
+        registry.register(
+            "config_version",
+            "Config version applied from trellisd",
+            m.config_version.clone(),
+        );
         registry.register(
             "config_connected",
             "1 while the config stream to trellisd is up",

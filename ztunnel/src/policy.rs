@@ -49,7 +49,13 @@ impl Principal {
         match (self, id) {
             (Self::Any, Some(_)) => true,
             (Self::Exact(want), Some(id)) => want == id,
-            (Self::Account { namespace, service_account }, Some(id)) => matches!(
+            (
+                Self::Account {
+                    namespace,
+                    service_account,
+                },
+                Some(id),
+            ) => matches!(
                 id.kind(),
                 IdKind::Workload { namespace: ns, service_account: sa } if ns == namespace && sa == service_account
             ),
@@ -145,11 +151,15 @@ impl Rule {
             IdKind::Workload { namespace, .. } => Some(namespace.to_string()),
             _ => None,
         });
-        let in_ns = |list: &[String]| namespace.as_ref().is_some_and(|ns| list.iter().any(|n| n == ns || n == "*"));
+        let in_ns = |list: &[String]| {
+            namespace
+                .as_ref()
+                .is_some_and(|ns| list.iter().any(|n| n == ns || n == "*"))
+        };
         (self.principals.is_empty() || self.principals.iter().any(|p| p.matches(source.principal)))
             && !self.not_principals.iter().any(|p| p.matches(source.principal))
             && (self.namespaces.is_empty() || in_ns(&self.namespaces))
-            && !(!self.not_namespaces.is_empty() && in_ns(&self.not_namespaces))
+            && !in_ns(&self.not_namespaces)
             && (self.ports.is_empty() || self.ports.contains(&source.port))
     }
 }
@@ -202,7 +212,10 @@ mod tests {
     #[test]
     fn no_policy_allows_everything() {
         let web = id("spiffe://east.trellis.local/ns/shop/sa/web");
-        let src = Source { principal: Some(&web), port: 80 };
+        let src = Source {
+            principal: Some(&web),
+            port: 80,
+        };
         assert_eq!(authorize(&[], &labels("cart"), &src), Decision::Allow);
     }
 
@@ -219,11 +232,21 @@ mod tests {
         let api = id("spiffe://east.trellis.local/ns/shop/sa/api");
         let at = |principal, port| authorize(&policies, &labels("cart"), &Source { principal, port });
         assert!(matches!(at(Some(&web_east), 8080), Decision::Deny(_)));
-        assert!(matches!(at(Some(&web_west), 8080), Decision::Deny(_)), "ns/sa form spans trust domains");
+        assert!(
+            matches!(at(Some(&web_west), 8080), Decision::Deny(_)),
+            "ns/sa form spans trust domains"
+        );
         assert_eq!(at(Some(&web_east), 9090), Decision::Allow, "another port");
         assert_eq!(at(Some(&api), 8080), Decision::Allow, "another principal");
         assert_eq!(
-            authorize(&policies, &labels("other"), &Source { principal: Some(&web_east), port: 8080 }),
+            authorize(
+                &policies,
+                &labels("other"),
+                &Source {
+                    principal: Some(&web_east),
+                    port: 8080
+                }
+            ),
             Decision::Allow,
             "the selector does not pick this workload"
         );
@@ -238,21 +261,36 @@ mod tests {
         };
         let policies = [policy(Action::Allow, vec![rule])];
         let at = |principal: Option<&SpiffeId>| authorize(&policies, &labels("cart"), &Source { principal, port: 1 });
-        assert_eq!(at(Some(&id("spiffe://east.trellis.local/ns/shop/sa/api"))), Decision::Allow);
-        assert!(matches!(at(Some(&id("spiffe://east.trellis.local/ns/shop/sa/web"))), Decision::Deny(_)));
-        assert!(matches!(at(Some(&id("spiffe://east.trellis.local/ns/other/sa/x"))), Decision::Deny(_)));
+        assert_eq!(
+            at(Some(&id("spiffe://east.trellis.local/ns/shop/sa/api"))),
+            Decision::Allow
+        );
+        assert!(matches!(
+            at(Some(&id("spiffe://east.trellis.local/ns/shop/sa/web"))),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            at(Some(&id("spiffe://east.trellis.local/ns/other/sa/x"))),
+            Decision::Deny(_)
+        ));
         assert!(matches!(at(None), Decision::Deny(_)), "plaintext has no namespace");
     }
 
     #[test]
     fn empty_rules_allow_nothing_and_deny_nothing() {
         let api = id("spiffe://east.trellis.local/ns/shop/sa/api");
-        let src = Source { principal: Some(&api), port: 1 };
+        let src = Source {
+            principal: Some(&api),
+            port: 1,
+        };
         assert!(matches!(
             authorize(&[policy(Action::Allow, vec![])], &labels("cart"), &src),
             Decision::Deny(_)
         ));
-        assert_eq!(authorize(&[policy(Action::Deny, vec![])], &labels("cart"), &src), Decision::Allow);
+        assert_eq!(
+            authorize(&[policy(Action::Deny, vec![])], &labels("cart"), &src),
+            Decision::Allow
+        );
     }
 
     #[test]

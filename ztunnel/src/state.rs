@@ -33,6 +33,8 @@ pub struct LocalWorkload {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub name: String,
+    /// The endpoint's cluster (from its workload UID, `<cluster>/<ns>/<name>`).
+    pub cluster: String,
     pub ip: IpAddr,
     pub node: String,
     /// Where that node accepts HBONE tunnels (port 15008); `None` if trellisd did not say.
@@ -60,7 +62,10 @@ pub enum Destination {
     /// A service VIP: pick an endpoint, then dial `target_port` on it.
     Service { service: Arc<Service>, target_port: u16 },
     /// A known workload address, dialled as is.
-    Workload { endpoint: Endpoint, service: Option<Arc<Service>> },
+    Workload {
+        endpoint: Endpoint,
+        service: Option<Arc<Service>>,
+    },
     /// Outside the mesh as far as this node knows: connect directly.
     Passthrough,
 }
@@ -124,7 +129,9 @@ impl ProxyState {
             }
         }
         for ep in &svc.endpoints {
-            self.by_endpoint.entry(ep.ip).or_insert_with(|| (ep.clone(), svc.clone()));
+            self.by_endpoint
+                .entry(ep.ip)
+                .or_insert_with(|| (ep.clone(), svc.clone()));
         }
         self.services.push(svc);
     }
@@ -147,6 +154,7 @@ impl ProxyState {
             return Destination::Workload {
                 endpoint: Endpoint {
                     name: local.name.clone(),
+                    cluster: local.cluster.clone(),
                     ip: local.ip,
                     node: String::new(),
                     node_address: None,
@@ -216,7 +224,10 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
     for e in &s.endpoints {
         match endpoint(e) {
             Ok(ep) => endpoints.push(ep),
-            Err(why) => problems.push(format!("service {}/{} endpoint {:?}: {why}", s.namespace, s.name, e.address)),
+            Err(why) => problems.push(format!(
+                "service {}/{} endpoint {:?}: {why}",
+                s.namespace, s.name, e.address
+            )),
         }
     }
     let svc = Service {
@@ -243,8 +254,10 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
         return Err("enrolled, but without an identity or a node address to tunnel to".into());
     }
     let name = e.workload_uid.rsplit('/').next().unwrap_or_default().to_string();
+    let cluster = e.workload_uid.split('/').next().unwrap_or_default().to_string();
     Ok(Endpoint {
         name,
+        cluster,
         ip,
         node: e.node.clone(),
         node_address,

@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_control::model::{key_of, Slice};
-use trellis_identity::{BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
+use trellis_identity::{
+    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
+};
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
 use trellis_ztunnel::metrics::Metrics;
@@ -34,8 +36,13 @@ struct Ca {
 
 fn ca(td: &str) -> Ca {
     let dir = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::load_or_create(dir.path(), &TrustDomain::new(td).unwrap(), IssuancePolicy::default()).unwrap();
-    Ca { _dir: dir, ca: Arc::new(ca) }
+    let ca =
+        CertificateAuthority::load_or_create(dir.path(), &TrustDomain::new(td).unwrap(), IssuancePolicy::default())
+            .unwrap();
+    Ca {
+        _dir: dir,
+        ca: Arc::new(ca),
+    }
 }
 
 async fn certs_for(ca: &Ca, ids: &[&str]) -> CertManager {
@@ -77,7 +84,10 @@ fn slice(deny_api: bool) -> Slice {
             })),
         });
     }
-    resources.into_iter().map(|r| (key_of(&r).unwrap(), Arc::new(r))).collect()
+    resources
+        .into_iter()
+        .map(|r| (key_of(&r).unwrap(), Arc::new(r)))
+        .collect()
 }
 
 /// An echo server on loopback (the workload).
@@ -106,18 +116,34 @@ struct Node {
 async fn node() -> Node {
     let east = ca("east.trellis.local");
     let certs = certs_for(&east, &[CART]).await;
-    let bundles = BundleSet::with(TrustBundle::new(east.ca.trust_domain().clone(), east.ca.roots().to_vec()));
+    let bundles = BundleSet::with(TrustBundle::new(
+        east.ca.trust_domain().clone(),
+        east.ca.roots().to_vec(),
+    ));
     let state = ProxyState::from_slice("node-1", 1, &slice(true));
     let (_tx, rx) = watch::channel(Arc::new(state));
     std::mem::forget(_tx);
     let metrics = Arc::new(Metrics::default());
-    let proxy = Proxy::new("node-1".into(), "east".into(), rx, certs.clone(), bundles.clone(), metrics.clone());
+    let proxy = Proxy::new(
+        "node-1".into(),
+        "east".into(),
+        rx,
+        certs.clone(),
+        bundles.clone(),
+        metrics.clone(),
+    );
     let local = LocalCerts::new(certs);
     local.set([id(CART)]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hbone = listener.local_addr().unwrap();
     let config = server::tls_config(local.clone(), bundles.clone());
-    tokio::spawn(server::serve(listener, config, local, Arc::new(Inbound { proxy: proxy.clone() }), proxy.drain.watch()));
+    tokio::spawn(server::serve(
+        listener,
+        config,
+        local,
+        Arc::new(Inbound { proxy: proxy.clone() }),
+        proxy.drain.watch(),
+    ));
     Node {
         hbone,
         workload: echo().await,
@@ -156,13 +182,26 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
     let east_certs = certs_for(&node._ca, &[WEB, API]).await;
     let pool = Pool::new(east_certs, node.bundles.clone());
 
-    let mut tunnel = pool.open(&key(&node, WEB), node.workload, &[]).await.expect("web → cart");
-    assert_eq!(round_trip(&mut tunnel, b"hello through hbone").await, b"hello through hbone");
+    let mut tunnel = pool
+        .open(&key(&node, WEB), node.workload, &[])
+        .await
+        .expect("web → cart");
+    assert_eq!(
+        round_trip(&mut tunnel, b"hello through hbone").await,
+        b"hello through hbone"
+    );
 
     let denied = pool.open(&key(&node, API), node.workload, &[]).await;
-    assert!(matches!(denied, Err(OpenError::Denied)), "api is denied by policy: {:?}", denied.err());
+    assert!(
+        matches!(denied, Err(OpenError::Denied)),
+        "api is denied by policy: {:?}",
+        denied.err()
+    );
     let text = node.metrics.render();
-    assert!(text.contains("trellis_authorization_decisions_total{decision=\"deny\""), "{text}");
+    assert!(
+        text.contains("trellis_authorization_decisions_total{decision=\"deny\""),
+        "{text}"
+    );
 
     let elsewhere: std::net::SocketAddr = "127.0.0.2:9".parse().unwrap();
     let not_local = pool.open(&key(&node, WEB), elsewhere, &[]).await;
@@ -174,7 +213,11 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
 
     let closed_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let unreachable = pool.open(&key(&node, WEB), closed_port, &[]).await;
-    assert!(matches!(unreachable, Err(OpenError::Unreachable)), "{:?}", unreachable.err());
+    assert!(
+        matches!(unreachable, Err(OpenError::Unreachable)),
+        "{:?}",
+        unreachable.err()
+    );
     assert_eq!(round_trip(&mut tunnel, b"still here").await, b"still here");
 }
 
@@ -182,35 +225,51 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
 async fn hostile_peers_are_refused_without_harming_other_tunnels() {
     let node = node().await;
     let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
-    let mut tunnel = pool.open(&key(&node, WEB), node.workload, &[]).await.expect("web → cart");
+    let mut tunnel = pool
+        .open(&key(&node, WEB), node.workload, &[])
+        .await
+        .expect("web → cart");
 
     // A client without a certificate: the TLS handshake fails.
     let no_cert = trellis_identity::tls::client_config(
-        trellis_identity::verify::SpiffeServerVerifier::new(node.bundles.clone(), trellis_identity::verify::ExpectedPeer::Any),
+        trellis_identity::verify::SpiffeServerVerifier::new(
+            node.bundles.clone(),
+            trellis_identity::verify::ExpectedPeer::Any,
+        ),
         None,
     )
     .unwrap();
     let tcp = TcpStream::connect(node.hbone).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(trellis_ztunnel::hbone::sni_for(&id(CART))).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(no_cert)).connect(name, tcp).await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(no_cert))
+        .connect(name, tcp)
+        .await;
     let refused = match tls {
         Err(_) => true,
         Ok(mut tls) => {
             let mut buf = [0u8; 1];
-            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.is_err() || matches!(tls.read(&mut buf).await, Ok(0) | Err(_))
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.is_err()
+                || matches!(tls.read(&mut buf).await, Ok(0) | Err(_))
         }
     };
     assert!(refused, "a client without a certificate is refused");
 
     // A workload of an unknown trust domain: refused.
     let evil = ca("evil.example");
-    let evil_pool = Pool::new(certs_for(&evil, &["spiffe://evil.example/ns/shop/sa/web"]).await, node.bundles.clone());
+    let evil_pool = Pool::new(
+        certs_for(&evil, &["spiffe://evil.example/ns/shop/sa/web"]).await,
+        node.bundles.clone(),
+    );
     let evil_key = Key {
         source: id("spiffe://evil.example/ns/shop/sa/web"),
         ..key(&node, WEB)
     };
     let outsider = evil_pool.open(&evil_key, node.workload, &[]).await;
-    assert!(matches!(outsider, Err(OpenError::Tls(..) | OpenError::Protocol(..))), "{:?}", outsider.err());
+    assert!(
+        matches!(outsider, Err(OpenError::Tls(..) | OpenError::Protocol(..))),
+        "{:?}",
+        outsider.err()
+    );
 
     // A flood: 250 tunnels at once (beyond one connection's 100 streams) all open and work.
     let mut flood = Vec::new();
@@ -218,7 +277,9 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
         let pool = pool.clone();
         let key = key(&node, WEB);
         let addr = node.workload;
-        flood.push(tokio::spawn(async move { pool.open(&key, addr, &[]).await.map(|_| ()) }));
+        flood.push(tokio::spawn(
+            async move { pool.open(&key, addr, &[]).await.map(|_| ()) },
+        ));
     }
     for t in flood {
         t.await.unwrap().expect("a flood tunnel");
@@ -235,8 +296,14 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
     let started = Instant::now();
     let mut buf = [0u8; 16];
     let end = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf)).await;
-    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "the silent client is dropped: {end:?}");
-    assert!(started.elapsed() >= Duration::from_secs(9), "after the handshake timeout, not before");
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent client is dropped: {end:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "after the handshake timeout, not before"
+    );
 
     assert_eq!(round_trip(&mut tunnel, b"unharmed").await, b"unharmed");
 }

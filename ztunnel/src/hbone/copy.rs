@@ -33,7 +33,12 @@ pub struct Moved {
 }
 
 /// Runs the tunnel until both directions are closed, or one fails (then the other is reset).
-pub async fn splice(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream, counters: &dyn OnBytes) -> (Moved, io::Result<()>) {
+pub async fn splice(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    counters: &dyn OnBytes,
+) -> (Moved, io::Result<()>) {
     let (rd, wr) = tcp.into_split();
     let mut moved = Moved::default();
     let up = tcp_to_h2(rd, send, counters, &mut moved.upstream);
@@ -83,7 +88,12 @@ async fn tcp_to_h2(
     }
 }
 
-async fn h2_to_tcp(mut recv: RecvStream, mut wr: OwnedWriteHalf, counters: &dyn OnBytes, total: &mut u64) -> io::Result<()> {
+async fn h2_to_tcp(
+    mut recv: RecvStream,
+    mut wr: OwnedWriteHalf,
+    counters: &dyn OnBytes,
+    total: &mut u64,
+) -> io::Result<()> {
     while let Some(data) = recv.data().await {
         let data = match data {
             Ok(data) => data,
@@ -147,4 +157,3 @@ pub async fn copy_plain(
     .map(|_| ());
     (moved, result)
 }
-

@@ -60,7 +60,9 @@ pub fn baggage(cluster: &str, namespace: &str, workload: &str) -> String {
 pub fn parse_baggage(value: &str) -> (String, String, String) {
     let (mut cluster, mut namespace, mut workload) = (String::new(), String::new(), String::new());
     for item in value.split(',') {
-        let Some((k, v)) = item.trim().split_once('=') else { continue };
+        let Some((k, v)) = item.trim().split_once('=') else {
+            continue;
+        };
         let v = v.split(';').next().unwrap_or_default().trim();
         if v.len() > 253 {
             continue;
@@ -93,7 +95,10 @@ pub async fn dial(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     socket.set_nodelay(true)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out"))),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect to {addr} timed out"),
+        )),
     }
 }
 
@@ -108,13 +113,19 @@ mod tests {
         assert_eq!(sni_for(&a), sni_for(&a.clone()));
         assert_ne!(sni_for(&a), sni_for(&b));
         assert!(rustls::pki_types::ServerName::try_from(sni_for(&a)).is_ok());
-        assert!(!sni_for(&a).contains("shop"), "the identity stays out of the ClientHello");
+        assert!(
+            !sni_for(&a).contains("shop"),
+            "the identity stays out of the ClientHello"
+        );
     }
 
     #[test]
     fn baggage_round_trips_and_ignores_junk() {
         let value = baggage("east", "shop", "web-1");
         assert_eq!(parse_baggage(&value), ("east".into(), "shop".into(), "web-1".into()));
-        assert_eq!(parse_baggage("garbage,,=x,k8s.namespace.name=a;prop"), (String::new(), "a".into(), String::new()));
+        assert_eq!(
+            parse_baggage("garbage,,=x,k8s.namespace.name=a;prop"),
+            (String::new(), "a".into(), String::new())
+        );
     }
 }

@@ -22,7 +22,10 @@ use trellis_identity::tls::client_config;
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{BundleSet, CertManager, SpiffeId};
 
-use super::{dial, sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
+use super::{
+    dial, sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS,
+    STREAM_WINDOW,
+};
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +111,12 @@ impl Pool {
 
     /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
     /// with the extra request `headers`.
-    pub async fn open(&self, key: &Key, authority: SocketAddr, headers: &[(&str, String)]) -> Result<Tunnel, OpenError> {
+    pub async fn open(
+        &self,
+        key: &Key,
+        authority: SocketAddr,
+        headers: &[(&str, String)],
+    ) -> Result<Tunnel, OpenError> {
         // A pooled connection may have just received GOAWAY: then dial once more.
         for attempt in 0..2 {
             let conn = self.connection(key, attempt > 0).await?;
@@ -142,7 +150,10 @@ impl Pool {
                 other => Err(OpenError::Status(other)),
             };
         }
-        Err(OpenError::Connect(key.node, io::Error::other("connection closed twice in a row")))
+        Err(OpenError::Connect(
+            key.node,
+            io::Error::other("connection closed twice in a row"),
+        ))
     }
 
     /// A connection of `key` with a free stream slot, dialling one if there is none.
@@ -224,7 +235,8 @@ impl Pool {
         configs
             .entry((source.clone(), destination.clone()))
             .or_insert_with(|| {
-                let verifier = SpiffeServerVerifier::new(self.bundles.clone(), ExpectedPeer::Exact(destination.clone()));
+                let verifier =
+                    SpiffeServerVerifier::new(self.bundles.clone(), ExpectedPeer::Exact(destination.clone()));
                 let mut config = client_config(verifier, Some(self.certs.resolver(source)))
                     .unwrap_or_else(|e| unreachable!("TLS 1.3 with aws-lc-rs is always available: {e}"));
                 config.alpn_protocols = vec![b"h2".to_vec()];
@@ -238,7 +250,13 @@ impl Pool {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns
             .iter()
-            .map(|(k, v)| (k.clone(), v.len(), v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.len(),
+                    v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                )
+            })
             .collect()
     }
 

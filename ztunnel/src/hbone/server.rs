@@ -28,7 +28,9 @@ use trellis_identity::tls::{server_config, MAX_PENDING_HANDSHAKES};
 use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier};
 use trellis_identity::{BundleSet, CertManager, IdKind, SpiffeId};
 
-use super::{sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
+use super::{
+    sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW,
+};
 
 /// The certificates this node serves on 15008: one per identity of its enrolled workloads,
 /// found by the SNI a client sends ([`sni_for`]).
@@ -96,7 +98,12 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What to do with each CONNECT.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> BoxFuture;
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) -> BoxFuture;
 }
 
 /// Accepts HBONE connections on `listener` until `drain` turns true; then tells every open
@@ -112,7 +119,9 @@ pub async fn serve<H: Handler>(
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let mut stop = drain.clone();
     loop {
-        let Ok(permit) = pending.clone().acquire_owned().await else { return };
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|d| *d) => return,
@@ -148,12 +157,22 @@ pub async fn serve<H: Handler>(
                     .handshake::<_, Bytes>(tls)
                     .await
                     .map_err(|e| format!("HTTP/2 preface: {e}"))?;
-                Ok::<_, String>((connection, ConnInfo { peer_addr, peer_id, served }, not_after))
+                Ok::<_, String>((
+                    connection,
+                    ConnInfo {
+                        peer_addr,
+                        peer_id,
+                        served,
+                    },
+                    not_after,
+                ))
             };
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
             drop(permit);
             match handshake {
-                Ok(Ok((connection, info, not_after))) => run(connection, Arc::new(info), not_after, handler, drain).await,
+                Ok(Ok((connection, info, not_after))) => {
+                    run(connection, Arc::new(info), not_after, handler, drain).await
+                }
                 Ok(Err(why)) => tracing::info!(peer = %peer_addr, error = %why, "HBONE connection refused"),
                 Err(_) => tracing::info!(peer = %peer_addr, "HBONE handshake timed out"),
             }

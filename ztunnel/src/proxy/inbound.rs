@@ -28,7 +28,12 @@ pub struct Inbound {
 }
 
 impl Handler for Inbound {
-    fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<RecvStream>, respond: SendResponse<Bytes>) -> BoxFuture {
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) -> BoxFuture {
         Box::pin(async move { self.tunnel(conn, request, respond).await })
     }
 }
@@ -44,16 +49,25 @@ pub fn route(
         return Err((StatusCode::BAD_REQUEST, format!("{method} is not CONNECT")));
     }
     let authority = authority.ok_or((StatusCode::BAD_REQUEST, "CONNECT without :authority".to_string()))?;
-    let addr: SocketAddr = authority
-        .parse()
-        .map_err(|_| (StatusCode::BAD_REQUEST, format!(":authority {authority:?} is not <ip>:<port>")))?;
-    let workload = state
-        .enrolled_local(addr.ip())
-        .ok_or((StatusCode::BAD_REQUEST, format!("{} is not an enrolled workload on this node", addr.ip())))?;
+    let addr: SocketAddr = authority.parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!(":authority {authority:?} is not <ip>:<port>"),
+        )
+    })?;
+    let workload = state.enrolled_local(addr.ip()).ok_or((
+        StatusCode::BAD_REQUEST,
+        format!("{} is not an enrolled workload on this node", addr.ip()),
+    ))?;
     if workload.identity != conn.served {
         return Err((
             StatusCode::BAD_REQUEST,
-            format!("{} is {}, but the connection was opened for {}", addr.ip(), workload.identity, conn.served),
+            format!(
+                "{} is {}, but the connection was opened for {}",
+                addr.ip(),
+                workload.identity,
+                conn.served
+            ),
         ));
     }
     Ok((workload.clone(), addr))
@@ -150,8 +164,8 @@ impl Inbound {
             dst = %addr,
             dst_workload = %workload.name,
             dst_identity = %workload.identity,
-            bytes_received = moved.downstream,
-            bytes_sent = moved.upstream,
+            request_bytes = moved.downstream,
+            response_bytes = moved.upstream,
             duration_ms = started.elapsed().as_millis() as u64,
             result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
             "connection closed"
@@ -199,13 +213,33 @@ mod tests {
         let state = state_with("10.1.1.10", &cart, true);
         let ok = route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn(&cart)).unwrap();
         assert_eq!(ok.1, "10.1.1.10:8080".parse::<SocketAddr>().unwrap());
-        let status = |m: &Method, a: Option<&str>, st: &ProxyState, served: &SpiffeId| route(m, a, st, &conn(served)).unwrap_err().0;
-        assert_eq!(status(&Method::GET, Some("10.1.1.10:8080"), &state, &cart), StatusCode::BAD_REQUEST);
+        let status = |m: &Method, a: Option<&str>, st: &ProxyState, served: &SpiffeId| {
+            route(m, a, st, &conn(served)).unwrap_err().0
+        };
+        assert_eq!(
+            status(&Method::GET, Some("10.1.1.10:8080"), &state, &cart),
+            StatusCode::BAD_REQUEST
+        );
         assert_eq!(status(&Method::CONNECT, None, &state, &cart), StatusCode::BAD_REQUEST);
-        assert_eq!(status(&Method::CONNECT, Some("cart:80"), &state, &cart), StatusCode::BAD_REQUEST);
-        assert_eq!(status(&Method::CONNECT, Some("10.9.9.9:80"), &state, &cart), StatusCode::BAD_REQUEST, "not local");
-        assert_eq!(status(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &web), StatusCode::BAD_REQUEST, "wrong identity");
+        assert_eq!(
+            status(&Method::CONNECT, Some("cart:80"), &state, &cart),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(&Method::CONNECT, Some("10.9.9.9:80"), &state, &cart),
+            StatusCode::BAD_REQUEST,
+            "not local"
+        );
+        assert_eq!(
+            status(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &web),
+            StatusCode::BAD_REQUEST,
+            "wrong identity"
+        );
         let plain = state_with("10.1.1.10", &cart, false);
-        assert_eq!(status(&Method::CONNECT, Some("10.1.1.10:8080"), &plain, &cart), StatusCode::BAD_REQUEST, "not enrolled");
+        assert_eq!(
+            status(&Method::CONNECT, Some("10.1.1.10:8080"), &plain, &cart),
+            StatusCode::BAD_REQUEST,
+            "not enrolled"
+        );
     }
 }

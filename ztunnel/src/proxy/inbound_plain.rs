@@ -83,8 +83,8 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         dst = %dst,
         dst_workload = %workload.name,
         security = "none",
-        bytes_received = moved.upstream,
-        bytes_sent = moved.downstream,
+        request_bytes = moved.upstream,
+        response_bytes = moved.downstream,
         duration_ms = started.elapsed().as_millis() as u64,
         result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
         "connection closed"

@@ -65,7 +65,9 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     };
     let (service, candidates, port): (Option<Arc<Service>>, Vec<Endpoint>, u16) = match state.destination(dst) {
         Destination::Service { service, target_port } => {
-            let order = proxy.balancer(&service.namespace, &service.name).pick(&service.endpoints);
+            let order = proxy
+                .balancer(&service.namespace, &service.name)
+                .pick(&service.endpoints);
             let order = order.into_iter().cloned().collect();
             (Some(service), order, target_port)
         }
@@ -78,7 +80,10 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         source_workload_namespace: source.namespace.clone(),
         source_principal: source.identity.to_string(),
         source_cluster: source.cluster.clone(),
-        destination_service: service.as_ref().map(|s| format!("{}.{}", s.name, s.namespace)).unwrap_or_default(),
+        destination_service: service
+            .as_ref()
+            .map(|s| format!("{}.{}", s.name, s.namespace))
+            .unwrap_or_default(),
         ..Default::default()
     };
     if candidates.is_empty() {
@@ -90,6 +95,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     for endpoint in &candidates {
         let target = SocketAddr::new(endpoint.ip, port);
         labels.destination_workload = endpoint.name.clone();
+        labels.destination_cluster = endpoint.cluster.clone();
         labels.destination_principal = endpoint.identity.as_ref().map(ToString::to_string).unwrap_or_default();
         labels.destination_workload_namespace = service.as_ref().map(|s| s.namespace.clone()).unwrap_or_default();
         labels.connection_security_policy = if endpoint.enrolled { "mutual_tls" } else { "none" }.into();
@@ -148,7 +154,14 @@ async fn attempt(
     proxy.pool.open(&key, target, &headers).await.map(Attempt::Tunnel)
 }
 
-async fn passthrough(proxy: &Proxy, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, source: &LocalWorkload, started: Instant) {
+async fn passthrough(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: &LocalWorkload,
+    started: Instant,
+) {
     let labels = ConnLabels {
         reporter: "source",
         source_workload: source.name.clone(),
@@ -191,8 +204,8 @@ fn access_log(
         dst_workload = %labels.destination_workload,
         dst_identity = %labels.destination_principal,
         security = %labels.connection_security_policy,
-        bytes_sent = moved.upstream,
-        bytes_received = moved.downstream,
+        request_bytes = moved.upstream,
+        response_bytes = moved.downstream,
         duration_ms = started.elapsed().as_millis() as u64,
         result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
         "connection closed"
