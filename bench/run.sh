@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane
+# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   control-plane)
     cargo build --profile bench -p trellis-control --bin trellisd -p trellis-bench --bin control_plane
-    exec target/release/control_plane  # the bench profile builds into target/release ;;
+    # The bench profile builds into target/release.
+    exec target/release/control_plane ;;
+  data-plane)
+    # Needs root: it builds a network-namespace lab (trellis lab up) and tears it down after.
+    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
+      -p trellis-cli --bin trellis -p trellis-bench --bin netbench --bin data_plane
+    exec target/release/data_plane ;;
   *)
-    echo "usage: bash bench/run.sh control-plane" >&2; exit 2 ;;
+    echo "usage: bash bench/run.sh control-plane|data-plane" >&2; exit 2 ;;
 esac

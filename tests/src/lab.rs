@@ -138,6 +138,26 @@ impl Lab {
         }
     }
 
+    /// Starts a recorded lab process again (after it was killed) with its recorded command
+    /// line, and records the new pid so that `lab down` stops it.
+    pub fn restart(&self, process: &str, netns: &str) {
+        let pids = self.state_dir.join("pids");
+        let argv = std::fs::read_to_string(pids.join(format!("{process}.argv"))).expect("recorded command line");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.state_dir.join("logs").join(format!("{process}.log")))
+            .expect("the process's log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(argv.split('\0'))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("restarting the process");
+        std::fs::write(pids.join(format!("{process}.pid")), format!("{}\n", child.id())).expect("pid file");
+    }
+
     /// Runs `trellis namespace label` against the lab's manifests.
     pub fn label_namespace(&self, cluster: &str, namespace: &str, label: &str) {
         let out = binary("trellis")

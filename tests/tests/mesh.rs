@@ -4,7 +4,8 @@
 //!
 //! Addresses (see deploy/lab/README.md): nodes 10.1.0.11 and 10.1.0.12, trellisd 10.1.0.2;
 //! node-1's pods alpha 10.1.1.10, beta 10.1.1.11, pcli 10.1.1.12; node-2's pods srv
-//! 10.1.2.10, psrv 10.1.2.11; VIPs srv 10.101.0.10, psrv 10.101.0.11. ztunnel delivers tunnels
+//! 10.1.2.10, psrv 10.1.2.11; duo-1 10.1.1.13 and duo-2 10.1.2.12 behind one service; VIPs srv
+//! 10.101.0.10, psrv 10.101.0.11, duo 10.101.0.12. ztunnel delivers tunnels
 //! to a pod from the node's pod gateway 10.1.2.1, which is how a server tells meshed callers.
 
 use std::time::Duration;
@@ -21,17 +22,33 @@ namespaces:
 services:
   - {name: srv, namespace: mesh, port: 80, targetPort: 8080, selector: {app: srv}}
   - {name: psrv, namespace: plain, port: 80, targetPort: 8080, selector: {app: psrv}}
+  - {name: duo, namespace: mesh, port: 80, targetPort: 8080, selector: {app: duo}}
 pods:
   - {name: alpha, namespace: mesh, node: node-1, serviceAccount: alpha}
   - {name: beta, namespace: mesh, node: node-1, serviceAccount: beta}
   - {name: pcli, namespace: plain, node: node-1, serviceAccount: pcli}
   - {name: srv, namespace: mesh, node: node-2, serviceAccount: srv, labels: {app: srv}, run: {server: {version: v1, port: 8080}}}
   - {name: psrv, namespace: plain, node: node-2, serviceAccount: psrv, labels: {app: psrv}, run: {server: {version: v1, port: 8080}}}
+  - {name: duo-1, namespace: mesh, node: node-1, serviceAccount: duo, labels: {app: duo}, run: {server: {version: v1, port: 8080}}}
+  - {name: duo-2, namespace: mesh, node: node-2, serviceAccount: duo, labels: {app: duo}, run: {server: {version: v2, port: 8080}}}
 "#;
 
 const SRV_VIP: &str = "http://10.101.0.10";
+const DUO_VIP: &str = "http://10.101.0.12";
 const NODE2_GATEWAY: &str = "10.1.2.1:";
 const TRELLISD: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 1, 0, 2);
+
+const DENY_ALPHA: &str = r#"
+apiVersion: trellis.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-alpha, namespace: mesh}
+spec:
+  action: DENY
+  selector: {matchLabels: {app: srv}}
+  rules:
+    - from: {principals: ["ns/mesh/sa/alpha"]}
+      to: {ports: [8080]}
+"#;
 
 fn marker(test: &str) -> String {
     format!("marker-{test}-{}", std::process::id())
@@ -162,18 +179,7 @@ fn a_deny_policy_blocks_exactly_the_principal_it_names() {
     let beta = lab.pod_ns("east", "mesh", "beta");
     lab.call(&alpha, SRV_VIP, 0).expect("alpha → srv before the policy");
 
-    let policy = r#"
-apiVersion: trellis.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-alpha, namespace: mesh}
-spec:
-  action: DENY
-  selector: {matchLabels: {app: srv}}
-  rules:
-    - from: {principals: ["ns/mesh/sa/alpha"]}
-      to: {ports: [8080]}
-"#;
-    std::fs::write(lab.manifests("east").join("policy.yaml"), policy).expect("writing the policy");
+    std::fs::write(lab.manifests("east").join("policy.yaml"), DENY_ALPHA).expect("writing the policy");
     let denied = lab.call_until(&alpha, SRV_VIP, Duration::from_secs(20), |r| r.is_err());
     let error = denied.expect_err("alpha is denied");
     assert!(
@@ -203,7 +209,7 @@ spec:
 }
 
 #[test]
-fn killing_trellisd_does_not_break_traffic() {
+fn killing_trellisd_does_not_break_traffic_and_nodes_resync_when_it_returns() {
     let lab = Lab::up("e2ekill", TOPOLOGY);
     let alpha = lab.pod_ns("east", "mesh", "alpha");
     lab.call(&alpha, SRV_VIP, 0).expect("alpha → srv with trellisd up");
@@ -218,6 +224,17 @@ fn killing_trellisd_does_not_break_traffic() {
             "{body}"
         );
     }
+
+    // trellisd comes back on the same CA and manifests; a policy written since reaches node-2.
+    std::fs::write(lab.manifests("east").join("policy.yaml"), DENY_ALPHA).expect("writing the policy");
+    lab.restart("trellisd-east", &lab.control_ns("east"));
+    let denied = lab.call_until(&alpha, SRV_VIP, Duration::from_secs(30), |r| r.is_err());
+    assert!(
+        denied.is_err(),
+        "node-2 resynced and enforces the new policy: {denied:?}"
+    );
+    lab.call(&lab.pod_ns("east", "mesh", "beta"), SRV_VIP, 0)
+        .expect("beta still gets through");
 }
 
 #[test]
@@ -254,5 +271,34 @@ fn byte_counters_match_what_the_client_sent() {
     assert_eq!(
         response_at_source, response_at_destination,
         "both ztunnels count the same response bytes"
+    );
+}
+
+#[test]
+fn a_dead_endpoint_is_ejected_and_the_call_retried_on_the_next() {
+    let lab = Lab::up("e2elb", TOPOLOGY);
+    let alpha = lab.pod_ns("east", "mesh", "alpha");
+    let answers: Vec<String> = (0..4)
+        .map(|_| lab.call(&alpha, DUO_VIP, 0).expect("alpha → duo"))
+        .collect();
+    assert!(answers.iter().any(|b| b.contains("hello from duo-1")), "{answers:?}");
+    assert!(
+        answers.iter().any(|b| b.contains("hello from duo-2")),
+        "round robin: {answers:?}"
+    );
+
+    lab.kill_all_in(&lab.pod_ns("east", "mesh", "duo-1"));
+    for i in 0..8 {
+        let body = lab
+            .call(&alpha, DUO_VIP, 0)
+            .unwrap_or_else(|e| panic!("call {i} with duo-1 dead: {e}"));
+        assert!(body.contains("hello from duo-2"), "{body}");
+    }
+    let node1 = lab.metrics("east", "node-1");
+    let failed = [("reporter", "source"), ("destination_workload", "duo-1")];
+    let failures = metric_sum(&node1, "trellis_tcp_connection_failures_total", &failed);
+    assert!(
+        (1.0..=3.0).contains(&failures),
+        "duo-1 failed, then stayed ejected (backoff 1 s, 2 s, …): {failures}\n{node1}"
     );
 }

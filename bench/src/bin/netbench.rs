@@ -1,0 +1,282 @@
+//! netbench: the data-plane benchmark's load tool, one server and three clients over plain TCP.
+//!
+//! The server picks the mode from the first byte of each connection:
+//! - `T` throughput: read and discard until EOF, answer the byte count (8 bytes, big-endian), close;
+//! - `L` latency: read 1024 bytes, write 1024 bytes back, until EOF;
+//! - `C` connection rate: the request is 64 bytes in all (the `C` included), the answer 64 bytes,
+//!   then the server closes (so the server, not the client, holds the TIME_WAIT).
+//!
+//! Each client prints one JSON object on stdout. Blocking sockets and threads throughout: it adds
+//! as little as possible to what is measured.
+//!
+//! ```sh
+//! netbench server --listen 0.0.0.0:9000
+//! netbench throughput --to 10.1.2.10:9000 --seconds 10
+//! netbench latency --to 10.1.2.10:9000 --count 20000 --warmup 1000
+//! netbench connrate --to 10.1.2.10:9000 --seconds 10 --workers 4
+//! ```
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// The throughput client's write size.
+const WRITE_SIZE: usize = 128 * 1024;
+/// One latency round's request and response size.
+const ROUND_SIZE: usize = 1024;
+/// The connection-rate request and response size.
+const CONN_SIZE: usize = 64;
+/// How long a client waits to connect, and for any one read, before giving up.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server waits for a connection's first byte.
+const MODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads accepting connections; each serves `C` connections itself.
+const ACCEPTORS: usize = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "netbench", about = "TCP load for the data-plane benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Serve every mode on one port.
+    Server {
+        #[arg(long, default_value = "0.0.0.0:9000")]
+        listen: SocketAddr,
+    },
+    /// One connection, 128 KiB writes for --seconds; prints {"bytes","seconds","gbps"}.
+    Throughput {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// One connection, 1 KiB request/response rounds; prints {"count","p50_us","p99_us","mean_us"}.
+    Latency {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+    },
+    /// Workers each looping connect, 64 B request, 64 B response, close; prints
+    /// {"connections","seconds","per_second","errors"}.
+    Connrate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().mode {
+        Mode::Server { listen } => serve(listen),
+        Mode::Throughput { to, seconds } => throughput(to, Duration::from_secs(seconds)),
+        Mode::Latency { to, count, warmup } => latency(to, count, warmup),
+        Mode::Connrate { to, seconds, workers } => connrate(to, Duration::from_secs(seconds), workers),
+    }
+}
+
+fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    for _ in 1..ACCEPTORS {
+        let listener = listener.try_clone().context("sharing the listener")?;
+        std::thread::spawn(move || accept_loop(listener));
+    }
+    accept_loop(listener)
+}
+
+/// Accepts for ever; `C` connections are served here (they are short), the others on a thread.
+fn accept_loop(listener: TcpListener) -> ! {
+    loop {
+        let (mut tcp, _) = match listener.accept() {
+            Ok(c) => c,
+            // Out of file descriptors, a connection reset while queued: keep serving.
+            Err(e) => {
+                eprintln!("netbench server: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let mut mode = [0u8; 1];
+        let first = tcp
+            .set_nodelay(true)
+            .and_then(|()| tcp.set_read_timeout(Some(MODE_TIMEOUT)))
+            .and_then(|()| tcp.read_exact(&mut mode));
+        if first.is_err() {
+            continue; // a readiness probe, or a client that went away
+        }
+        let _ = tcp.set_read_timeout(None);
+        match mode[0] {
+            b'C' => {
+                let _ = serve_connrate(tcp);
+            }
+            b'T' => {
+                std::thread::spawn(move || serve_throughput(tcp));
+            }
+            b'L' => {
+                std::thread::spawn(move || serve_latency(tcp));
+            }
+            other => eprintln!("netbench server: unknown mode byte {other:#04x}"),
+        }
+    }
+}
+
+fn serve_throughput(mut tcp: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    tcp.write_all(&total.to_be_bytes())
+}
+
+fn serve_latency(mut tcp: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; ROUND_SIZE];
+    loop {
+        match tcp.read_exact(&mut buf) {
+            Ok(()) => tcp.write_all(&buf)?,
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve_connrate(mut tcp: TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; CONN_SIZE];
+    tcp.set_read_timeout(Some(MODE_TIMEOUT))?;
+    tcp.read_exact(&mut buf[1..])?;
+    tcp.write_all(&buf)?;
+    tcp.shutdown(Shutdown::Both)
+}
+
+/// A client connection: TCP_NODELAY, and reads that give up after [`IO_TIMEOUT`].
+fn connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let tcp = TcpStream::connect_timeout(&to, IO_TIMEOUT).with_context(|| format!("connecting to {to}"))?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+    Ok(tcp)
+}
+
+fn throughput(to: SocketAddr, run: Duration) -> anyhow::Result<()> {
+    let mut tcp = connect(to)?;
+    let chunk = vec![0x5a_u8; WRITE_SIZE];
+    let started = Instant::now();
+    tcp.write_all(b"T").context("sending the mode")?;
+    while started.elapsed() < run {
+        tcp.write_all(&chunk).with_context(|| format!("sending to {to}"))?;
+    }
+    tcp.shutdown(Shutdown::Write).context("closing the sending side")?;
+    let mut count = [0u8; 8];
+    tcp.read_exact(&mut count)
+        .with_context(|| format!("reading the byte count from {to}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = u64::from_be_bytes(count);
+    let gbps = bytes as f64 * 8.0 / seconds / 1e9;
+    println!(r#"{{"bytes":{bytes},"seconds":{seconds:.3},"gbps":{gbps:.3}}}"#);
+    Ok(())
+}
+
+fn latency(to: SocketAddr, count: usize, warmup: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(count > 0, "--count must be at least 1");
+    let mut tcp = connect(to)?;
+    tcp.write_all(b"L").context("sending the mode")?;
+    let request = [0xa5_u8; ROUND_SIZE];
+    let mut response = [0u8; ROUND_SIZE];
+    let mut rounds = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t0 = Instant::now();
+        tcp.write_all(&request)
+            .with_context(|| format!("round {i}: sending to {to}"))?;
+        tcp.read_exact(&mut response)
+            .with_context(|| format!("round {i}: reading from {to}"))?;
+        if i >= warmup {
+            rounds.push(t0.elapsed());
+        }
+    }
+    rounds.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let mean = rounds.iter().map(|d| us(*d)).sum::<f64>() / rounds.len() as f64;
+    println!(
+        r#"{{"count":{count},"p50_us":{:.1},"p99_us":{:.1},"mean_us":{mean:.1}}}"#,
+        us(percentile(&rounds, 0.50)),
+        us(percentile(&rounds, 0.99)),
+    );
+    Ok(())
+}
+
+/// The `p` quantile (0..=1) of `sorted`, which is not empty.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn connrate(to: SocketAddr, run: Duration, workers: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(workers > 0, "--workers must be at least 1");
+    let done = AtomicU64::new(0);
+    let errors = AtomicU64::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut request = [0u8; CONN_SIZE];
+                request[0] = b'C';
+                while started.elapsed() < run {
+                    match one_connection(to, &request) {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            if let Ok(mut first) = first_error.lock() {
+                                first.get_or_insert_with(|| format!("{e:#}"));
+                            }
+                            // Do not spin on a refusing peer.
+                            std::thread::sleep(Duration::from_millis(1));
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let connections = done.load(Ordering::Relaxed);
+    let errors = errors.load(Ordering::Relaxed);
+    if let Ok(Some(e)) = first_error.lock().as_deref() {
+        eprintln!("netbench connrate: {errors} errors, the first: {e}");
+    }
+    println!(
+        r#"{{"connections":{connections},"seconds":{seconds:.3},"per_second":{:.1},"errors":{errors}}}"#,
+        connections as f64 / seconds
+    );
+    Ok(())
+}
+
+/// Connect, send the 64-byte request, read the 64-byte answer, wait for the server's close.
+fn one_connection(to: SocketAddr, request: &[u8; CONN_SIZE]) -> anyhow::Result<()> {
+    let mut tcp = connect(to)?;
+    tcp.write_all(request).context("sending the request")?;
+    let mut response = [0u8; CONN_SIZE + 1];
+    tcp.read_exact(&mut response[..CONN_SIZE])
+        .context("reading the response")?;
+    // Waiting for the server's FIN leaves the TIME_WAIT with the server, not with the client,
+    // whose ephemeral ports would otherwise run out within seconds.
+    let extra = tcp.read(&mut response[CONN_SIZE..]).context("waiting for the close")?;
+    anyhow::ensure!(extra == 0, "the server sent more than {CONN_SIZE} bytes");
+    Ok(())
+}
