@@ -62,6 +62,9 @@ pub struct Config {
     /// Admin endpoint (config dump, certificates, log level); loopback only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
+    /// Data-plane worker threads.
+    #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
