@@ -147,7 +147,7 @@ impl Lab {
             .append(true)
             .open(self.state_dir.join("logs").join(format!("{process}.log")))
             .expect("the process's log");
-        let child = Command::new("ip")
+        let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .args(argv.split('\0'))
             .stdin(std::process::Stdio::null())
@@ -156,6 +156,8 @@ impl Lab {
             .spawn()
             .expect("restarting the process");
         std::fs::write(pids.join(format!("{process}.pid")), format!("{}\n", child.id())).expect("pid file");
+        // `lab down` kills it; this thread reaps it then.
+        std::thread::spawn(move || child.wait());
     }
 
     /// Runs `trellis namespace label` against the lab's manifests.

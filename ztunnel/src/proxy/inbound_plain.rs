@@ -17,23 +17,7 @@ use crate::policy::{authorize, Decision, Source};
 
 /// Accepts redirected plaintext connections until the drain starts.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
-    let mut drain = proxy.drain.watch();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.wait_for(|d| *d) => return,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let proxy = proxy.clone();
-                tokio::spawn(async move { handle(proxy, tcp, peer).await });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound plaintext accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    }
+    super::accept_loop(listener, proxy, "inbound plaintext", handle).await
 }
 
 async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {

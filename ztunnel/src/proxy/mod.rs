@@ -129,6 +129,31 @@ impl Drain {
     }
 }
 
+/// Accepts on `listener` until the drain starts, running `handle` for each connection in its
+/// own task; accept errors (out of descriptors, say) are logged and retried.
+pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, what: &'static str, handle: F)
+where
+    F: Fn(Arc<Proxy>, tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut drain = proxy.drain.watch();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.wait_for(|d| *d) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(proxy.clone(), tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// Resets `tcp` (RST instead of FIN), so the application sees its connection refused.
 pub fn reset(tcp: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
