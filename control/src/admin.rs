@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
 use trellis_api::config::v1::resource::Kind as Variant;
@@ -104,20 +104,37 @@ impl Admin {
     }
 }
 
+/// A response: status, content type, body.
+pub type Reply = (StatusCode, &'static str, String);
+
+/// Answers one request from its method, path and query.
+pub type Route = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
+
 /// Serves `admin` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, admin: Admin) {
+    let route: Route = Arc::new(move |method: &Method, path: &str, _: Option<&str>| {
+        if method == Method::GET {
+            admin.handle(path)
+        } else {
+            (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".to_string())
+        }
+    });
+    serve_routes(listener, route).await
+}
+
+/// Serves `route` over HTTP/1.1 on `listener` until the task is aborted; accept errors (out of
+/// descriptors, say) are retried after a short pause. trellisd's and ztunnel's small HTTP
+/// endpoints all run on this.
+pub async fn serve_routes(listener: TcpListener, route: Route) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
-        let admin = admin.clone();
+        let route = route.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, content_type, body) = if req.method() == hyper::Method::GET {
-                    admin.handle(req.uri().path())
-                } else {
-                    (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".to_string())
-                };
+                let (status, content_type, body) = route(req.method(), req.uri().path(), req.uri().query());
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", content_type)

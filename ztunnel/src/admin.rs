@@ -2,20 +2,11 @@
 //! loopback-only admin (15000: config dump, certificates, log level). They run on the same
 //! runtime as the proxy but touch only shared snapshots, never a connection's state.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
-use tokio::net::TcpListener;
+use hyper::StatusCode;
 
-/// A response: status, content type, body.
-pub type Reply = (StatusCode, &'static str, String);
-
-/// Answers one request from its method, path and query.
-pub type Route = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
+pub use trellis_control::admin::{serve_routes as serve, Reply, Route};
 
 /// What readiness waits for.
 #[derive(Debug, Default)]
@@ -54,32 +45,6 @@ impl Readiness {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".into()),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
         }
-    }
-}
-
-/// Serves `route` on `listener` (HTTP/1.1) until the task is dropped.
-pub async fn serve(listener: TcpListener, route: Route) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            continue;
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, content_type, body) = route(req.method(), req.uri().path(), req.uri().query());
-                let response = Response::builder()
-                    .status(status)
-                    .header("content-type", content_type)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_default();
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
     }
 }
 

@@ -126,11 +126,7 @@ impl Default for Metrics {
 impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        trellis_control::metrics::render(&self.registry)
     }
 
     /// Counts a connection open and returns the handles that count its bytes and its close.

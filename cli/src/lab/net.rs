@@ -105,24 +105,20 @@ fn build_cluster(plan: &Plan, cluster: &ClusterPlan, state: &State) -> anyhow::R
 fn attach(plan: &Plan, cluster: &ClusterPlan, host: &Host, state: &State) -> anyhow::Result<()> {
     let u = plan.underlay.as_str();
     add_netns(state, &host.netns)?;
+    plug(u, &host.uplink, &host.netns, &format!("{}/24", host.ip))?;
+    ip_in(u, &["link", "set", &host.uplink, "master", &cluster.bridge, "up"])
+}
+
+/// A veth pair from `outer` (named `link` there) to `inner` (named `eth0`, with `address`, up).
+fn plug(outer: &str, link: &str, inner: &str, address: &str) -> anyhow::Result<()> {
     ip_in(
-        u,
+        outer,
         &[
-            "link",
-            "add",
-            &host.uplink,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &host.netns,
+            "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", inner,
         ],
     )?;
-    ip_in(u, &["link", "set", &host.uplink, "master", &cluster.bridge, "up"])?;
-    ip_in(&host.netns, &["addr", "add", &format!("{}/24", host.ip), "dev", "eth0"])?;
-    ip_in(&host.netns, &["link", "set", "eth0", "up"])
+    ip_in(inner, &["addr", "add", address, "dev", "eth0"])?;
+    ip_in(inner, &["link", "set", "eth0", "up"])
 }
 
 /// Makes a pod's namespace behind its node, routed the way Calico does it: a /32 on the pod,
@@ -131,23 +127,7 @@ fn build_pod(node: &NodePlan, pod: &PodPlan, state: &State) -> anyhow::Result<()
     let (n, p) = (node.host.netns.as_str(), pod.netns.as_str());
     let gw = node.gateway.to_string();
     add_netns(state, p)?;
-    ip_in(
-        n,
-        &[
-            "link",
-            "add",
-            &pod.node_link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            p,
-        ],
-    )?;
-    ip_in(p, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-    ip_in(p, &["link", "set", "eth0", "up"])?;
+    plug(n, &pod.node_link, p, &format!("{}/32", pod.ip))?;
     ip_in(p, &["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
     ip_in(p, &["route", "add", "default", "via", &gw, "dev", "eth0"])?;
     ip_in(n, &["addr", "add", &format!("{gw}/32"), "dev", &pod.node_link])?;

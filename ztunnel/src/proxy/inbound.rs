@@ -167,7 +167,7 @@ impl Inbound {
             request_bytes = moved.downstream,
             response_bytes = moved.upstream,
             duration_ms = started.elapsed().as_millis() as u64,
-            result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+            result = %super::outcome(&result),
             "connection closed"
         );
     }

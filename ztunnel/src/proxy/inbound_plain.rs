@@ -70,7 +70,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         request_bytes = moved.upstream,
         response_bytes = moved.downstream,
         duration_ms = started.elapsed().as_millis() as u64,
-        result = %result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+        result = %super::outcome(&result),
         "connection closed"
     );
 }

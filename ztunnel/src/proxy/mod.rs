@@ -154,6 +154,14 @@ where
     }
 }
 
+/// How a proxied connection ended, for the access log.
+pub fn outcome(result: &std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Resets `tcp` (RST instead of FIN), so the application sees its connection refused.
 pub fn reset(tcp: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
