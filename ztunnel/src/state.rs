@@ -27,6 +27,8 @@ pub struct LocalWorkload {
     pub labels: BTreeMap<String, String>,
     /// Whether its traffic is captured and tunnelled.
     pub enrolled: bool,
+    /// This node's tunnel address, as trellisd gave it.
+    pub node_address: Option<IpAddr>,
 }
 
 /// One backend of a service, on any node.
@@ -157,7 +159,7 @@ impl ProxyState {
                     cluster: local.cluster.clone(),
                     ip: local.ip,
                     node: String::new(),
-                    node_address: None,
+                    node_address: local.node_address,
                     identity: Some(local.identity.clone()),
                     enrolled: local.enrolled,
                     healthy: true,
@@ -192,6 +194,10 @@ fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
         .parse::<IpAddr>()
         .map_err(|e| format!("bad address: {e}"))?;
     let identity = SpiffeId::parse(&w.identity).map_err(|e| format!("bad identity: {e}"))?;
+    let node_address = match w.node_address.as_str() {
+        "" => None,
+        a => Some(a.parse().map_err(|e| format!("bad node address {a:?}: {e}"))?),
+    };
     Ok(LocalWorkload {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
@@ -201,6 +207,7 @@ fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
         identity,
         labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         enrolled: w.enrolled,
+        node_address,
     })
 }
 
@@ -265,4 +272,42 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
         enrolled: e.enrolled,
         healthy: e.healthy,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_control::model::key_of;
+
+    #[test]
+    fn a_local_workload_outside_any_service_is_still_reached_through_its_node() {
+        let w = pb::Resource {
+            kind: Some(Variant::Workload(pb::Workload {
+                name: "cart-1".into(),
+                namespace: "shop".into(),
+                node: "node-1".into(),
+                addresses: vec!["10.1.1.10".into()],
+                enrolled: true,
+                identity: "spiffe://east.trellis.local/ns/shop/sa/cart".into(),
+                node_address: "10.1.0.11".into(),
+                ..Default::default()
+            })),
+        };
+        let slice: Slice = [(key_of(&w).unwrap(), Arc::new(w))].into();
+        let state = ProxyState::from_slice("node-1", 1, &slice);
+        match state.destination("10.1.1.10:8080".parse().unwrap()) {
+            Destination::Workload {
+                endpoint,
+                service: None,
+            } => {
+                assert!(endpoint.enrolled);
+                assert_eq!(
+                    endpoint.node_address,
+                    Some("10.1.0.11".parse().unwrap()),
+                    "tunnelled, not dialled in plaintext"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -196,6 +196,7 @@ mod tests {
             identity: id.clone(),
             labels: BTreeMap::new(),
             enrolled,
+            node_address: None,
         };
         state.local.insert(w.ip, Arc::new(w));
         state
