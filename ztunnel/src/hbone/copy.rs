@@ -12,8 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-/// Read size: large enough that one read fills several TLS records.
-const CHUNK: usize = 64 * 1024;
+/// Read buffer of a new tunnel: small, so that thousands of quiet connections cost little.
+const FIRST_CHUNK: usize = 16 * 1024;
+/// Read buffer of a busy tunnel: a whole [`super::MAX_FRAME`] DATA frame, so bulk transfers move
+/// a quarter megabyte per read, frame and `writev`.
+const LARGEST_CHUNK: usize = super::MAX_FRAME as usize;
 
 /// Called with every chunk that crosses, for live byte counters.
 pub trait OnBytes: Send + Sync {
@@ -53,11 +56,13 @@ async fn tcp_to_h2(
     counters: &dyn OnBytes,
     total: &mut u64,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut chunk_size = FIRST_CHUNK;
+    let mut buf = BytesMut::with_capacity(chunk_size);
     loop {
-        if buf.capacity() < CHUNK / 4 {
-            buf = BytesMut::with_capacity(CHUNK);
+        if buf.capacity() < chunk_size / 4 {
+            buf = BytesMut::with_capacity(chunk_size);
         }
+        let room = buf.capacity();
         let n = match rd.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
@@ -67,6 +72,10 @@ async fn tcp_to_h2(
         };
         if n == 0 {
             return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        if n == room {
+            // The read filled the buffer: more is waiting, so read in bigger gulps from now on.
+            chunk_size = (chunk_size * 4).min(LARGEST_CHUNK);
         }
         let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {

@@ -37,6 +37,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An HTTP/2 connection with no tunnel for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many encrypted bytes rustls may queue before a write waits for the socket (its default
+/// is 64 KiB). Room for a whole [`MAX_FRAME`] DATA frame lets one `writev` carry it, so the
+/// kernel builds full-size segments instead of one per 16 KiB record batch.
+pub const TLS_BUFFER_LIMIT: usize = 2 * MAX_FRAME as usize;
+
 /// The firewall mark on every socket ztunnel opens, so that host-mode capture lets them pass.
 pub const SOCKET_MARK: u32 = 0x7472_0001;
 

@@ -195,10 +195,11 @@ impl Pool {
         let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
             .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         let handshake = async {
-            let tls = TlsConnector::from(config)
+            let mut tls = TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| OpenError::Tls(key.node, e))?;
+            tls.get_mut().1.set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
             h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)

@@ -138,7 +138,8 @@ pub async fn serve<H: Handler>(
         let (acceptor, local, handler, drain) = (acceptor.clone(), local.clone(), handler.clone(), drain.clone());
         tokio::spawn(async move {
             let handshake = async {
-                let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                tls.get_mut().1.set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
                 let (_, session) = tls.get_ref();
                 let peer_id = peer_id(session).ok_or("the client presented no SPIFFE ID")?;
                 let not_after = peer_not_after(session);
