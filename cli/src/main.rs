@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod identity;
 mod lab;
 mod status;
 
@@ -50,9 +51,32 @@ enum Verb {
     /// Run Trellis on this machine in network namespaces: nodes, pods, etcd, capture.
     #[command(subcommand)]
     Lab(lab::Lab),
+    /// Issue identities offline, for hosts that run ztunnel without a control plane.
+    #[command(subcommand)]
+    Identity(Identity),
     /// The lab's demo application: `server`, `call`, `client` (see `trellis demo --help`).
     #[command(subcommand, hide = true)]
     Demo(demo::Demo),
+}
+
+#[derive(Debug, Subcommand)]
+enum Identity {
+    /// Sign an SVID (certificate chain and key, one PEM file) with the cluster CA's files, e.g.
+    /// `trellis identity issue --ca-dir /var/lib/trellis/ca --id spiffe://east.trellis.local/ns/legacy/sa/billing --out billing.pem`.
+    Issue {
+        /// Directory with the CA's ca-cert.pem, ca-key.pem and root-cert.pem (trellisd's --ca-dir).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The SPIFFE ID to issue.
+        #[arg(long)]
+        id: String,
+        /// Lifetime in hours (nothing renews an offline SVID).
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Where to write the PEM file (created with mode 600).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +204,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Verb::Identity(Identity::Issue { ca_dir, id, hours, out }) => {
+            match identity::issue(&ca_dir, &id, hours, &out) {
+                Ok(said) => {
+                    println!("{said}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("trellis identity issue: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Verb::Lab(verb) => lab::run(verb),
         Verb::Demo(verb) => demo::run(verb),
     }

@@ -185,6 +185,12 @@ impl CertificateAuthority {
             });
         }
         check_is_ca(&parsed).map_err(|why| bad(&cert_path, &why))?;
+        if let Some(named) = spiffe_trust_domain(&parsed).filter(|named| named != trust_domain.as_str()) {
+            return Err(bad(
+                &cert_path,
+                &format!("is the CA of trust domain {named}; it cannot issue for {trust_domain}"),
+            ));
+        }
         if !parsed.validity().is_valid() {
             return Err(bad(&cert_path, "is outside its validity period"));
         }
@@ -224,6 +230,19 @@ impl CertificateAuthority {
 
     /// Validates `csr` as a request for `id` and signs it for the TTL the policy grants (and
     /// never past the CA's own expiry).
+    /// Issues an SVID for `id` with a fresh key, right here (offline issuance for hosts that run
+    /// without a control plane; see `trellis identity issue`).
+    pub fn issue_svid(&self, id: &SpiffeId, requested_ttl: Duration) -> Result<crate::svid::Svid, CaError> {
+        let (csr, key) = crate::csr::new_csr(id)?;
+        let issued = self.sign(csr.as_bytes(), id, requested_ttl)?;
+        crate::svid::Svid::new(issued.chain, rustls_pki_types::PrivatePkcs8KeyDer::from(key)).map_err(|e| {
+            CaError::BadFile {
+                path: PathBuf::from("(issued SVID)"),
+                why: e.to_string(),
+            }
+        })
+    }
+
     pub fn sign(&self, csr: &[u8], id: &SpiffeId, requested_ttl: Duration) -> Result<IssuedChain, CaError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignTrustDomain {
@@ -395,6 +414,18 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
         .map_err(io)?;
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// The trust domain a CA certificate names in a `spiffe://<td>` URI SAN, if it names one (a
+/// CA from another PKI may carry none).
+fn spiffe_trust_domain(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .map(|rest| rest.split('/').next().unwrap_or_default().to_string()),
+        _ => None,
+    })
 }
 
 fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {

@@ -129,6 +129,50 @@ impl Svid {
     }
 }
 
+/// Reads an SVID stored as PEM: the certificate chain (leaf first) and its PKCS#8 `PRIVATE KEY`,
+/// in any order, in one file (what [`Svid::to_pem`] writes). The error says what is wrong.
+pub fn read_pem_svid(path: &std::path::Path) -> Result<Svid, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    parse_pem_svid(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Parses what [`read_pem_svid`] reads.
+pub fn parse_pem_svid(text: &str) -> Result<Svid, String> {
+    let blocks = pem::parse_many(text).map_err(|e| format!("not PEM: {e}"))?;
+    let mut chain = Vec::new();
+    let mut key = None;
+    for block in blocks {
+        match block.tag() {
+            "CERTIFICATE" => chain.push(CertificateDer::from(block.into_contents())),
+            "PRIVATE KEY" if key.is_none() => key = Some(PrivatePkcs8KeyDer::from(block.into_contents())),
+            "PRIVATE KEY" => return Err("more than one PRIVATE KEY block".into()),
+            other => {
+                return Err(format!(
+                    "unexpected PEM block {other:?} (want CERTIFICATE and PRIVATE KEY)"
+                ))
+            }
+        }
+    }
+    let key = key.ok_or("no PRIVATE KEY block (PKCS#8)")?;
+    if chain.is_empty() {
+        return Err("no CERTIFICATE block".into());
+    }
+    Svid::new(chain, key).map_err(|e| e.to_string())
+}
+
+impl Svid {
+    /// The chain and key as one PEM text, for [`read_pem_svid`].
+    pub fn to_pem(&self) -> String {
+        let mut blocks: Vec<pem::Pem> = self
+            .chain
+            .iter()
+            .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
+            .collect();
+        blocks.push(pem::Pem::new("PRIVATE KEY", self.key.secret_pkcs8_der().to_vec()));
+        pem::encode_many(&blocks)
+    }
+}
+
 impl Clone for Svid {
     fn clone(&self) -> Self {
         Self {

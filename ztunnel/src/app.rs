@@ -11,7 +11,9 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use trellis_control::model::ClusterInfo;
 use trellis_control::stream::client::{follow, Applied};
+use trellis_identity::manager::{CertificateSource, HeldSvid, Issued};
 use trellis_identity::tls::{client_config, tls_channel};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
@@ -23,6 +25,7 @@ use crate::hbone::server::{self as hbone_server, LocalCerts};
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::proxy::{inbound::Inbound, inbound_plain, outbound, Proxy};
 use crate::state::ProxyState;
+use crate::static_config;
 
 /// Changes the log filter at runtime (`/logging?level=...` on the admin endpoint).
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -68,17 +71,45 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     };
     tokio::spawn(admin::serve(metrics_listener, metrics_route));
 
-    let certs = join(&config, &td, bundles.clone()).await?;
-    let node_id = SpiffeId::node(&td, &config.node)?;
-    ready.node_svid.store(true, Ordering::Release);
-
-    let control = SpiffeServerVerifier::new(bundles.clone(), ExpectedPeer::Exact(SpiffeId::control(&td)));
-    let channel = tls_channel(
-        config.ca_addr,
-        Arc::new(client_config(control, Some(certs.resolver(&node_id)))?),
-    );
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
-    tokio::spawn(follow(channel, config.node.clone(), "ztunnel", applied_tx));
+    let certs = match &config.config_file {
+        Some(file) => {
+            // No control plane: the config, and maybe the identities, come from files.
+            let cluster = ClusterInfo {
+                name: config.cluster.clone(),
+                trust_domain: td.clone(),
+                network: config.cluster.clone(),
+                domain: "cluster.local".into(),
+            };
+            let first = static_config::load(file, &config.node, &cluster).map_err(anyhow::Error::msg)?;
+            tracing::info!(file = %file.display(), resources = first.len(), "config from a static file, not from trellisd");
+            let certs = if config.identity_files.is_empty() {
+                join(&config, &td, bundles.clone()).await?
+            } else {
+                static_identities(&config, &td, &bundles)?
+            };
+            tokio::spawn(static_config::follow(
+                file.clone(),
+                config.node.clone(),
+                cluster,
+                first,
+                applied_tx,
+            ));
+            certs
+        }
+        None => {
+            let certs = join(&config, &td, bundles.clone()).await?;
+            let node_id = SpiffeId::node(&td, &config.node)?;
+            let control = SpiffeServerVerifier::new(bundles.clone(), ExpectedPeer::Exact(SpiffeId::control(&td)));
+            let channel = tls_channel(
+                config.ca_addr,
+                Arc::new(client_config(control, Some(certs.resolver(&node_id)))?),
+            );
+            tokio::spawn(follow(channel, config.node.clone(), "ztunnel", applied_tx));
+            certs
+        }
+    };
+    ready.node_svid.store(true, Ordering::Release);
 
     let (state_tx, state_rx) = watch::channel(Arc::new(ProxyState::default()));
     let local = LocalCerts::new(certs.clone());
@@ -117,7 +148,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         admin_route(&config, proxy.clone(), ready.clone(), log),
     ));
 
-    tracing::info!(node = %config.node, identity = %node_id, "ztunnel serving");
+    tracing::info!(node = %config.node, capture = ?config.capture, "ztunnel serving");
     shutdown_signal().await;
     ready.draining.store(true, Ordering::Release);
     let grace = Duration::from_secs(config.drain_seconds);
@@ -127,9 +158,52 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Identities from `--identity-file`s, for a host with no CA to ask: served as they are, never
+/// renewed (replace the files and restart before they expire).
+fn static_identities(config: &Config, td: &TrustDomain, bundles: &BundleSet) -> anyhow::Result<CertManager> {
+    struct NoCa;
+    impl CertificateSource for NoCa {
+        fn issue<'a>(
+            &'a self,
+            id: &'a SpiffeId,
+            _: &'a str,
+            _: Duration,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Issued, String>> + Send + 'a>> {
+            Box::pin(async move {
+                Err(format!(
+                    "no CA without a control plane: {id} comes only from an --identity-file; issue a fresh one and restart"
+                ))
+            })
+        }
+    }
+    let roots = bundles.roots(td).unwrap_or_default();
+    let certs = CertManager::new(Arc::new(NoCa), ManagerConfig::default());
+    for path in &config.identity_files {
+        let held = trellis_identity::svid::read_pem_svid(path)
+            .map_err(anyhow::Error::msg)
+            .and_then(|svid| HeldSvid::new(svid, roots.clone()).map_err(anyhow::Error::from))
+            .with_context(|| format!("loading --identity-file {}", path.display()))?;
+        if held.svid.id.trust_domain() != td {
+            anyhow::bail!(
+                "--identity-file {} holds {}, which is not of trust domain {td}",
+                path.display(),
+                held.svid.id
+            );
+        }
+        let expires = trellis_identity::svid::to_unix(held.svid.not_after);
+        tracing::info!(identity = %held.svid.id, not_after_unix = expires, file = %path.display(), "identity loaded");
+        certs.insert(held);
+    }
+    Ok(certs)
+}
+
 async fn join(config: &Config, td: &TrustDomain, bundles: BundleSet) -> anyhow::Result<CertManager> {
-    let token = std::fs::read_to_string(&config.join_token_file)
-        .with_context(|| format!("reading the join token from {}", config.join_token_file.display()))?;
+    let token_file = config
+        .join_token_file
+        .as_ref()
+        .context("--join-token-file is needed to get certificates from trellisd")?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading the join token from {}", token_file.display()))?;
     let certs = trellis_identity::caclient::join_node(
         config.ca_addr,
         td,
@@ -165,6 +239,14 @@ async fn apply_config(
     let ports = Ports {
         outbound: config.outbound_listen.port(),
         inbound_plain: config.inbound_plain_listen.port(),
+        hbone: config.hbone_listen.port(),
+        metrics: config.metrics_listen.port(),
+        readiness: config.readiness_listen.port(),
+    };
+    // trellisd (config stream, certificate renewals) stays reachable whatever host mode captures.
+    let control = match config.ca_addr {
+        std::net::SocketAddr::V4(v4) if config.identity_files.is_empty() => Some(v4),
+        _ => None,
     };
     let mut installed: Option<Plan> = None;
     let mut served: BTreeSet<SpiffeId> = BTreeSet::new();
@@ -200,7 +282,7 @@ async fn apply_config(
                         })
                         .collect(),
                 )),
-                CaptureMode::Host => Some(Plan::Host),
+                CaptureMode::Host => Some(Plan::Host { control }),
                 CaptureMode::None => None,
             };
             metrics.captured_workloads.set(enrolled.len() as i64);

@@ -11,34 +11,48 @@
 //! - a packet claiming an enrolled pod's address on any interface but that pod's own is
 //!   dropped (reverse-path check), so nothing can borrow a pod's identity by spoofing its IP.
 //!
-//! Non-enrolled pods match no rule. Host mode captures the host's own outbound TCP instead,
-//! except ztunnel's own sockets (marked) and loopback.
+//! Non-enrolled pods match no rule.
+//!
+//! Host mode (a VM or bare-metal host is the one workload, and its own node) captures the host's
+//! own traffic instead:
+//! - outbound TCP is redirected to 15001, except ztunnel's own sockets (marked), loopback, the
+//!   host calling itself, and the control plane (so ztunnel always reaches trellisd);
+//! - inbound TCP to the host's addresses is redirected to 15006 (plaintext, authorized as an
+//!   unauthenticated source), except ztunnel's own ports and SSH (22), so an operator is never
+//!   locked out of the machine by the mesh. Tunnels on 15008 are delivered by ztunnel with a
+//!   marked socket, which no rule matches.
 //!
 //! The rules stay when ztunnel stops: enrolled pods then fail closed rather than leak
 //! plaintext. `trellis lab down` (or deleting the table) removes them.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 
 use crate::hbone::SOCKET_MARK;
 
-/// Where captured traffic goes.
+/// Where captured traffic goes, and ztunnel's own ports that host mode leaves alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ports {
     pub outbound: u16,
     pub inbound_plain: u16,
+    pub hbone: u16,
+    pub metrics: u16,
+    pub readiness: u16,
 }
+
+/// Inbound ports host mode never captures besides ztunnel's own: SSH.
+const HOST_INBOUND_EXEMPT: [u16; 1] = [22];
 
 /// What to capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Pods behind this node: capture these enrolled pod addresses.
     Pods(BTreeSet<Ipv4Addr>),
-    /// The host itself is the one workload.
-    Host,
+    /// The host itself is the one workload; `control` (trellisd, if any) is never captured.
+    Host { control: Option<SocketAddrV4> },
 }
 
 /// The nftables table ztunnel owns.
@@ -66,12 +80,31 @@ pub fn ruleset(plan: &Plan, ports: Ports) -> String {
                 ports.outbound, ports.inbound_plain
             ));
         }
-        Plan::Host => {
+        Plan::Host { control } => {
+            let control = control
+                .map(|c| format!("ip daddr {} tcp dport {} return\n    ", c.ip(), c.port()))
+                .unwrap_or_default();
             out.push_str(&format!(
-                "  chain capture_out {{\n    type nat hook output priority dstnat; policy accept;\n    \
+                "  chain capture_out {{\n    type nat hook output priority -100; policy accept;\n    \
                  meta mark {SOCKET_MARK:#x} return\n    ip daddr 127.0.0.0/8 return\n    \
+                 fib daddr type local return\n    {control}\
                  meta l4proto tcp counter redirect to :{}\n  }}\n",
                 ports.outbound
+            ));
+            let mut exempt: BTreeSet<u16> = HOST_INBOUND_EXEMPT.into_iter().collect();
+            exempt.extend([
+                ports.outbound,
+                ports.inbound_plain,
+                ports.hbone,
+                ports.metrics,
+                ports.readiness,
+            ]);
+            let exempt: Vec<String> = exempt.iter().map(ToString::to_string).collect();
+            out.push_str(&format!(
+                "  chain capture_in {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+                 fib daddr type local tcp dport != {{ {} }} counter redirect to :{}\n  }}\n",
+                exempt.join(", "),
+                ports.inbound_plain
             ));
         }
     }
@@ -117,6 +150,9 @@ mod tests {
     const PORTS: Ports = Ports {
         outbound: 15001,
         inbound_plain: 15006,
+        hbone: 15008,
+        metrics: 15020,
+        readiness: 15021,
     };
 
     #[test]
@@ -140,9 +176,25 @@ mod tests {
     }
 
     #[test]
-    fn host_mode_skips_ztunnels_own_sockets() {
-        let rules = ruleset(&Plan::Host, PORTS);
+    fn host_mode_skips_ztunnels_own_sockets_ports_and_control_plane() {
+        let control = Some("10.1.0.2:15012".parse().unwrap());
+        let rules = ruleset(&Plan::Host { control }, PORTS);
         assert!(rules.contains("type nat hook output"));
-        assert!(rules.contains(&format!("meta mark {SOCKET_MARK:#x} return")));
+        let out = rules.split("chain capture_in").next().unwrap();
+        let returns = [
+            "meta mark 0x74720001 return",
+            "ip daddr 10.1.0.2 tcp dport 15012 return",
+        ];
+        for r in returns {
+            let at = out.find(r).unwrap_or_else(|| panic!("{r} missing: {rules}"));
+            assert!(
+                at < out.find("redirect to :15001").unwrap(),
+                "{r} must come before the redirect"
+            );
+        }
+        assert!(rules.contains(
+            "fib daddr type local tcp dport != { 22, 15001, 15006, 15008, 15020, 15021 } counter redirect to :15006"
+        ));
+        assert!(!ruleset(&Plan::Host { control: None }, PORTS).contains("15012"));
     }
 }

@@ -38,9 +38,17 @@ pub struct Config {
     /// PEM file with the cluster's root certificates (trellisd's root-cert.pem).
     #[arg(long, env = "TRELLIS_CA_ROOTS")]
     pub ca_roots: PathBuf,
-    /// File holding the one-time join token.
+    /// File holding the one-time join token (not needed with --config-file and --identity-file).
     #[arg(long, env = "TRELLIS_JOIN_TOKEN_FILE")]
-    pub join_token_file: PathBuf,
+    pub join_token_file: Option<PathBuf>,
+    /// Read the config from this manifest file (the YAML trellisd reads) instead of trellisd's
+    /// config stream: hosts without a control plane. Reloaded when it changes.
+    #[arg(long, env = "TRELLIS_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+    /// A pre-issued SVID to serve (PEM: the certificate chain, leaf first, then its PKCS#8
+    /// key), e.g. from `trellis identity issue`; repeatable. With it, no join and no CA.
+    #[arg(long = "identity-file", env = "TRELLIS_IDENTITY_FILES", value_delimiter = ',')]
+    pub identity_files: Vec<PathBuf>,
     /// What to capture.
     #[arg(long, env = "TRELLIS_CAPTURE", value_enum, default_value = "pod")]
     pub capture: CaptureMode,
@@ -73,6 +81,17 @@ pub struct Config {
 impl Config {
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.identity_files.is_empty() && self.config_file.is_none() {
+            return Err(
+                "--identity-file needs --config-file: without a control plane the config comes from a file too".into(),
+            );
+        }
+        if self.join_token_file.is_none() && self.identity_files.is_empty() {
+            return Err(
+                "give --join-token-file (to join trellisd), or --config-file with --identity-file (no control plane)"
+                    .into(),
+            );
+        }
         if !self.admin_listen.ip().is_loopback() {
             return Err(format!(
                 "--admin-listen {} is not a loopback address; the admin endpoint must not leave the node",

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod static_config;
