@@ -35,9 +35,9 @@ fn a_new_ca_writes_its_key_owner_only_and_reloads_the_same_root() {
 fn a_ca_of_one_trust_domain_refuses_to_serve_another() {
     let dir = tempfile::tempdir().unwrap();
     CertificateAuthority::load_or_create(dir.path(), &td("east.trellis.local"), IssuancePolicy::default()).unwrap();
-    let err = CertificateAuthority::load(dir.path(), &td("west.trellis.local"), IssuancePolicy::default())
-        .err()
-        .expect("east's CA must not load as west's");
+    let Err(err) = CertificateAuthority::load(dir.path(), &td("west.trellis.local"), IssuancePolicy::default()) else {
+        panic!("east's CA must not load as west's");
+    };
     assert!(
         err.to_string()
             .contains("is the CA of trust domain east.trellis.local; it cannot issue for west.trellis.local"),
