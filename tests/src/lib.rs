@@ -28,6 +28,19 @@ pub fn binary(name: &str) -> Command {
     Command::new(path)
 }
 
+/// `trellisd token create` for `node` of cluster `east`, as an operator runs it, with the CA in
+/// `ca_dir` (the environment's `TRELLIS_*` settings do not leak in).
+pub fn create_token(ca_dir: &std::path::Path, node: &str) -> std::process::Output {
+    binary("trellisd")
+        .args(["--cluster", "east", "--ca-dir"])
+        .arg(ca_dir)
+        .args(["token", "create", "--node", node])
+        .env_remove("TRELLIS_CA_DIR")
+        .env_remove("TRELLIS_CLUSTER")
+        .output()
+        .expect("running trellisd token create")
+}
+
 /// A child process killed on drop.
 pub struct Process {
     pub child: Child,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use trellis_e2e::lab::{metric_sum, Lab};
 use trellis_e2e::sniff::Sniffer;
-use trellis_e2e::{bin_dir, binary};
+use trellis_e2e::{bin_dir, binary, create_token};
 
 const TOPOLOGY: &str = r#"
 clusters:
@@ -294,16 +294,7 @@ fn a_host_configured_by_trellisd_meshes_both_ways() {
     let lab = Lab::up("e2ehost", TOPOLOGY);
     std::fs::write(lab.manifests("east").join("vm.yaml"), vm_manifest("vm-1")).expect("VM manifest");
     let mut vm = Vm::attach(&lab);
-    let token = binary("trellisd")
-        .arg("--cluster")
-        .arg("east")
-        .arg("--ca-dir")
-        .arg(lab.state_dir.join("east/ca"))
-        .args(["token", "create", "--node", "vm-1", "--ttl-seconds", "600"])
-        .env_remove("TRELLIS_CA_DIR")
-        .env_remove("TRELLIS_CLUSTER")
-        .output()
-        .expect("trellisd token create");
+    let token = create_token(&lab.state_dir.join("east/ca"), "vm-1");
     assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
     let token_file = vm.log_dir.path().join("token");
     std::fs::write(&token_file, &token.stdout).expect("token file");

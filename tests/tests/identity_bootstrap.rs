@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use trellis_e2e::{binary, free_port, Process};
+use trellis_e2e::{binary, create_token, free_port, Process};
 
 /// `trellisd` serving on `port` with its CA in `dir/ca` and manifests in `dir/manifests`.
 fn trellisd(dir: &std::path::Path, port: u16) -> std::process::Command {
@@ -19,16 +19,6 @@ fn trellisd(dir: &std::path::Path, port: u16) -> std::process::Command {
         .arg("--ca-dir")
         .arg(dir.join("ca"));
     cmd
-}
-
-/// `trellisd token create` as an operator runs it.
-fn create_token(ca_dir: &std::path::Path, node: &str) -> std::process::Output {
-    binary("trellisd")
-        .args(["--cluster", "east", "--ca-dir"])
-        .arg(ca_dir)
-        .args(["token", "create", "--node", node])
-        .output()
-        .unwrap()
 }
 
 fn wait_for_port(port: u16, within: Duration) {
