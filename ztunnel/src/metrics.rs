@@ -106,7 +106,7 @@ impl Default for Metrics {
         );
         registry.register(
             "config_version",
-            "Config version applied from trellisd",
+            "Config version applied (from trellisd, or from --config-file)",
             m.config_version.clone(),
         );
         registry.register(
