@@ -162,9 +162,14 @@ fn key(node: &Node, source: &str) -> Key {
 }
 
 async fn round_trip(tunnel: &mut Tunnel, payload: &'static [u8]) -> Vec<u8> {
+    exchange(tunnel, payload, payload.len()).await
+}
+
+/// Sends `payload`, then reads until `expected` bytes came back.
+async fn exchange(tunnel: &mut Tunnel, payload: &'static [u8], expected: usize) -> Vec<u8> {
     tunnel.send.send_data(Bytes::from_static(payload), false).unwrap();
     let mut got = Vec::new();
-    while got.len() < payload.len() {
+    while got.len() < expected {
         let data = tokio::time::timeout(Duration::from_secs(5), tunnel.recv.data())
             .await
             .expect("echo within 5 s")
@@ -183,7 +188,7 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
     let pool = Pool::new(east_certs, node.bundles.clone());
 
     let mut tunnel = pool
-        .open(&key(&node, WEB), node.workload, &[])
+        .open(&key(&node, WEB), node.workload, &[], &Bytes::new())
         .await
         .expect("web → cart");
     assert_eq!(
@@ -191,7 +196,7 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
         b"hello through hbone"
     );
 
-    let denied = pool.open(&key(&node, API), node.workload, &[]).await;
+    let denied = pool.open(&key(&node, API), node.workload, &[], &Bytes::new()).await;
     assert!(
         matches!(denied, Err(OpenError::Denied)),
         "api is denied by policy: {:?}",
@@ -204,7 +209,7 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
     );
 
     let elsewhere: std::net::SocketAddr = "127.0.0.2:9".parse().unwrap();
-    let not_local = pool.open(&key(&node, WEB), elsewhere, &[]).await;
+    let not_local = pool.open(&key(&node, WEB), elsewhere, &[], &Bytes::new()).await;
     assert!(
         matches!(not_local, Err(OpenError::Status(s)) if s == http::StatusCode::BAD_REQUEST),
         "CONNECT to an address that is not a local workload: {:?}",
@@ -212,7 +217,7 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
     );
 
     let closed_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let unreachable = pool.open(&key(&node, WEB), closed_port, &[]).await;
+    let unreachable = pool.open(&key(&node, WEB), closed_port, &[], &Bytes::new()).await;
     assert!(
         matches!(unreachable, Err(OpenError::Unreachable)),
         "{:?}",
@@ -222,11 +227,42 @@ async fn tunnels_carry_bytes_and_policy_answers_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_sent_with_the_connect_reach_the_workload_once() {
+    let node = node().await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB, API]).await, node.bundles.clone());
+    let early = Bytes::from_static(b"GET / HTTP/1.1\r\n");
+    let mut tunnel = pool
+        .open(&key(&node, WEB), node.workload, &[], &early)
+        .await
+        .expect("web → cart with early bytes");
+    // The echo answers the early bytes first, then what follows, each exactly once.
+    let expected = b"GET / HTTP/1.1\r\nhost: cart\r\n";
+    assert_eq!(exchange(&mut tunnel, b"host: cart\r\n", expected.len()).await, expected);
+    assert_eq!(round_trip(&mut tunnel, b"no echo twice").await, b"no echo twice");
+
+    // Refusals with early bytes: a 503 proves nothing was delivered, so it may be retried
+    // elsewhere; a 401 is an answer, not a failure.
+    let closed_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let unreachable = pool.open(&key(&node, WEB), closed_port, &[], &early).await;
+    assert!(
+        matches!(&unreachable, Err(e @ OpenError::Unreachable) if e.retryable()),
+        "{:?}",
+        unreachable.err()
+    );
+    let denied = pool.open(&key(&node, API), node.workload, &[], &early).await;
+    assert!(
+        matches!(&denied, Err(e @ OpenError::Denied) if !e.retryable()),
+        "{:?}",
+        denied.err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_are_refused_without_harming_other_tunnels() {
     let node = node().await;
     let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
     let mut tunnel = pool
-        .open(&key(&node, WEB), node.workload, &[])
+        .open(&key(&node, WEB), node.workload, &[], &Bytes::new())
         .await
         .expect("web → cart");
 
@@ -264,7 +300,7 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
         source: id("spiffe://evil.example/ns/shop/sa/web"),
         ..key(&node, WEB)
     };
-    let outsider = evil_pool.open(&evil_key, node.workload, &[]).await;
+    let outsider = evil_pool.open(&evil_key, node.workload, &[], &Bytes::new()).await;
     assert!(
         matches!(outsider, Err(OpenError::Tls(..) | OpenError::Protocol(..))),
         "{:?}",
@@ -277,17 +313,18 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
         let pool = pool.clone();
         let key = key(&node, WEB);
         let addr = node.workload;
-        flood.push(tokio::spawn(
-            async move { pool.open(&key, addr, &[]).await.map(|_| ()) },
-        ));
+        flood.push(tokio::spawn(async move {
+            pool.open(&key, addr, &[], &Bytes::new()).await.map(|_| ())
+        }));
     }
     for t in flood {
         t.await.unwrap().expect("a flood tunnel");
     }
     // Streams opened and abandoned at once, over and over.
     let web = key(&node, WEB);
+    let nothing = Bytes::new();
     for _ in 0..300 {
-        let attempt = pool.open(&web, node.workload, &[]);
+        let attempt = pool.open(&web, node.workload, &[], &nothing);
         let _ = tokio::time::timeout(Duration::from_micros(200), attempt).await;
     }
 

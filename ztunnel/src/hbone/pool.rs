@@ -38,6 +38,10 @@ pub enum OpenError {
     Tls(SocketAddr, io::Error),
     #[error("HTTP/2 with node {0} failed: {1}")]
     Protocol(SocketAddr, h2::Error),
+    /// The tunnel failed after the client's first bytes were sent with the CONNECT, without an
+    /// answer proving they were never delivered: replaying them elsewhere could deliver twice.
+    #[error("HTTP/2 with node {0} failed after the first bytes were sent: {1}")]
+    Interrupted(SocketAddr, h2::Error),
     #[error("denied by the destination's policy (401)")]
     Denied,
     #[error("the destination node could not reach the workload (503)")]
@@ -51,6 +55,12 @@ impl OpenError {
     /// A policy denial is an answer, not a failure.
     pub fn endpoint_failed(&self) -> bool {
         !matches!(self, Self::Denied | Self::NoCertificate(_))
+    }
+
+    /// Whether the connection may be retried on another endpoint: the destination has not
+    /// received the client's bytes, or has answered that it never delivered them.
+    pub fn retryable(&self) -> bool {
+        self.endpoint_failed() && !matches!(self, Self::Interrupted(..))
     }
 }
 
@@ -110,12 +120,15 @@ impl Pool {
     }
 
     /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
-    /// with the extra request `headers`.
+    /// with the extra request `headers`. `early` (the client's first bytes, possibly empty)
+    /// leaves with the CONNECT instead of a round trip later; the destination ztunnel holds
+    /// them until the workload is connected, and drops them with any answer but 200.
     pub async fn open(
         &self,
         key: &Key,
         authority: SocketAddr,
         headers: &[(&str, String)],
+        early: &Bytes,
     ) -> Result<Tunnel, OpenError> {
         // A pooled connection may have just received GOAWAY: then dial once more.
         for attempt in 0..2 {
@@ -130,7 +143,7 @@ impl Pool {
                 Ok(mut send) => send.send_request(request, false),
                 Err(e) => Err(e),
             };
-            let (response, send) = match sent {
+            let (response, mut send) = match sent {
                 Ok(sent) => sent,
                 Err(e) if attempt == 0 && (e.is_go_away() || e.is_io() || conn.closed.load(Ordering::Acquire)) => {
                     conn.closed.store(true, Ordering::Release);
@@ -138,7 +151,13 @@ impl Pool {
                 }
                 Err(e) => return Err(OpenError::Protocol(key.node, e)),
             };
-            let response = response.await.map_err(|e| OpenError::Protocol(key.node, e))?;
+            if !early.is_empty() {
+                // Within the stream's initial window (far above the few KiB read early), so
+                // h2 frames it with the HEADERS instead of buffering it.
+                send.send_data(early.clone(), false)
+                    .map_err(|e| OpenError::Protocol(key.node, e))?;
+            }
+            let response = response.await.map_err(|e| failed_after_send(key.node, e, early))?;
             return match response.status() {
                 StatusCode::OK => Ok(Tunnel {
                     send,
@@ -285,7 +304,40 @@ async fn reap(pool: Weak<Pool>) {
     }
 }
 
+/// The error of a CONNECT whose answer never came. Early bytes were surely not delivered only
+/// if the server refused the stream (REFUSED_STREAM: RFC 9113 §8.7 says it was not processed);
+/// a connection that broke, or a GOAWAY, proves nothing about them.
+fn failed_after_send(node: SocketAddr, e: h2::Error, early: &Bytes) -> OpenError {
+    let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    if early.is_empty() || unprocessed {
+        OpenError::Protocol(node, e)
+    } else {
+        OpenError::Interrupted(node, e)
+    }
+}
+
 fn bad_request(e: http::Error) -> StatusCode {
     tracing::warn!(error = %e, "could not build the CONNECT request");
     StatusCode::BAD_REQUEST
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_stream_proves_early_bytes_were_not_delivered() {
+        let node: SocketAddr = "10.1.0.11:15008".parse().unwrap();
+        let early = Bytes::from_static(b"GET /");
+        let refused = failed_after_send(node, h2::Reason::REFUSED_STREAM.into(), &early);
+        assert!(refused.retryable(), "{refused}");
+        let broken = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &early);
+        assert!(
+            matches!(broken, OpenError::Interrupted(..)) && !broken.retryable(),
+            "{broken}"
+        );
+        assert!(broken.endpoint_failed(), "the endpoint is still ejected");
+        let nothing_sent = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &Bytes::new());
+        assert!(nothing_sent.retryable(), "{nothing_sent}");
+    }
 }

@@ -2,18 +2,27 @@
 //! nftables with their original destination kept.
 //!
 //! A service VIP is balanced over its healthy endpoints; an endpoint whose connect fails is
-//! ejected and the next one is tried at once (no byte of the client's has been read yet, so
-//! the retry is invisible to it). Enrolled endpoints are reached through an HBONE tunnel to
-//! their node, presenting the source workload's SVID; others are dialled directly. A denied or
-//! failed connection is reset, so the client sees "connection reset".
+//! ejected and the next one is tried at once, invisibly to the client. Enrolled endpoints are
+//! reached through an HBONE tunnel to their node, presenting the source workload's SVID; others
+//! are dialled directly. A denied or failed connection is reset, so the client sees
+//! "connection reset".
+//!
+//! The client's first bytes, when it has sent some by the time its connection is accepted,
+//! leave with the CONNECT rather than after the 200: one round trip between nodes less per
+//! connection. A copy is kept until the answer; a retry replays it only when no byte can have
+//! reached a workload (the tunnel never opened, or the destination answered 503).
 
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{original_dst, reset, Proxy};
+use crate::hbone::copy::OnBytes;
 use crate::hbone::copy::{copy_plain, splice, Moved};
 use crate::hbone::pool::{Key, OpenError, Tunnel};
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
@@ -24,6 +33,9 @@ use crate::state::{Destination, Endpoint, LocalWorkload, Service};
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     super::accept_loop(listener, proxy, "outbound", handle).await
 }
+
+/// Most client bytes sent with the CONNECT: a request line and headers, a TLS ClientHello.
+const EARLY_LIMIT: usize = 16 * 1024;
 
 /// How one attempt ended.
 enum Attempt {
@@ -75,6 +87,13 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         proxy.metrics.failures.get_or_create(&labels).inc();
         return reset(tcp);
     }
+    let early = match first_bytes(&tcp) {
+        Ok(early) => early,
+        Err(e) => {
+            tracing::info!(src = %peer, %dst, error = %e, "client connection failed before it was proxied");
+            return reset(tcp);
+        }
+    };
     let balancer = service.as_ref().map(|s| proxy.balancer(&s.namespace, &s.name));
     for endpoint in &candidates {
         let target = SocketAddr::new(endpoint.ip, port);
@@ -83,16 +102,18 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         labels.destination_principal = endpoint.identity.as_ref().map(ToString::to_string).unwrap_or_default();
         labels.destination_workload_namespace = service.as_ref().map(|s| s.namespace.clone()).unwrap_or_default();
         labels.connection_security_policy = if endpoint.enrolled { "mutual_tls" } else { "none" }.into();
-        match attempt(&proxy, &source, peer, endpoint, target).await {
+        match attempt(&proxy, &source, peer, endpoint, target, &early).await {
             Ok(opened) => {
                 if let Some(b) = &balancer {
                     b.succeeded(endpoint.ip);
                 }
                 let counters = proxy.metrics.connection(labels.clone(), true);
-                let (moved, result) = match opened {
+                counters.upstream(early.len() as u64);
+                let (mut moved, result) = match opened {
                     Attempt::Tunnel(t) => splice(tcp, t.send, t.recv, &counters).await,
                     Attempt::Direct(upstream) => copy_plain(tcp, upstream, &counters).await,
                 };
+                moved.upstream += early.len() as u64;
                 return access_log(&labels, peer, dst, target, moved, result, started);
             }
             Err(e) if !e.endpoint_failed() => {
@@ -101,16 +122,35 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                 return reset(tcp);
             }
             Err(e) => {
-                tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "endpoint failed; ejected, trying the next");
                 proxy.metrics.failures.get_or_create(&labels).inc();
                 if let Some(b) = &balancer {
                     b.failed(endpoint.ip);
                 }
+                if !e.retryable() {
+                    tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "endpoint failed after the first bytes left; ejected, connection reset");
+                    return reset(tcp);
+                }
+                tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "endpoint failed; ejected, trying the next");
             }
         }
     }
     tracing::warn!(src = %peer, %dst, "every endpoint failed; connection reset");
     reset(tcp)
+}
+
+/// The bytes the client has sent so far, without waiting for any: most protocols speak first
+/// (an HTTP request, a TLS ClientHello), and a server-first one loses nothing. The socket is
+/// read directly, as tokio learns of a new socket's readiness only at its next poll.
+fn first_bytes(tcp: &TcpStream) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(EARLY_LIMIT);
+    match (&*socket2::SockRef::from(tcp)).read(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(buf.freeze())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
+    }
 }
 
 async fn attempt(
@@ -119,12 +159,15 @@ async fn attempt(
     peer: SocketAddr,
     endpoint: &Endpoint,
     target: SocketAddr,
+    early: &Bytes,
 ) -> Result<Attempt, OpenError> {
     let (true, Some(identity), Some(node)) = (endpoint.enrolled, &endpoint.identity, endpoint.node_address) else {
-        return dial(target)
-            .await
-            .map(Attempt::Direct)
-            .map_err(|e| OpenError::Connect(target, e));
+        let mut upstream = dial(target).await.map_err(|e| OpenError::Connect(target, e))?;
+        // Once connected, a failed write is the workload's answer, not a reason to retry.
+        if let Err(e) = upstream.write_all(early).await {
+            tracing::debug!(endpoint = %target, error = %e, "the first bytes could not be written");
+        }
+        return Ok(Attempt::Direct(upstream));
     };
     let key = Key {
         source: source.identity.clone(),
@@ -135,7 +178,11 @@ async fn attempt(
         ("forwarded", forwarded_for(peer)),
         ("baggage", baggage(&source.cluster, &source.namespace, &source.name)),
     ];
-    proxy.pool.open(&key, target, &headers).await.map(Attempt::Tunnel)
+    proxy
+        .pool
+        .open(&key, target, &headers, early)
+        .await
+        .map(Attempt::Tunnel)
 }
 
 async fn passthrough(
