@@ -23,7 +23,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
 async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _open = proxy.drain.track();
     let started = Instant::now();
-    let Ok(dst) = original_dst(&tcp) else {
+    let Ok(dst) = original_dst(&tcp, peer) else {
         tracing::warn!(%peer, "connection on 15006 without an original destination; refused");
         return reset(tcp);
     };

@@ -168,10 +168,11 @@ pub fn reset(tcp: tokio::net::TcpStream) {
     drop(tcp);
 }
 
-/// Reads the original destination of a connection redirected by nftables.
-pub fn original_dst(tcp: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+/// Reads the original destination of a connection from `peer`, redirected by nftables. The
+/// peer's address family is the socket's, which spares a `getsockname` per connection.
+pub fn original_dst(tcp: &tokio::net::TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(tcp);
-    let addr = match tcp.local_addr()? {
+    let addr = match peer {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };

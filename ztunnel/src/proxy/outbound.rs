@@ -47,7 +47,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _open = proxy.drain.track();
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let dst = match original_dst(&tcp) {
+    let dst = match original_dst(&tcp, peer) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "connection on 15001 without an original destination (not redirected by capture); refused");
