@@ -414,6 +414,19 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("/proc/{pid}/status has no VmRSS"))
 }
 
+/// Proportional set size of `pid` in KiB: shared pages (the binary's code, libc) divided among
+/// the processes that map them; what the process costs the machine, next to VmRSS.
+fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup (did the ztunnel exit?)"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .with_context(|| format!("/proc/{pid}/smaps_rollup has no Pss"))
+}
+
 /// Runs `f` while sampling the ztunnels' RSS every [`RSS_EVERY`], raising `peak` to what it saw.
 fn sampled<T>(pids: [u32; 2], peak: &mut [u64; 2], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let stop = AtomicBool::new(false);
@@ -444,12 +457,15 @@ fn sampled<T>(pids: [u32; 2], peak: &mut [u64; 2], f: impl FnOnce() -> anyhow::R
 fn measure(bin: &Path) -> anyhow::Result<Figures> {
     let pids = [ztunnel_pid(NODE_1)?, ztunnel_pid(NODE_2)?];
     let idle_kib = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+    let pss_kib = [pss_kib(pids[0])?, pss_kib(pids[1])?];
     println!(
-        "ztunnels: node-1 pid {} ({:.1} MiB), node-2 pid {} ({:.1} MiB)",
+        "ztunnels idle: node-1 pid {} (RSS {:.1} MiB, PSS {:.1} MiB), node-2 pid {} (RSS {:.1} MiB, PSS {:.1} MiB)",
         pids[0],
         mib(idle_kib[0]),
+        mib(pss_kib[0]),
         pids[1],
-        mib(idle_kib[1])
+        mib(idle_kib[1]),
+        mib(pss_kib[1])
     );
     check_paths()?;
     println!("paths checked: direct bypasses ztunnel, mesh is counted as mutual_tls by node-1's ztunnel");
