@@ -78,8 +78,11 @@ fn labelling_a_namespace_enrols_it_as_status_shows() {
         out.contains("namespace/shop labelled trellis.io/dataplane-mode=ambient"),
         "{out}"
     );
-    let after = status_until(&admin, "shop enrolled", |s| s.contains("enrolled namespaces: shop"));
-    assert!(after.contains("mTLS"), "{after}");
+    // The namespace line comes from discovery and the workload's mode from the published model,
+    // which follows a few milliseconds later: wait for both.
+    status_until(&admin, "shop enrolled, its workload in mTLS", |s| {
+        s.contains("enrolled namespaces: shop") && s.contains("mTLS")
+    });
 
     let (ok, _, _) = trellis(&[
         "namespace",
@@ -91,7 +94,9 @@ fn labelling_a_namespace_enrols_it_as_status_shows() {
         dir_arg,
     ]);
     assert!(ok);
-    status_until(&admin, "shop out again", |s| s.contains("enrolled namespaces: none"));
+    status_until(&admin, "shop out again, its workload plain", |s| {
+        s.contains("enrolled namespaces: none") && s.contains("plain") && !s.contains("mTLS")
+    });
 
     // A bad edit is refused by the CLI before it reaches trellisd.
     let (ok, _, err) = trellis(&["namespace", "label", "Shop!", "a=b", "--manifests", dir_arg]);

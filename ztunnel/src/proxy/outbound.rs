@@ -10,7 +10,8 @@
 //! The client's first bytes, when it has sent some by the time its connection is accepted,
 //! leave with the CONNECT rather than after the 200: one round trip between nodes less per
 //! connection. A copy is kept until the answer; a retry replays it only when no byte can have
-//! reached a workload (the tunnel never opened, or the destination answered 503).
+//! reached a workload (the tunnel never opened, or the destination answered 503, 400 or
+//! REFUSED_STREAM).
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -22,8 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{original_dst, reset, Proxy};
-use crate::hbone::copy::OnBytes;
-use crate::hbone::copy::{copy_plain, splice, Moved};
+use crate::hbone::copy::{copy_plain, splice, Moved, OnBytes};
 use crate::hbone::pool::{Key, OpenError, Tunnel};
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
 use crate::metrics::ConnLabels;

@@ -1,0 +1,360 @@
+//! The benchmark's lab: its topology, bringing it up and down, the netbench servers and
+//! clients inside the pods' namespaces, and the checks that each path goes where it should.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::check_interrupted;
+
+/// The lab's name; every namespace it makes starts with `tl-bench-`.
+pub(crate) const LAB: &str = "bench";
+/// Topology: pods on node n are 10.1.n.(10+i), i their index among that node's pods. A ztunnel
+/// learns a remote pod only as the endpoint of a service, so each server backs one; the clients
+/// still call the pod's address.
+pub(crate) const TOPOLOGY: &str = "\
+clusters:
+  - {name: east, nodes: 2}
+namespaces:
+  - {name: plain, ambient: false}
+  - {name: mesh, ambient: true}
+services:
+  - {name: psrv, namespace: plain, port: 9000, selector: {app: psrv}}
+  - {name: msrv, namespace: mesh, port: 9000, selector: {app: msrv}}
+pods:
+  - {name: pcli, namespace: plain, node: node-1, serviceAccount: pcli}
+  - {name: mcli, namespace: mesh, node: node-1, serviceAccount: mcli}
+  - {name: psrv, namespace: plain, node: node-2, serviceAccount: psrv, labels: {app: psrv}}
+  - {name: msrv, namespace: mesh, node: node-2, serviceAccount: msrv, labels: {app: msrv}}
+";
+pub(crate) const NODE_1: &str = "tl-bench-east-node-1";
+pub(crate) const NODE_2: &str = "tl-bench-east-node-2";
+/// ztunnel's metrics, inside a node's namespace.
+pub(crate) const METRICS: &str = "127.0.0.1:15020";
+pub(crate) const SERVER_PORT: u16 = 9000;
+
+/// A client pod, the server pod it calls, and the server's address.
+pub(crate) struct Route {
+    pub(crate) name: &'static str,
+    pub(crate) client_netns: &'static str,
+    pub(crate) server_netns: &'static str,
+    pub(crate) server: &'static str,
+}
+
+pub(crate) const DIRECT: Route = Route {
+    name: "direct",
+    client_netns: "tl-bench-east-plain-pcli",
+    server_netns: "tl-bench-east-plain-psrv",
+    server: "10.1.2.10:9000",
+};
+pub(crate) const MESH: Route = Route {
+    name: "mesh",
+    client_netns: "tl-bench-east-mesh-mcli",
+    server_netns: "tl-bench-east-mesh-msrv",
+    server: "10.1.2.11:9000",
+};
+
+/// The lab, taken down when dropped (on success, error or panic).
+pub(crate) struct Lab {
+    trellis: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Lab {
+    /// Takes down what a previous run left in `work`, then builds the benchmark's lab.
+    pub(crate) fn up(bin: &Path, work: &Path, log_level: &str) -> anyhow::Result<Lab> {
+        std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+        let file = work.join("topology.yaml");
+        std::fs::write(&file, TOPOLOGY).with_context(|| format!("writing {}", file.display()))?;
+        let lab = Lab {
+            trellis: bin.join("trellis"),
+            state_dir: work.join("state"),
+        };
+        lab.down().context("removing the lab a previous run left")?;
+        let out = Command::new(&lab.trellis)
+            .args(["lab", "up", "--name", LAB, "--file"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&lab.state_dir)
+            .arg("--bin-dir")
+            .arg(bin)
+            .env("RUST_LOG", log_level)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} lab up", lab.trellis.display()))?;
+        if !out.status.success() {
+            bail!(
+                "trellis lab up failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(lab)
+    }
+
+    fn down(&self) -> anyhow::Result<()> {
+        let out = Command::new(&self.trellis)
+            .args(["lab", "down", "--name", LAB, "--state-dir"])
+            .arg(&self.state_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} lab down", self.trellis.display()))?;
+        if !out.status.success() {
+            bail!(
+                "trellis lab down --name {LAB} --state-dir {} failed ({}): {}",
+                self.state_dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.down() {
+            eprintln!("data_plane: {e:#}");
+        }
+    }
+}
+
+/// The netbench servers, killed when dropped.
+pub(crate) struct Servers(Vec<Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: the sockets it opens live there.
+pub(crate) fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: `file` is an open namespace file for the whole call; setns moves only this
+            // short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("entering {path}"));
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in {ns} panicked"))?
+    })
+}
+
+/// Starts `netbench server` in each path's server pod and waits until both accept.
+pub(crate) fn start_servers(bin: &Path) -> anyhow::Result<Servers> {
+    let mut servers = Servers(Vec::new());
+    for path in [&DIRECT, &MESH] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", path.server_netns])
+            .arg(bin.join("netbench"))
+            .args(["server", "--listen", &format!("0.0.0.0:{SERVER_PORT}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting netbench server in {}", path.server_netns))?;
+        servers.0.push(child);
+    }
+    let local = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
+    for (path, child) in [&DIRECT, &MESH].into_iter().zip(&mut servers.0) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !in_netns(path.server_netns, || Ok(TcpStream::connect(local).is_ok()))? {
+            if let Some(status) = child.try_wait()? {
+                bail!("netbench server in {} exited: {status}", path.server_netns);
+            }
+            if Instant::now() > deadline {
+                bail!("netbench server in {} did not listen on {local}", path.server_netns);
+            }
+            check_interrupted()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(servers)
+}
+
+/// Runs one netbench client in `path`'s client pod and parses the JSON it prints.
+pub(crate) fn netbench<T: serde::de::DeserializeOwned>(bin: &Path, path: &Route, args: &[&str]) -> anyhow::Result<T> {
+    check_interrupted()?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", path.client_netns])
+        .arg(bin.join("netbench"))
+        .args(args)
+        .args(["--to", path.server])
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running netbench {} in {}", args.join(" "), path.client_netns))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        check_interrupted()?;
+        bail!(
+            "netbench {} --to {} ({}) failed ({}): {}",
+            args.join(" "),
+            path.server,
+            path.name,
+            out.status,
+            stderr.trim()
+        );
+    }
+    for line in stderr.lines() {
+        println!("    {}: {line}", path.name);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "netbench {} printed {:?}, not the expected JSON",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// One connection-rate exchange from `path`'s client pod: 64 bytes each way, then the close.
+pub(crate) fn one_exchange(path: &Route) -> anyhow::Result<()> {
+    let to: SocketAddr = path.server.parse()?;
+    in_netns(path.client_netns, || {
+        let mut tcp =
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connecting to {to}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut request = [0u8; 64];
+        request[0] = b'C';
+        tcp.write_all(&request)?;
+        let mut rest = Vec::new();
+        tcp.read_to_end(&mut rest)
+            .with_context(|| format!("reading the answer of {to}"))?;
+        anyhow::ensure!(rest.len() == 64, "{to} answered {} bytes, not 64", rest.len());
+        Ok(())
+    })
+    .with_context(|| format!("one {} connection from {}", path.name, path.client_netns))
+}
+
+/// ztunnel's metrics page in node namespace `node`.
+pub(crate) fn scrape(node: &str) -> anyhow::Result<String> {
+    let addr: SocketAddr = METRICS.parse()?;
+    in_netns(node, || {
+        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // HTTP/1.0: the body ends at the close, never chunked.
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: ztunnel\r\n\r\n")?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP response")?;
+        anyhow::ensure!(head.split_whitespace().nth(1) == Some("200"), "answered {head:?}");
+        Ok(body.to_string())
+    })
+    .with_context(|| format!("scraping http://{METRICS}/metrics in {node}"))
+}
+
+/// Sums the samples of `name` whose labels include `label="value"` (every sample when `None`).
+pub(crate) fn metric_sum(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let wanted = label.map(|(k, v)| format!("{k}=\"{v}\""));
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            if !wanted
+                .as_deref()
+                .is_none_or(|w| labels.split(',').any(|l| l.trim() == w))
+            {
+                return None;
+            }
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+pub(crate) const OPENED: &str = "trellis_tcp_connections_opened_total";
+
+/// Proves the two paths are what they claim: a direct connection leaves node-1's ztunnel alone,
+/// a mesh connection is counted by it as mutual TLS.
+pub(crate) fn check_paths() -> anyhow::Result<()> {
+    let before = metric_sum(&scrape(NODE_1)?, OPENED, None);
+    one_exchange(&DIRECT)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = metric_sum(&scrape(NODE_1)?, OPENED, None);
+    if after != before {
+        bail!("the direct path went through node-1's ztunnel ({OPENED} went from {before} to {after})");
+    }
+    one_exchange(&MESH)?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let text = scrape(NODE_1)?;
+        if metric_sum(&text, OPENED, Some(("connection_security_policy", "mutual_tls"))) > 0.0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let ours: Vec<&str> = text.lines().filter(|l| l.starts_with(OPENED)).collect();
+            bail!(
+                "the mesh path is not meshed: node-1's ztunnel counts no {OPENED} with connection_security_policy=\"mutual_tls\" after a connection from {} to {} (its samples: {ours:?})",
+                MESH.client_netns,
+                MESH.server
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of the ztunnel running in node namespace `node`.
+pub(crate) fn ztunnel_pid(node: &str) -> anyhow::Result<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", node])
+        .output()
+        .context("running ip netns pids")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip netns pids {node}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ztunnel"))
+        .collect();
+    match pids[..] {
+        [pid] => Ok(pid),
+        [] => bail!("no ztunnel runs in {node}"),
+        _ => bail!("more than one ztunnel runs in {node}: {pids:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "\
+# HELP trellis_tcp_connections_opened TCP connections opened
+# TYPE trellis_tcp_connections_opened counter
+trellis_tcp_connections_opened_total{reporter=\"source\",connection_security_policy=\"mutual_tls\"} 3
+trellis_tcp_connections_opened_total{reporter=\"source\",connection_security_policy=\"none\"} 2
+trellis_tcp_connections_opened_totalx 100
+trellis_tcp_sent_bytes_total{reporter=\"source\"} 7
+";
+
+    #[test]
+    fn metric_sum_adds_the_samples_with_the_label() {
+        assert_eq!(metric_sum(PAGE, OPENED, None), 5.0);
+        assert_eq!(
+            metric_sum(PAGE, OPENED, Some(("connection_security_policy", "mutual_tls"))),
+            3.0
+        );
+        assert_eq!(metric_sum(PAGE, OPENED, Some(("reporter", "destination"))), 0.0);
+        assert_eq!(metric_sum("up 1\n", "up", None), 1.0);
+    }
+}

@@ -1,0 +1,63 @@
+//! The ztunnels' memory: RSS, PSS, and the peak while a run goes on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+
+use super::RSS_EVERY;
+
+/// VmRSS of `pid`, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (did the ztunnel exit?)"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .with_context(|| format!("/proc/{pid}/status has no VmRSS"))
+}
+
+/// Proportional set size of `pid` in KiB: shared pages (the binary's code, libc) divided among
+/// the processes that map them; what the process costs the machine, next to VmRSS.
+pub(crate) fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup (did the ztunnel exit?)"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .with_context(|| format!("/proc/{pid}/smaps_rollup has no Pss"))
+}
+
+/// Runs `f` while sampling the ztunnels' RSS every [`RSS_EVERY`], raising `peak` to what it saw.
+pub(crate) fn sampled<T>(
+    pids: [u32; 2],
+    peak: &mut [u64; 2],
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let stop = AtomicBool::new(false);
+    let (result, seen) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut seen = [0u64; 2];
+            loop {
+                for (max, pid) in seen.iter_mut().zip(pids) {
+                    *max = (*max).max(rss_kib(pid)?);
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return anyhow::Ok(seen);
+                }
+                std::thread::sleep(RSS_EVERY);
+            }
+        });
+        let result = f();
+        stop.store(true, Ordering::Relaxed);
+        (result, sampler.join())
+    });
+    let seen = seen.map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))??;
+    for (p, s) in peak.iter_mut().zip(seen) {
+        *p = (*p).max(s);
+    }
+    result
+}

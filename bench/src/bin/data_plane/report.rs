@@ -1,0 +1,169 @@
+//! The table and the PASS/MISS lines.
+
+use std::fmt::Write as _;
+
+use super::*;
+
+pub(crate) fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+pub(crate) fn ratio(mesh: f64, direct: f64) -> f64 {
+    if direct > 0.0 {
+        mesh / direct
+    } else {
+        0.0
+    }
+}
+
+/// The figures as a table: direct, mesh, mesh/direct, target.
+pub(crate) fn table(f: &Figures) -> String {
+    let mut out = format!(
+        "{:<40} {:>10} {:>10} {:>12} {:>10}\n",
+        "", "direct", "mesh", "mesh/direct", "target"
+    );
+    let mut row = |name: &str, direct: String, mesh: String, ratio: String, target: String| {
+        let _ = writeln!(out, "{name:<40} {direct:>10} {mesh:>10} {ratio:>12} {target:>10}");
+    };
+    // A figure measured both ways, with `decimals` places, and their ratio.
+    let both = |d: f64, m: f64, decimals: usize| {
+        (
+            format!("{d:.decimals$}"),
+            format!("{m:.decimals$}"),
+            format!("{:.2}", ratio(m, d)),
+        )
+    };
+    let none = String::new;
+    let (d, m, r) = both(f.throughput[0].gbps, f.throughput[1].gbps, 2);
+    row(
+        "throughput, 1 stream (Gbit/s)",
+        d,
+        m,
+        r,
+        format!(">= {TARGET_THROUGHPUT}x"),
+    );
+    let (d, m, r) = both(f.latency[0].p50_us, f.latency[1].p50_us, 1);
+    row(
+        "latency 1 KiB req/resp, p50 (us)",
+        d,
+        m,
+        r,
+        format!("<= {TARGET_LATENCY:.1}x"),
+    );
+    let (d, m, r) = both(f.latency[0].p99_us, f.latency[1].p99_us, 1);
+    row("latency 1 KiB req/resp, p99 (us)", d, m, r, none());
+    let (d, m, r) = both(f.connrate[0].per_second, f.connrate[1].per_second, 0);
+    let name = format!("new connections, {CONN_WORKERS} workers (/s)");
+    row(&name, d, m, r, format!(">= {TARGET_CONNRATE}x"));
+    let errors = |c: &Connrate| c.errors.to_string();
+    row(
+        "  connections that failed",
+        errors(&f.connrate[0]),
+        errors(&f.connrate[1]),
+        none(),
+        none(),
+    );
+    for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+        let idle = format!("{:.1}", mib(f.idle_kib[i]));
+        let name = format!("ztunnel {node} RSS idle (MiB)");
+        row(&name, "-".into(), idle, "-".into(), format!("<= {TARGET_IDLE_MIB:.1}"));
+    }
+    for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+        let peak = format!("{:.1}", mib(f.peak_kib[i]));
+        row(
+            &format!("ztunnel {node} RSS peak, mesh runs (MiB)"),
+            "-".into(),
+            peak,
+            "-".into(),
+            none(),
+        );
+    }
+    out
+}
+
+/// One line per target: PASS or MISS, the figure, the target and Istio's ztunnel.
+pub(crate) fn verdicts(f: &Figures) -> Vec<String> {
+    let line = |pass: bool, text: String| format!("{} {text}", if pass { "PASS" } else { "MISS" });
+    let throughput = ratio(f.throughput[1].gbps, f.throughput[0].gbps);
+    let latency = ratio(f.latency[1].p50_us, f.latency[0].p50_us);
+    let connrate = ratio(f.connrate[1].per_second, f.connrate[0].per_second);
+    let idle = mib(f.idle_kib[0].max(f.idle_kib[1]));
+    vec![
+        line(
+            throughput >= TARGET_THROUGHPUT,
+            format!("throughput mesh/direct {throughput:.2} (target >= {TARGET_THROUGHPUT}; Istio's ztunnel {ISTIO_THROUGHPUT})"),
+        ),
+        line(
+            latency > 0.0 && latency <= TARGET_LATENCY,
+            format!("latency p50 mesh/direct {latency:.2} (target <= {TARGET_LATENCY:.1}; Istio's ztunnel {ISTIO_LATENCY})"),
+        ),
+        line(
+            connrate >= TARGET_CONNRATE,
+            format!("connections/s mesh/direct {connrate:.2} (target >= {TARGET_CONNRATE}; Istio's ztunnel {ISTIO_CONNRATE})"),
+        ),
+        line(
+            idle > 0.0 && idle <= TARGET_IDLE_MIB,
+            format!("ztunnel idle RSS {idle:.1} MiB, the larger of the two (target <= {TARGET_IDLE_MIB:.0} MiB; Istio's ztunnel {ISTIO_IDLE_MIB:.0} MiB)"),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(mesh_gbps: f64, mesh_p50: f64, mesh_cps: f64, idle_mib: u64) -> Figures {
+        Figures {
+            throughput: [Throughput { gbps: 10.0 }, Throughput { gbps: mesh_gbps }],
+            latency: [
+                Latency {
+                    p50_us: 50.0,
+                    p99_us: 90.0,
+                },
+                Latency {
+                    p50_us: mesh_p50,
+                    p99_us: 200.0,
+                },
+            ],
+            connrate: [
+                Connrate {
+                    per_second: 10_000.0,
+                    errors: 0,
+                },
+                Connrate {
+                    per_second: mesh_cps,
+                    errors: 0,
+                },
+            ],
+            idle_kib: [idle_mib * 1024, 1024],
+            peak_kib: [idle_mib * 2048, 2048],
+        }
+    }
+
+    #[test]
+    fn targets_pass_at_their_bounds_and_miss_beyond() {
+        let at_bounds = verdicts(&figures(4.5, 100.0, 3_500.0, 8));
+        assert!(at_bounds.iter().all(|v| v.starts_with("PASS")), "{at_bounds:?}");
+        let beyond = verdicts(&figures(4.4, 101.0, 3_499.0, 9));
+        assert!(beyond.iter().all(|v| v.starts_with("MISS")), "{beyond:?}");
+    }
+
+    #[test]
+    fn a_zero_direct_figure_is_a_miss_not_a_pass() {
+        let mut f = figures(4.5, 100.0, 3_500.0, 8);
+        f.latency[0].p50_us = 0.0;
+        f.throughput[0].gbps = 0.0;
+        let v = verdicts(&f);
+        assert!(v[0].starts_with("MISS") && v[1].starts_with("MISS"), "{v:?}");
+    }
+
+    #[test]
+    fn the_table_shows_ratios_and_no_ratio_for_memory() {
+        let t = table(&figures(4.5, 100.0, 3_500.0, 8));
+        assert!(t.contains("0.45"), "{t}");
+        assert!(t.contains("4.50"), "{t}");
+        assert!(t.contains("2.00"), "{t}");
+        let rss = t.lines().find(|l| l.starts_with("ztunnel node-1 RSS idle")).unwrap();
+        assert!(rss.contains(" - "), "{rss}");
+    }
+}
