@@ -151,22 +151,25 @@ impl Pool {
                 }
                 Err(e) => return Err(OpenError::Protocol(key.node, e)),
             };
-            if !early.is_empty() {
-                // Within the stream's initial window (far above the few KiB read early), so
-                // h2 frames it with the HEADERS instead of buffering it.
-                send.send_data(early.clone(), false)
-                    .map_err(|e| OpenError::Protocol(key.node, e))?;
-            }
+            // Within the stream's initial window (far above the few KiB read early), so h2
+            // frames it with the HEADERS instead of buffering it. It fails only if the stream
+            // has already ended, when its answer (a refusal, say) tells more than the failure.
+            let unsent = if early.is_empty() {
+                None
+            } else {
+                send.send_data(early.clone(), false).err()
+            };
             let response = response.await.map_err(|e| failed_after_send(key.node, e, early))?;
-            return match response.status() {
-                StatusCode::OK => Ok(Tunnel {
+            return match (response.status(), unsent) {
+                (StatusCode::OK, Some(e)) => Err(OpenError::Protocol(key.node, e)),
+                (StatusCode::OK, None) => Ok(Tunnel {
                     send,
                     recv: response.into_body(),
                     _in_flight: in_flight,
                 }),
-                StatusCode::UNAUTHORIZED => Err(OpenError::Denied),
-                StatusCode::SERVICE_UNAVAILABLE => Err(OpenError::Unreachable),
-                other => Err(OpenError::Status(other)),
+                (StatusCode::UNAUTHORIZED, _) => Err(OpenError::Denied),
+                (StatusCode::SERVICE_UNAVAILABLE, _) => Err(OpenError::Unreachable),
+                (other, _) => Err(OpenError::Status(other)),
             };
         }
         Err(OpenError::Connect(
