@@ -71,16 +71,11 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         Destination::Passthrough => return passthrough(&proxy, tcp, peer, dst, &source, started).await,
     };
     let mut labels = ConnLabels {
-        reporter: "source",
-        source_workload: source.name.clone(),
-        source_workload_namespace: source.namespace.clone(),
-        source_principal: source.identity.to_string(),
-        source_cluster: source.cluster.clone(),
         destination_service: service
             .as_ref()
             .map(|s| format!("{}.{}", s.name, s.namespace))
             .unwrap_or_default(),
-        ..Default::default()
+        ..source_labels(&source)
     };
     if candidates.is_empty() {
         tracing::warn!(src = %peer, %dst, service = %labels.destination_service, "no healthy endpoint; connection reset");
@@ -194,13 +189,8 @@ async fn passthrough(
     started: Instant,
 ) {
     let labels = ConnLabels {
-        reporter: "source",
-        source_workload: source.name.clone(),
-        source_workload_namespace: source.namespace.clone(),
-        source_principal: source.identity.to_string(),
-        source_cluster: source.cluster.clone(),
         connection_security_policy: "none".into(),
-        ..Default::default()
+        ..source_labels(source)
     };
     let upstream = match dial(dst).await {
         Ok(upstream) => upstream,
@@ -213,6 +203,18 @@ async fn passthrough(
     let counters = proxy.metrics.connection(labels.clone(), true);
     let (moved, result) = copy_plain(tcp, upstream, &counters).await;
     access_log(&labels, peer, dst, dst, moved, result, started);
+}
+
+/// The source half of the labels, reported by this (the source) ztunnel.
+fn source_labels(source: &LocalWorkload) -> ConnLabels {
+    ConnLabels {
+        reporter: "source",
+        source_workload: source.name.clone(),
+        source_workload_namespace: source.namespace.clone(),
+        source_principal: source.identity.to_string(),
+        source_cluster: source.cluster.clone(),
+        ..Default::default()
+    }
 }
 
 fn access_log(
