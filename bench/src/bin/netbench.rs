@@ -9,11 +9,17 @@
 //! Each client prints one JSON object on stdout. Blocking sockets and threads throughout: it adds
 //! as little as possible to what is measured.
 //!
+//! `relay` is the yardstick for a proxy: it forwards every connection it accepts to `--to` with
+//! `splice(2)` through a pipe, so the bytes never enter user space and nothing is encrypted. Two
+//! relays in a row cost what any two-hop proxy must cost at least (three TCP connections instead
+//! of one), and nothing more.
+//!
 //! ```sh
 //! netbench server --listen 0.0.0.0:9000
 //! netbench throughput --to 10.1.2.10:9000 --seconds 10
 //! netbench latency --to 10.1.2.10:9000 --count 20000 --warmup 1000
 //! netbench connrate --to 10.1.2.10:9000 --seconds 10 --workers 4
+//! netbench relay --listen 10.1.0.11:15101 --to 10.1.0.12:15102
 //! ```
 
 use std::io::{ErrorKind, Read, Write};
@@ -77,6 +83,13 @@ enum Mode {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Forward every accepted connection to --to, zero-copy (splice), one thread per direction.
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Throughput { to, seconds } => throughput(to, Duration::from_secs(seconds)),
         Mode::Latency { to, count, warmup } => latency(to, count, warmup),
         Mode::Connrate { to, seconds, workers } => connrate(to, Duration::from_secs(seconds), workers),
+        Mode::Relay { listen, to } => relay(listen, to),
     }
 }
 
@@ -279,4 +293,86 @@ fn one_connection(to: SocketAddr, request: &[u8; CONN_SIZE]) -> anyhow::Result<(
     let extra = tcp.read(&mut response[CONN_SIZE..]).context("waiting for the close")?;
     anyhow::ensure!(extra == 0, "the server sent more than {CONN_SIZE} bytes");
     Ok(())
+}
+
+fn relay(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    loop {
+        let (client, _) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("netbench relay: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let upstream = match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("netbench relay: connecting to {to}: {e}");
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        for (from, into) in [(&client, &upstream), (&upstream, &client)] {
+            let (from, into) = (from.try_clone()?, into.try_clone()?);
+            std::thread::spawn(move || {
+                if let Err(e) = splice_all(&from, &into) {
+                    eprintln!("netbench relay: {e}");
+                }
+                let _ = into.shutdown(Shutdown::Write);
+            });
+        }
+    }
+}
+
+/// Moves everything `from` sends into `into` through a pipe, until EOF; the bytes stay in the
+/// kernel.
+fn splice_all(from: &TcpStream, into: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const CHUNK: usize = 1 << 20;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: plain fcntl on a pipe we own; a refusal only leaves the default 64 KiB pipe.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    let splice = |from: i32, into: i32, len: usize| {
+        // SAFETY: both are open descriptors for the duration of the call; no offsets are used.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                into,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    };
+    loop {
+        let mut queued = match splice(from.as_raw_fd(), wr.as_raw_fd(), CHUNK) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while queued > 0 {
+            match splice(rd.as_raw_fd(), into.as_raw_fd(), queued) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => queued -= n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }

@@ -52,6 +52,18 @@ pub(crate) const DIRECT: Route = Route {
     server_netns: "tl-bench-east-plain-psrv",
     server: "10.1.2.10:9000",
 };
+/// The direct client again, through a relay in node-1's namespace and another in node-2's, to
+/// the direct server: see [`start_relays`].
+pub(crate) const RELAYED: Route = Route {
+    name: "relays",
+    client_netns: "tl-bench-east-plain-pcli",
+    server_netns: "tl-bench-east-plain-psrv",
+    server: RELAY_1,
+};
+/// Where the relays listen: each node's address on the cluster network (node n is 10.1.0.(10+n)).
+const RELAY_1: &str = "10.1.0.11:15101";
+const RELAY_2: &str = "10.1.0.12:15102";
+
 pub(crate) const MESH: Route = Route {
     name: "mesh",
     client_netns: "tl-bench-east-mesh-mcli",
@@ -171,19 +183,47 @@ pub(crate) fn start_servers(bin: &Path) -> anyhow::Result<Servers> {
     }
     let local = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
     for (path, child) in [&DIRECT, &MESH].into_iter().zip(&mut servers.0) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !in_netns(path.server_netns, || Ok(TcpStream::connect(local).is_ok()))? {
-            if let Some(status) = child.try_wait()? {
-                bail!("netbench server in {} exited: {status}", path.server_netns);
-            }
-            if Instant::now() > deadline {
-                bail!("netbench server in {} did not listen on {local}", path.server_netns);
-            }
-            check_interrupted()?;
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(child, path.server_netns, local)?;
     }
     Ok(servers)
+}
+
+/// Waits until `addr` accepts connections inside `ns`, where `child` should be listening.
+fn wait_listening(child: &mut Child, ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !in_netns(ns, || Ok(TcpStream::connect(addr).is_ok()))? {
+        if let Some(status) = child.try_wait()? {
+            bail!("netbench in {ns} exited: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("netbench in {ns} did not listen on {addr}");
+        }
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Starts `netbench relay` in node-1's namespace (to node-2's relay) and in node-2's (to the
+/// direct server), and waits until both accept. Nothing enrolled is on that path, so neither
+/// ztunnel touches it: it is the two hops of the mesh path, with zero-copy forwarding and no TLS
+/// or HTTP/2, so the cheapest two-hop proxy there can be.
+pub(crate) fn start_relays(bin: &Path) -> anyhow::Result<Servers> {
+    let mut relays = Servers(Vec::new());
+    for (node, listen, to) in [(NODE_2, RELAY_2, DIRECT.server), (NODE_1, RELAY_1, RELAY_2)] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", node])
+            .arg(bin.join("netbench"))
+            .args(["relay", "--listen", listen, "--to", to])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting netbench relay in {node}"))?;
+        relays.0.push(child);
+        let child = relays.0.last_mut().context("the relay just started")?;
+        wait_listening(child, node, listen.parse()?)?;
+    }
+    Ok(relays)
 }
 
 /// Runs one netbench client in `path`'s client pod and parses the JSON it prints.

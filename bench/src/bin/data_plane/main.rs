@@ -78,6 +78,13 @@ struct Figures {
     throughput: [Throughput; 2],
     latency: [Latency; 2],
     connrate: [Connrate; 2],
+    /// Share of all CPUs busy (0..=1) during the throughput and the connection runs: [direct, mesh].
+    throughput_busy: [f64; 2],
+    relayed_busy: f64,
+    connrate_busy: [f64; 2],
+    /// Single-stream throughput from the direct client through two plain relays (see
+    /// [`lab::start_relays`]): the most any two-hop proxy can reach on this machine.
+    relayed: Throughput,
     /// Per ztunnel (node-1, node-2), in KiB.
     idle_kib: [u64; 2],
     peak_kib: [u64; 2],
@@ -102,16 +109,33 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
     let secs = SECONDS.to_string();
 
     let mut throughput = Vec::new();
+    let mut throughput_busy = Vec::new();
     for path in [&DIRECT, &MESH] {
-        let run = || netbench::<Throughput>(bin, path, &["throughput", "--seconds", &secs]);
-        let t = if path.name == "mesh" {
+        let run = || busy_while(|| netbench::<Throughput>(bin, path, &["throughput", "--seconds", &secs]));
+        let (t, busy) = if path.name == "mesh" {
             sampled(pids, &mut peak_kib, run)?
         } else {
             run()?
         };
-        println!("  throughput {:<6} {:>8.2} Gbit/s", path.name, t.gbps);
+        println!(
+            "  throughput {:<6} {:>8.2} Gbit/s (CPU {:.0}% busy)",
+            path.name,
+            t.gbps,
+            busy * 100.0
+        );
         throughput.push(t);
+        throughput_busy.push(busy);
     }
+    let relays = start_relays(bin)?;
+    let (relayed, relayed_busy) =
+        busy_while(|| netbench::<Throughput>(bin, &RELAYED, &["throughput", "--seconds", &secs]))?;
+    drop(relays);
+    println!(
+        "  throughput {:<6} {:>8.2} Gbit/s (CPU {:.0}% busy)",
+        RELAYED.name,
+        relayed.gbps,
+        relayed_busy * 100.0
+    );
     let mut latency = Vec::new();
     let (rounds, warmup) = (LATENCY_ROUNDS.to_string(), LATENCY_WARMUP.to_string());
     for path in [&DIRECT, &MESH] {
@@ -128,25 +152,35 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
         latency.push(l);
     }
     let mut connrate = Vec::new();
+    let mut connrate_busy = Vec::new();
     let workers = CONN_WORKERS.to_string();
     for path in [&DIRECT, &MESH] {
-        let run = || netbench::<Connrate>(bin, path, &["connrate", "--seconds", &secs, "--workers", &workers]);
-        let c = if path.name == "mesh" {
+        let run =
+            || busy_while(|| netbench::<Connrate>(bin, path, &["connrate", "--seconds", &secs, "--workers", &workers]));
+        let (c, busy) = if path.name == "mesh" {
             sampled(pids, &mut peak_kib, run)?
         } else {
             run()?
         };
         println!(
-            "  connrate   {:<6} {:>8.0} /s ({} errors)",
-            path.name, c.per_second, c.errors
+            "  connrate   {:<6} {:>8.0} /s ({} errors, CPU {:.0}% busy)",
+            path.name,
+            c.per_second,
+            c.errors,
+            busy * 100.0
         );
         connrate.push(c);
+        connrate_busy.push(busy);
     }
     let two = |what: &str| anyhow::anyhow!("{what}: expected a direct and a mesh figure");
     Ok(Figures {
         throughput: throughput.try_into().map_err(|_| two("throughput"))?,
         latency: latency.try_into().map_err(|_| two("latency"))?,
         connrate: connrate.try_into().map_err(|_| two("connrate"))?,
+        throughput_busy: throughput_busy.try_into().map_err(|_| two("throughput CPU"))?,
+        connrate_busy: connrate_busy.try_into().map_err(|_| two("connrate CPU"))?,
+        relayed,
+        relayed_busy,
         idle_kib,
         peak_kib,
     })
@@ -166,16 +200,29 @@ fn cpu_jiffies(stat: &str) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// How busy the machine is before the run (0..=1, over every CPU), sampled for a second.
+fn cpu_sample() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    cpu_jiffies(&stat).context("/proc/stat has no cpu line")
+}
+
+/// Runs `f`, and tells how busy the whole machine was meanwhile (0..=1, over every CPU).
+fn busy_while<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let (b0, t0) = cpu_sample()?;
+    let result = f()?;
+    let (b1, t1) = cpu_sample()?;
+    Ok((
+        result,
+        b1.saturating_sub(b0) as f64 / t1.saturating_sub(t0).max(1) as f64,
+    ))
+}
+
+/// How busy the machine is before the run, sampled for a second.
 fn busy_before() -> anyhow::Result<f64> {
-    let sample = || {
-        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        cpu_jiffies(&stat).context("/proc/stat has no cpu line")
-    };
-    let (b0, t0) = sample()?;
-    std::thread::sleep(Duration::from_secs(1));
-    let (b1, t1) = sample()?;
-    Ok(b1.saturating_sub(b0) as f64 / t1.saturating_sub(t0).max(1) as f64)
+    busy_while(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    })
+    .map(|((), busy)| busy)
 }
 
 fn main() -> anyhow::Result<()> {

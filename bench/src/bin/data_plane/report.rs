@@ -42,6 +42,28 @@ pub(crate) fn table(f: &Figures) -> String {
         r,
         format!(">= {TARGET_THROUGHPUT}x"),
     );
+    let percent = |busy: f64| format!("{:.0}", busy * 100.0);
+    row(
+        "  CPU busy, all CPUs (%)",
+        percent(f.throughput_busy[0]),
+        percent(f.throughput_busy[1]),
+        none(),
+        none(),
+    );
+    row(
+        "  two plain relays instead (Gbit/s)",
+        format!("{:.2}", f.throughput[0].gbps),
+        format!("{:.2}", f.relayed.gbps),
+        format!("{:.2}", ratio(f.relayed.gbps, f.throughput[0].gbps)),
+        "ceiling".into(),
+    );
+    row(
+        "  CPU busy, all CPUs (%)",
+        percent(f.throughput_busy[0]),
+        percent(f.relayed_busy),
+        none(),
+        none(),
+    );
     let (d, m, r) = both(f.latency[0].p50_us, f.latency[1].p50_us, 1);
     row(
         "latency 1 KiB req/resp, p50 (us)",
@@ -55,6 +77,13 @@ pub(crate) fn table(f: &Figures) -> String {
     let (d, m, r) = both(f.connrate[0].per_second, f.connrate[1].per_second, 0);
     let name = format!("new connections, {CONN_WORKERS} workers (/s)");
     row(&name, d, m, r, format!(">= {TARGET_CONNRATE}x"));
+    row(
+        "  CPU busy, all CPUs (%)",
+        percent(f.connrate_busy[0]),
+        percent(f.connrate_busy[1]),
+        none(),
+        none(),
+    );
     let errors = |c: &Connrate| c.errors.to_string();
     row(
         "  connections that failed",
@@ -88,10 +117,11 @@ pub(crate) fn verdicts(f: &Figures) -> Vec<String> {
     let latency = ratio(f.latency[1].p50_us, f.latency[0].p50_us);
     let connrate = ratio(f.connrate[1].per_second, f.connrate[0].per_second);
     let idle = mib(f.idle_kib[0].max(f.idle_kib[1]));
+    let ceiling = ratio(f.relayed.gbps, f.throughput[0].gbps);
     vec![
         line(
             throughput >= TARGET_THROUGHPUT,
-            format!("throughput mesh/direct {throughput:.2} (target >= {TARGET_THROUGHPUT}; Istio's ztunnel {ISTIO_THROUGHPUT})"),
+            format!("throughput mesh/direct {throughput:.2} (target >= {TARGET_THROUGHPUT}; Istio's ztunnel {ISTIO_THROUGHPUT}; two zero-copy relays without TLS {ceiling:.2})"),
         ),
         line(
             latency > 0.0 && latency <= TARGET_LATENCY,
@@ -135,6 +165,10 @@ mod tests {
                     errors: 0,
                 },
             ],
+            throughput_busy: [0.8, 0.9],
+            connrate_busy: [1.0, 0.85],
+            relayed: Throughput { gbps: 4.0 },
+            relayed_busy: 0.95,
             idle_kib: [idle_mib * 1024, 1024],
             peak_kib: [idle_mib * 2048, 2048],
         }
@@ -165,5 +199,22 @@ mod tests {
         assert!(t.contains("2.00"), "{t}");
         let rss = t.lines().find(|l| l.starts_with("ztunnel node-1 RSS idle")).unwrap();
         assert!(rss.contains(" - "), "{rss}");
+    }
+
+    #[test]
+    fn the_relay_ceiling_and_cpu_are_reported_against_direct() {
+        let f = figures(4.5, 100.0, 3_500.0, 8);
+        let t = table(&f);
+        let relays = t.lines().find(|l| l.contains("two plain relays")).unwrap();
+        assert!(
+            relays.contains("4.00") && relays.contains("0.40") && relays.contains("ceiling"),
+            "{relays}"
+        );
+        assert!(
+            t.lines()
+                .any(|l| l.contains("CPU busy") && l.contains("80") && l.contains("90")),
+            "{t}"
+        );
+        assert!(verdicts(&f)[0].contains("without TLS 0.40"), "{:?}", verdicts(&f));
     }
 }
