@@ -42,14 +42,19 @@ pub(crate) fn table(f: &Figures) -> String {
         r,
         format!(">= {TARGET_THROUGHPUT}x"),
     );
-    let percent = |busy: f64| format!("{:.0}", busy * 100.0);
-    row(
-        "  CPU busy, all CPUs (%)",
-        percent(f.throughput_busy[0]),
-        percent(f.throughput_busy[1]),
-        none(),
-        none(),
-    );
+    // The CPU busy during the runs of the row above, in %.
+    let busy = |direct: f64, mesh: f64| {
+        let percent = |busy: f64| format!("{:.0}", busy * 100.0);
+        (
+            "  CPU busy, all CPUs (%)",
+            percent(direct),
+            percent(mesh),
+            none(),
+            none(),
+        )
+    };
+    let (name, d, m, r, t) = busy(f.throughput_busy[0], f.throughput_busy[1]);
+    row(name, d, m, r, t);
     row(
         "  two plain relays instead (Gbit/s)",
         format!("{:.2}", f.throughput[0].gbps),
@@ -57,13 +62,8 @@ pub(crate) fn table(f: &Figures) -> String {
         format!("{:.2}", ratio(f.relayed.gbps, f.throughput[0].gbps)),
         "ceiling".into(),
     );
-    row(
-        "  CPU busy, all CPUs (%)",
-        percent(f.throughput_busy[0]),
-        percent(f.relayed_busy),
-        none(),
-        none(),
-    );
+    let (name, d, m, r, t) = busy(f.throughput_busy[0], f.relayed_busy);
+    row(name, d, m, r, t);
     let (d, m, r) = both(f.latency[0].p50_us, f.latency[1].p50_us, 1);
     row(
         "latency 1 KiB req/resp, p50 (us)",
@@ -77,13 +77,8 @@ pub(crate) fn table(f: &Figures) -> String {
     let (d, m, r) = both(f.connrate[0].per_second, f.connrate[1].per_second, 0);
     let name = format!("new connections, {CONN_WORKERS} workers (/s)");
     row(&name, d, m, r, format!(">= {TARGET_CONNRATE}x"));
-    row(
-        "  CPU busy, all CPUs (%)",
-        percent(f.connrate_busy[0]),
-        percent(f.connrate_busy[1]),
-        none(),
-        none(),
-    );
+    let (name, d, m, r, t) = busy(f.connrate_busy[0], f.connrate_busy[1]);
+    row(name, d, m, r, t);
     let errors = |c: &Connrate| c.errors.to_string();
     row(
         "  connections that failed",
