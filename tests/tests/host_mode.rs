@@ -7,13 +7,15 @@
 //! 10.1.0.2); its service `billing` has the VIP 10.101.0.50; the pods' service `web` gets the
 //! lab's first VIP, 10.101.0.10.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use trellis_e2e::lab::{metric_sum, Lab};
 use trellis_e2e::sniff::Sniffer;
-use trellis_e2e::{bin_dir, binary, create_token};
+use trellis_e2e::{bin_dir, binary, create_token, in_netns};
 
 const TOPOLOGY: &str = r#"
 clusters:
@@ -301,10 +303,56 @@ fn a_host_configured_by_trellisd_meshes_both_ways() {
     let mut args = common_args(&lab, "vm-1");
     args.extend(["--ca-addr".into(), "10.1.0.2:15012".into(), "--join-token-file".into()]);
     args.push(token_file.to_string_lossy().into_owned());
+    // A connection the host opened before its ztunnel started (as ztunnel's own to trellisd
+    // are) must run on untouched once capture starts: only new connections are captured.
+    let mut open = EchoConnection::open(&lab, &vm);
+    open.round("before capture");
     vm.start("ztunnel", "ztunnel", &args);
     vm.start("billing", "trellis", &billing_server());
     vm.wait_ready(&lab);
     check_both_directions(&lab, &vm, "trellisd");
+    open.round("after capture");
+}
+
+/// A TCP connection from the VM to an echo server in trellisd's namespace (outside the VM's
+/// capture exemptions), opened before the VM's ztunnel runs.
+struct EchoConnection {
+    tcp: TcpStream,
+}
+
+impl EchoConnection {
+    fn open(lab: &Lab, vm: &Vm) -> EchoConnection {
+        let listener = in_netns(&lab.control_ns("east"), || TcpListener::bind("10.1.0.2:0")).expect("echo listener");
+        let addr = listener.local_addr().expect("echo address");
+        std::thread::spawn(move || {
+            let Ok((mut tcp, _)) = listener.accept() else { return };
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = tcp.read(&mut buf) {
+                if tcp.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+        let tcp = in_netns(&vm.netns, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("the VM connecting to {addr}: {e}"));
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        EchoConnection { tcp }
+    }
+
+    /// Sends `text` and expects it back.
+    fn round(&mut self, text: &str) {
+        let mut back = vec![0u8; text.len()];
+        let echoed = self
+            .tcp
+            .write_all(text.as_bytes())
+            .and_then(|()| self.tcp.read_exact(&mut back));
+        assert!(
+            echoed.is_ok() && back == text.as_bytes(),
+            "the connection opened before capture, {text}: {echoed:?}, got {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
 }
 
 #[test]

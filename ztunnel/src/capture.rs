@@ -11,7 +11,8 @@
 //! - a packet claiming an enrolled pod's address on any interface but that pod's own is
 //!   dropped (reverse-path check), so nothing can borrow a pod's identity by spoofing its IP.
 //!
-//! Non-enrolled pods match no rule.
+//! Non-enrolled pods match no rule. Only new connections are captured ([`NEW_TCP`]): a connection
+//! that was open before its pod was enrolled runs on untouched.
 //!
 //! Host mode (a VM or bare-metal host is the one workload, and its own node) captures the host's
 //! own traffic instead:
@@ -42,6 +43,13 @@ pub struct Ports {
     pub metrics: u16,
     pub readiness: u16,
 }
+
+/// Matches the first packet of a TCP connection (a SYN alone). nat chains see only the first
+/// packet conntrack has of each flow, and for a connection that was open before the rules (or
+/// before conntrack ran here at all) that is a packet from its middle: redirecting it would send
+/// a stranger's segment to a ztunnel port, which answers with a reset. So capture starts with new
+/// connections, and open ones run on untouched, as in Istio ambient.
+const NEW_TCP: &str = "tcp flags & (fin|syn|rst|ack) == syn";
 
 /// Inbound ports host mode never captures besides ztunnel's own: SSH.
 const HOST_INBOUND_EXEMPT: [u16; 1] = [22];
@@ -75,8 +83,8 @@ pub fn ruleset(plan: &Plan, ports: Ports) -> String {
             );
             out.push_str(&format!(
                 "  chain capture {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-                 ip saddr @enrolled meta l4proto tcp counter redirect to :{}\n    \
-                 ip daddr @enrolled meta l4proto tcp counter redirect to :{}\n  }}\n",
+                 ip saddr @enrolled {NEW_TCP} counter redirect to :{}\n    \
+                 ip daddr @enrolled {NEW_TCP} counter redirect to :{}\n  }}\n",
                 ports.outbound, ports.inbound_plain
             ));
         }
@@ -88,7 +96,7 @@ pub fn ruleset(plan: &Plan, ports: Ports) -> String {
                 "  chain capture_out {{\n    type nat hook output priority -100; policy accept;\n    \
                  meta mark {SOCKET_MARK:#x} return\n    ip daddr 127.0.0.0/8 return\n    \
                  fib daddr type local return\n    {control}\
-                 meta l4proto tcp counter redirect to :{}\n  }}\n",
+                 {NEW_TCP} counter redirect to :{}\n  }}\n",
                 ports.outbound
             ));
             let mut exempt: BTreeSet<u16> = HOST_INBOUND_EXEMPT.into_iter().collect();
@@ -102,7 +110,7 @@ pub fn ruleset(plan: &Plan, ports: Ports) -> String {
             let exempt: Vec<String> = exempt.iter().map(ToString::to_string).collect();
             out.push_str(&format!(
                 "  chain capture_in {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
-                 fib daddr type local tcp dport != {{ {} }} counter redirect to :{}\n  }}\n",
+                 fib daddr type local tcp dport != {{ {} }} {NEW_TCP} counter redirect to :{}\n  }}\n",
                 exempt.join(", "),
                 ports.inbound_plain
             ));
@@ -160,8 +168,9 @@ mod tests {
         let pods = BTreeSet::from(["10.1.1.10".parse().unwrap(), "10.1.1.12".parse().unwrap()]);
         let rules = ruleset(&Plan::Pods(pods), PORTS);
         assert!(rules.contains("elements = { 10.1.1.10, 10.1.1.12 }"), "{rules}");
-        assert!(rules.contains("ip saddr @enrolled meta l4proto tcp counter redirect to :15001"));
-        assert!(rules.contains("ip daddr @enrolled meta l4proto tcp counter redirect to :15006"));
+        let syn = "tcp flags & (fin|syn|rst|ack) == syn";
+        assert!(rules.contains(&format!("ip saddr @enrolled {syn} counter redirect to :15001")));
+        assert!(rules.contains(&format!("ip daddr @enrolled {syn} counter redirect to :15006")));
         assert!(
             rules.starts_with("table ip trellis\ndelete table ip trellis\n"),
             "replaces the old table"
@@ -193,8 +202,10 @@ mod tests {
             );
         }
         assert!(rules.contains(
-            "fib daddr type local tcp dport != { 22, 15001, 15006, 15008, 15020, 15021 } counter redirect to :15006"
+            "fib daddr type local tcp dport != { 22, 15001, 15006, 15008, 15020, 15021 } \
+             tcp flags & (fin|syn|rst|ack) == syn counter redirect to :15006"
         ));
+        assert!(rules.contains("tcp flags & (fin|syn|rst|ack) == syn counter redirect to :15001"));
         assert!(!ruleset(&Plan::Host { control: None }, PORTS).contains("15012"));
     }
 }

@@ -316,7 +316,13 @@ fn relay(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         for (from, into) in [(&client, &upstream), (&upstream, &client)] {
-            let (from, into) = (from.try_clone()?, into.try_clone()?);
+            let (from, into) = match (from.try_clone(), into.try_clone()) {
+                (Ok(from), Ok(into)) => (from, into),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("netbench relay: {e}");
+                    break;
+                }
+            };
             std::thread::spawn(move || {
                 if let Err(e) = splice_all(&from, &into) {
                     eprintln!("netbench relay: {e}");
@@ -374,5 +380,43 @@ fn splice_all(from: &TcpStream, into: &TcpStream) -> std::io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair of loopback sockets: (client, server).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (client, listener.accept().unwrap().0)
+    }
+
+    #[test]
+    fn splice_all_delivers_every_byte_in_order_then_the_end() {
+        let (mut sender, relay_in) = pair();
+        let (relay_out, mut receiver) = pair();
+        let relay = std::thread::spawn(move || {
+            let result = splice_all(&relay_in, &relay_out);
+            relay_out.shutdown(Shutdown::Write).unwrap();
+            result
+        });
+        // More than the pipe holds, so the relay has to go round its loop.
+        let sent: Vec<u8> = (0..3 * 1024 * 1024 + 7).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                sender.write_all(&sent).unwrap();
+                sender.shutdown(Shutdown::Write).unwrap();
+            })
+        };
+        let mut received = Vec::new();
+        receiver.read_to_end(&mut received).unwrap();
+        writer.join().unwrap();
+        relay.join().unwrap().unwrap();
+        assert_eq!(received.len(), sent.len());
+        assert!(received == sent, "the relayed bytes differ from the sent ones");
     }
 }

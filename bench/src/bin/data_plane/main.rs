@@ -80,6 +80,7 @@ struct Figures {
     connrate: [Connrate; 2],
     /// Share of all CPUs busy (0..=1) during the throughput and the connection runs: [direct, mesh].
     throughput_busy: [f64; 2],
+    /// The same, during the run through the relays.
     relayed_busy: f64,
     connrate_busy: [f64; 2],
     /// Single-stream throughput from the direct client through two plain relays (see
