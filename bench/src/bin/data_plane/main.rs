@@ -109,60 +109,29 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
     let mut peak_kib = [0u64; 2];
     let secs = SECONDS.to_string();
 
-    let mut throughput = Vec::new();
-    let mut throughput_busy = Vec::new();
-    for path in [&DIRECT, &MESH] {
-        let run = || busy_while(|| netbench::<Throughput>(bin, path, &["throughput", "--seconds", &secs]));
-        let (t, busy) = if path.name == "mesh" {
-            sampled(pids, &mut peak_kib, run)?
-        } else {
-            run()?
-        };
-        println!(
-            "  throughput {:<6} {:>8.2} Gbit/s (CPU {:.0}% busy)",
-            path.name,
-            t.gbps,
-            busy * 100.0
-        );
-        throughput.push(t);
-        throughput_busy.push(busy);
-    }
+    let throughput = on_both_paths(pids, &mut peak_kib, |path| {
+        let (t, busy) = busy_while(|| netbench::<Throughput>(bin, path, &["throughput", "--seconds", &secs]))?;
+        print_throughput(path, t, busy);
+        Ok((t, busy))
+    })?;
     let relays = start_relays(bin)?;
     let (relayed, relayed_busy) =
         busy_while(|| netbench::<Throughput>(bin, &RELAYED, &["throughput", "--seconds", &secs]))?;
     drop(relays);
-    println!(
-        "  throughput {:<6} {:>8.2} Gbit/s (CPU {:.0}% busy)",
-        RELAYED.name,
-        relayed.gbps,
-        relayed_busy * 100.0
-    );
-    let mut latency = Vec::new();
+    print_throughput(&RELAYED, relayed, relayed_busy);
     let (rounds, warmup) = (LATENCY_ROUNDS.to_string(), LATENCY_WARMUP.to_string());
-    for path in [&DIRECT, &MESH] {
-        let run = || netbench::<Latency>(bin, path, &["latency", "--count", &rounds, "--warmup", &warmup]);
-        let l = if path.name == "mesh" {
-            sampled(pids, &mut peak_kib, run)?
-        } else {
-            run()?
-        };
+    let latency = on_both_paths(pids, &mut peak_kib, |path| {
+        let l = netbench::<Latency>(bin, path, &["latency", "--count", &rounds, "--warmup", &warmup])?;
         println!(
             "  latency    {:<6} p50 {:>7.1} us  p99 {:>7.1} us",
             path.name, l.p50_us, l.p99_us
         );
-        latency.push(l);
-    }
-    let mut connrate = Vec::new();
-    let mut connrate_busy = Vec::new();
+        Ok(l)
+    })?;
     let workers = CONN_WORKERS.to_string();
-    for path in [&DIRECT, &MESH] {
-        let run =
-            || busy_while(|| netbench::<Connrate>(bin, path, &["connrate", "--seconds", &secs, "--workers", &workers]));
-        let (c, busy) = if path.name == "mesh" {
-            sampled(pids, &mut peak_kib, run)?
-        } else {
-            run()?
-        };
+    let connrate = on_both_paths(pids, &mut peak_kib, |path| {
+        let (c, busy) =
+            busy_while(|| netbench::<Connrate>(bin, path, &["connrate", "--seconds", &secs, "--workers", &workers]))?;
         println!(
             "  connrate   {:<6} {:>8.0} /s ({} errors, CPU {:.0}% busy)",
             path.name,
@@ -170,21 +139,40 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
             c.errors,
             busy * 100.0
         );
-        connrate.push(c);
-        connrate_busy.push(busy);
-    }
-    let two = |what: &str| anyhow::anyhow!("{what}: expected a direct and a mesh figure");
+        Ok((c, busy))
+    })?;
     Ok(Figures {
-        throughput: throughput.try_into().map_err(|_| two("throughput"))?,
-        latency: latency.try_into().map_err(|_| two("latency"))?,
-        connrate: connrate.try_into().map_err(|_| two("connrate"))?,
-        throughput_busy: throughput_busy.try_into().map_err(|_| two("throughput CPU"))?,
-        connrate_busy: connrate_busy.try_into().map_err(|_| two("connrate CPU"))?,
+        throughput: throughput.map(|(t, _)| t),
+        throughput_busy: throughput.map(|(_, busy)| busy),
+        latency,
+        connrate: connrate.map(|(c, _)| c),
+        connrate_busy: connrate.map(|(_, busy)| busy),
         relayed,
         relayed_busy,
         idle_kib,
         peak_kib,
     })
+}
+
+/// Runs `run` on the direct path, then on the mesh path while sampling both ztunnels' RSS into
+/// `peak_kib`: [direct, mesh].
+fn on_both_paths<T>(
+    pids: [u32; 2],
+    peak_kib: &mut [u64; 2],
+    mut run: impl FnMut(&Route) -> anyhow::Result<T>,
+) -> anyhow::Result<[T; 2]> {
+    let direct = run(&DIRECT)?;
+    let mesh = sampled(pids, peak_kib, || run(&MESH))?;
+    Ok([direct, mesh])
+}
+
+fn print_throughput(path: &Route, t: Throughput, busy: f64) {
+    println!(
+        "  throughput {:<6} {:>8.2} Gbit/s (CPU {:.0}% busy)",
+        path.name,
+        t.gbps,
+        busy * 100.0
+    );
 }
 
 /// The `cpu` line of /proc/stat: (busy, total) jiffies since boot, over every CPU.
