@@ -1,6 +1,7 @@
-//! Compiles the protobuf contracts under `proto/` at build time.
-//!
-//! Needs `protoc` (Debian: `protobuf-compiler`); `PROTOC` may point at another one.
+//! Compiles the protobuf contracts under `proto/` at build time, with `protox` (a protobuf
+//! compiler in Rust): building Trellis's own contracts needs no `protoc` and no system `.proto`
+//! files. The well-known types (`google/protobuf/struct.proto`, imported by the Workload API)
+//! come built into protox, so the build reads only files of this repository.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -8,13 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/trellis/config/v1/config.proto",
         "proto/spiffe/workload.proto",
     ];
-    for proto in protos {
-        println!("cargo:rerun-if-changed={proto}");
-    }
+    println!("cargo:rerun-if-changed=proto");
+    let files = protox::Compiler::new(["proto"])?
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(protos)
+        .map_err(|e| format!("the protobuf contracts under api/proto do not compile: {e}"))?
+        .file_descriptor_set();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&protos, &["proto"])
-        .map_err(|e| format!("compiling the protobuf contracts failed (is protoc installed? Debian: apt-get install protobuf-compiler): {e}"))?;
+        .compile_fds(files)
+        .map_err(|e| format!("generating Rust from the protobuf contracts failed: {e}"))?;
     Ok(())
 }

@@ -1,13 +1,19 @@
-//! Trellis wire contracts, compiled from `proto/` at build time.
+//! Trellis wire contracts, compiled from `proto/` at build time, and the subscriber side of the
+//! config stream.
 //!
 //! - [`identity::v1`]: the cluster CA's issuance service (`CertificateService`).
 //! - [`config::v1`]: the node-scoped config stream (`ConfigService`) and the resource model
 //!   (`Workload`, `Service`, `AuthorizationPolicy`, `Waypoint`, `HTTPRoute`, `RemoteCluster`,
 //!   `TrustBundle`).
+//! - [`slice`]: a subscriber's copy of its node slice and the pure rules that update it.
+//! - [`stream`]: the config-stream client every ztunnel and waypoint runs ([`stream::follow`]).
 //! - [`spiffe_workload`]: the SPIFFE Workload API, which every ztunnel serves to its workloads.
 //!
 //! Every Trellis package is versioned (`trellis.<area>.v1`); a breaking change gets a new
 //! version next to the old one.
+
+pub mod slice;
+pub mod stream;
 
 /// Protobuf packages of Trellis itself.
 pub mod identity {

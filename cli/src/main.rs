@@ -155,7 +155,7 @@ fn namespace_label(manifests: &std::path::Path, namespace: &str, label: &str, re
             return ExitCode::from(2);
         }
     };
-    match trellis_control::discovery::edit::label_namespace(manifests, namespace, key, value) {
+    match trellis_mesh::edit::label_namespace(manifests, namespace, key, value) {
         Ok(path) => {
             match value {
                 Some(v) => println!("namespace/{namespace} labelled {key}={v} ({})", path.display()),

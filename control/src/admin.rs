@@ -1,20 +1,18 @@
 //! The loopback admin endpoint: `/status` (what `trellis status` prints), `/config_dump` (the
 //! whole model), `/metrics` (Prometheus text). HTTP/1.1, GET only.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
+use trellis_admin::{serve_routes, Route, OPENMETRICS};
 use trellis_api::config::v1::resource::Kind as Variant;
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::model::ClusterInfo;
 use crate::stream::ConfigStream;
+use trellis_mesh::model::ClusterInfo;
 
 /// What the admin endpoint reads.
 #[derive(Clone)]
@@ -34,7 +32,9 @@ impl Admin {
             .inventory
             .namespaces
             .iter()
-            .filter(|(_, (ns, _))| ns.labels.get(crate::model::DATAPLANE_MODE).map(String::as_str) == Some("ambient"))
+            .filter(|(_, (ns, _))| {
+                ns.labels.get(trellis_mesh::model::DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+            })
             .map(|(name, _)| name)
             .collect();
         let mut nodes = serde_json::Map::new();
@@ -71,11 +71,12 @@ impl Admin {
     pub fn config_dump(&self) -> serde_json::Value {
         let published = self.hub.model.borrow().clone();
         let m = &published.model;
-        let dump = |items: &mut dyn Iterator<Item = (&crate::discovery::ObjectKey, &Arc<crate::model::Entry>)>| {
-            items
-                .map(|(k, e)| (k.to_string(), json!(format!("{:?}", e.resource))))
-                .collect::<serde_json::Map<_, _>>()
-        };
+        let dump =
+            |items: &mut dyn Iterator<Item = (&crate::discovery::ObjectKey, &Arc<trellis_mesh::model::Entry>)>| {
+                items
+                    .map(|(k, e)| (k.to_string(), json!(format!("{:?}", e.resource))))
+                    .collect::<serde_json::Map<_, _>>()
+            };
         json!({
             "version": published.version,
             "workloads": dump(&mut m.workloads()),
@@ -90,11 +91,7 @@ impl Admin {
         match path {
             "/status" => (StatusCode::OK, "application/json", self.status().to_string()),
             "/config_dump" => (StatusCode::OK, "application/json", self.config_dump().to_string()),
-            "/metrics" => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.render(),
-            ),
+            "/metrics" => (StatusCode::OK, OPENMETRICS, self.metrics.render()),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -103,12 +100,6 @@ impl Admin {
         }
     }
 }
-
-/// A response: status, content type, body.
-pub type Reply = (StatusCode, &'static str, String);
-
-/// Answers one request from its method, path and query.
-pub type Route = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
 
 /// Serves `admin` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, admin: Admin) {
@@ -120,32 +111,4 @@ pub async fn serve(listener: TcpListener, admin: Admin) {
         }
     });
     serve_routes(listener, route).await
-}
-
-/// Serves `route` over HTTP/1.1 on `listener` until the task is aborted; accept errors (out of
-/// descriptors, say) are retried after a short pause. trellisd's and ztunnel's small HTTP
-/// endpoints all run on this.
-pub async fn serve_routes(listener: TcpListener, route: Route) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            continue;
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, content_type, body) = route(req.method(), req.uri().path(), req.uri().query());
-                let response = Response::builder()
-                    .status(status)
-                    .header("content-type", content_type)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_default();
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
 }

@@ -8,8 +8,8 @@ use tokio::sync::watch;
 
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
-use crate::model::{build, ClusterInfo, MeshModel};
 use crate::stream::Published;
+use trellis_mesh::model::{build, ClusterInfo, MeshModel};
 
 /// Changes arriving within this window after the first are applied together.
 pub const COALESCE: Duration = Duration::from_millis(5);

@@ -2,14 +2,13 @@
 //!
 //! Read first:
 //! - [`discovery`]: what exists ([`discovery::DiscoverySource`], the manifest directory).
-//! - [`model`]: pure rules from what exists to what each node needs.
+//! - `trellis_mesh::model`: pure rules from what exists to what each node needs.
 //! - [`stream`]: the node-scoped config stream over gRPC.
 
 pub mod admin;
 pub mod discovery;
 pub mod hub;
 pub mod metrics;
-pub mod model;
 pub mod server;
 pub mod stream;
 pub mod wire;

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use trellis_control::model::ClusterInfo;
 use trellis_control::server::{ControlPlane, Options};
 use trellis_identity::{IssuancePolicy, JoinTokens, TrustDomain};
+use trellis_mesh::model::ClusterInfo;
 
 /// trellisd: discovery, the cluster CA, the config stream and federation sync for one cluster.
 #[derive(Debug, Parser)]

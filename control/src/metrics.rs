@@ -86,15 +86,6 @@ impl Default for Metrics {
 impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        render(&self.registry)
+        trellis_admin::render(&self.registry)
     }
-}
-
-/// The Prometheus text exposition of `registry` (empty if encoding fails).
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
-        out.clear();
-    }
-    out
 }

@@ -18,8 +18,8 @@ use crate::discovery::directory::ManifestDirectory;
 use crate::discovery::{Discovered, DiscoverySource};
 use crate::hub::{self, Hub};
 use crate::metrics::Metrics;
-use crate::model::ClusterInfo;
 use crate::stream::ConfigStream;
+use trellis_mesh::model::ClusterInfo;
 
 /// What trellisd needs to start.
 #[derive(Debug, Clone)]

@@ -19,8 +19,8 @@ use trellis_identity::tls::PeerInfo;
 use trellis_identity::{IdKind, TrustDomain};
 
 use crate::metrics::Metrics;
-use crate::model::{advance, diff, node_slice, Entry, MeshModel, Role, ServerSlice};
 use crate::wire::{RawUpdate, StreamHandler, UpdateStream};
+use trellis_mesh::model::{advance, diff, node_slice, Entry, MeshModel, Role, ServerSlice};
 
 /// How long a new stream may take to send its Subscribe message.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -162,12 +162,13 @@ impl StreamHandler for ConfigStream {
                 subscribe.node
             )));
         }
-        let role = match subscribe.role.as_str() {
-            "" | "ztunnel" => Role::Ztunnel,
-            "waypoint" => Role::Waypoint,
-            other => {
+        let role = match pb::Role::try_from(subscribe.role) {
+            Ok(pb::Role::Ztunnel) => Role::Ztunnel,
+            Ok(pb::Role::Waypoint) => Role::Waypoint,
+            _ => {
                 return Err(Status::invalid_argument(format!(
-                    "role {other:?} is not ztunnel or waypoint"
+                    "role {} is not ROLE_ZTUNNEL or ROLE_WAYPOINT",
+                    subscribe.role
                 )))
             }
         };
@@ -180,7 +181,7 @@ impl StreamHandler for ConfigStream {
                 id,
                 NodeStatus {
                     node: caller_node.clone(),
-                    role: subscribe.role.clone(),
+                    role: format!("{role:?}").to_lowercase(),
                     connected_since_unix: trellis_identity::svid::to_unix(SystemTime::now()),
                     sent_version: 0,
                     acked_version: 0,
@@ -364,94 +365,4 @@ struct Held {
     version: u64,
     sent: u64,
     unsent: bool,
-}
-
-pub mod client {
-    //! The subscriber side: keeps a node's slice in sync, reconnecting and resuming as needed.
-
-    use super::*;
-    use crate::model::Slice;
-    use trellis_api::config::v1::config_service_client::ConfigServiceClient;
-
-    /// A node's applied view: the version it last applied and its resources.
-    #[derive(Debug, Clone, Default, PartialEq)]
-    pub struct Applied {
-        pub version: u64,
-        pub slice: Slice,
-    }
-
-    /// Follows the stream for `node` until `state`'s receivers are all gone, reconnecting with
-    /// backoff and resuming from the last applied version.
-    pub async fn follow(channel: tonic::transport::Channel, node: String, role: &str, state: watch::Sender<Applied>) {
-        let mut failures = 0u32;
-        loop {
-            match follow_once(channel.clone(), &node, role, &state).await {
-                Ok(()) => failures = 0,
-                Err(status) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(%node, code = ?status.code(), error = %status.message(), "config stream broke");
-                }
-            }
-            if state.is_closed() {
-                return;
-            }
-            let delay = trellis_identity::renewal::retry_delay(
-                failures.max(1),
-                Duration::from_millis(100),
-                Duration::from_secs(5),
-                rand_fraction(),
-            );
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    fn rand_fraction() -> f64 {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        f64::from(nanos % 1000) / 1000.0
-    }
-
-    /// One connection: subscribe, apply and acknowledge updates until the stream ends.
-    pub async fn follow_once(
-        channel: tonic::transport::Channel,
-        node: &str,
-        role: &str,
-        state: &watch::Sender<Applied>,
-    ) -> Result<(), Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let resume_from = state.borrow().version;
-        let subscribe = pb::StreamRequest {
-            kind: Some(pb::stream_request::Kind::Subscribe(pb::Subscribe {
-                node: node.to_string(),
-                role: role.to_string(),
-                resume_from,
-            })),
-        };
-        tx.send(subscribe).await.map_err(|_| Status::cancelled("closed"))?;
-        let mut client = ConfigServiceClient::new(channel);
-        let mut updates = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        while let Some(update) = updates.message().await? {
-            // Check first, then apply in place: a rejected update leaves the state untouched.
-            let version = update.version;
-            let error = match crate::model::check(&update) {
-                Ok(()) => {
-                    state.send_modify(|applied| {
-                        let _ = crate::model::apply(&mut applied.slice, update);
-                        applied.version = version;
-                    });
-                    String::new()
-                }
-                Err(e) => e,
-            };
-            let ack = pb::StreamRequest {
-                kind: Some(pb::stream_request::Kind::Ack(pb::Ack { version, error })),
-            };
-            if tx.send(ack).await.is_err() {
-                break;
-            }
-        }
-        Ok(())
-    }
 }

@@ -15,7 +15,7 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Status, Streaming};
 use trellis_api::config::v1 as pb;
 
-use crate::model::{Entry, ResKey};
+use trellis_mesh::model::{Entry, ResKey};
 
 /// One update, as the server sends it.
 #[derive(Debug, Clone)]

@@ -10,9 +10,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
-use trellis_control::model::{ClusterInfo, ResKey};
+use trellis_api::stream::{follow, follow_once, Applied};
 use trellis_control::server::{ControlPlane, Options};
-use trellis_control::stream::client::{follow, follow_once, Applied};
 use trellis_identity::caclient::{join_node, CaClientError};
 use trellis_identity::csr::new_csr;
 use trellis_identity::tls::{client_config, tls_channel};
@@ -20,6 +19,7 @@ use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{
     BundleSet, CaClient, CertManager, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
 };
+use trellis_mesh::model::{ClusterInfo, ResKey};
 
 const TD: &str = "east.trellis.local";
 
@@ -117,7 +117,12 @@ impl Fixture {
     /// A subscriber that follows the stream for `node`, reconnecting as needed.
     fn subscribe(&self, certs: &CertManager, node: &str) -> watch::Receiver<Applied> {
         let (tx, rx) = watch::channel(Applied::default());
-        tokio::spawn(follow(self.channel(Some(certs), node), node.to_string(), "ztunnel", tx));
+        tokio::spawn(follow(
+            self.channel(Some(certs), node),
+            node.to_string(),
+            pb::Role::Ztunnel,
+            tx,
+        ));
         rx
     }
 
@@ -325,7 +330,7 @@ async fn a_client_that_reconnects_ends_with_the_same_state_as_one_that_never_lef
     let first = tokio::spawn({
         let channel = f.channel(Some(&node), "node-1");
         let tx = flaky_tx.clone();
-        async move { follow_once(channel, "node-1", "ztunnel", &tx).await }
+        async move { follow_once(channel, "node-1", pb::Role::Ztunnel, &tx).await }
     });
     until(&mut flaky, "first snapshot", |a| a.version > 0).await;
     first.abort();
@@ -345,7 +350,7 @@ async fn a_client_that_reconnects_ends_with_the_same_state_as_one_that_never_lef
     tokio::spawn(follow(
         f.channel(Some(&node), "node-1"),
         "node-1".to_string(),
-        "ztunnel",
+        pb::Role::Ztunnel,
         flaky_tx,
     ));
     let resumed = until(&mut flaky, "caught up", |a| a.version == settled.version).await;
@@ -368,11 +373,11 @@ async fn a_node_sees_only_its_own_workloads_and_cannot_pose_as_another() {
     );
 
     let (tx, _rx) = watch::channel(Applied::default());
-    let err = follow_once(f.channel(Some(&node1), "node-1"), "node-2", "ztunnel", &tx)
+    let err = follow_once(f.channel(Some(&node1), "node-1"), "node-2", pb::Role::Ztunnel, &tx)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    let err = follow_once(f.channel(None, "node-1"), "node-1", "ztunnel", &tx)
+    let err = follow_once(f.channel(None, "node-1"), "node-1", pb::Role::Ztunnel, &tx)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -387,7 +392,7 @@ async fn a_node_that_rejects_a_version_is_logged_counted_and_shown() {
     tx.send(pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Subscribe(pb::Subscribe {
             node: "node-1".into(),
-            role: "ztunnel".into(),
+            role: pb::Role::Ztunnel as i32,
             resume_from: 0,
         })),
     })

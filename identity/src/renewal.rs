@@ -16,13 +16,7 @@ pub fn renewal_delay(not_before: SystemTime, not_after: SystemTime, now: SystemT
     renew_at.duration_since(now).unwrap_or_default()
 }
 
-/// Exponential backoff after `failures` consecutive failures (1 for the first), from `min` up
-/// to `max`, scaled by a jitter sample in `[0.0, 1.0]` into `[0.5, 1.0]` of the step.
-pub fn retry_delay(failures: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
-    let exponent = failures.saturating_sub(1).min(20);
-    let step = min.saturating_mul(1u32 << exponent).min(max);
-    step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0)).max(min.min(max))
-}
+pub use trellis_api::stream::retry_delay;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hyper::StatusCode;
 
-pub use trellis_control::admin::{serve_routes as serve, Reply, Route};
+pub use trellis_admin::{serve_routes as serve, Reply, Route};
 
 /// What readiness waits for.
 #[derive(Debug, Default)]

@@ -11,12 +11,12 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use trellis_control::model::ClusterInfo;
-use trellis_control::stream::client::{follow, Applied};
+use trellis_api::stream::{follow, Applied};
 use trellis_identity::manager::{CertificateSource, HeldSvid, Issued};
 use trellis_identity::tls::{client_config, tls_channel};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
+use trellis_mesh::model::ClusterInfo;
 
 use crate::admin::{self, query_param, Readiness, Reply, Route};
 use crate::capture::{self, Plan, Ports};
@@ -105,7 +105,12 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
                 config.ca_addr,
                 Arc::new(client_config(control, Some(certs.resolver(&node_id)))?),
             );
-            tokio::spawn(follow(channel, config.node.clone(), "ztunnel", applied_tx));
+            tokio::spawn(follow(
+                channel,
+                config.node.clone(),
+                trellis_api::config::v1::Role::Ztunnel,
+                applied_tx,
+            ));
             certs
         }
     };

@@ -126,7 +126,7 @@ impl Default for Metrics {
 impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        trellis_control::metrics::render(&self.registry)
+        trellis_admin::render(&self.registry)
     }
 
     /// Counts a connection open and returns the handles that count its bytes and its close.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
-use trellis_control::model::Slice;
+use trellis_api::slice::Slice;
 use trellis_identity::SpiffeId;
 
 use crate::policy::Policy;
@@ -277,7 +277,7 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_control::model::key_of;
+    use trellis_api::slice::key_of;
 
     #[test]
     fn a_local_workload_outside_any_service_is_still_reached_through_its_node() {

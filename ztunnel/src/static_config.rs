@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-use trellis_control::discovery::manifest::parse_file;
-use trellis_control::model::{build, node_slice, to_client, ClusterInfo, Role, Slice};
-use trellis_control::stream::client::Applied;
+use trellis_api::stream::Applied;
+use trellis_mesh::manifest::parse_file;
+use trellis_mesh::model::{build, node_slice, to_client, ClusterInfo, Role, Slice};
 
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_secs(1);
@@ -37,7 +37,11 @@ pub fn load(path: &Path, node: &str, cluster: &ClusterInfo) -> Result<Slice, Str
 pub async fn follow(path: PathBuf, node: String, cluster: ClusterInfo, first: Slice, state: watch::Sender<Applied>) {
     let mut version = 1;
     let mut seen = stamp(&path);
-    state.send_replace(Applied { version, slice: first });
+    state.send_replace(Applied {
+        version,
+        slice: first,
+        connected: false,
+    });
     loop {
         tokio::time::sleep(POLL).await;
         if state.is_closed() {
@@ -52,7 +56,11 @@ pub async fn follow(path: PathBuf, node: String, cluster: ClusterInfo, first: Sl
             Ok(slice) => {
                 version += 1;
                 tracing::info!(file = %path.display(), version, resources = slice.len(), "static config reloaded");
-                state.send_replace(Applied { version, slice });
+                state.send_replace(Applied {
+                    version,
+                    slice,
+                    connected: false,
+                });
             }
             Err(e) => tracing::error!(error = %e, "static config not reloaded; the previous one stays in force"),
         }

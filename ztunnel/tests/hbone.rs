@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
-use trellis_control::model::{key_of, Slice};
+use trellis_api::slice::{key_of, Slice};
 use trellis_identity::{
     BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
 };

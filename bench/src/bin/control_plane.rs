@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::watch;
-use trellis_control::stream::client::{follow, Applied};
+use trellis_api::stream::{follow, Applied};
 use trellis_identity::caclient::join_node;
 use trellis_identity::tls::{client_config, tls_channel};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
@@ -183,7 +183,12 @@ async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
         let config = client_config(verifier, Some(resolver))?;
         let channel = tls_channel(addr, Arc::new(config));
         let (tx, rx) = watch::channel(Applied::default());
-        tokio::spawn(follow(channel, node.clone(), "ztunnel", tx));
+        tokio::spawn(follow(
+            channel,
+            node.clone(),
+            trellis_api::config::v1::Role::Ztunnel,
+            tx,
+        ));
         receivers.push(rx);
     }
     let expected_workloads = s.workloads / s.nodes;
@@ -261,8 +266,8 @@ async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
 /// the manifests, build the model, and cut and encode every node's snapshot.
 fn build_snapshots(manifests: &Path, s: &Scale) -> anyhow::Result<Duration> {
     use trellis_control::discovery::directory::{DirectoryState, ManifestDirectory};
-    use trellis_control::model::{build, node_slice, ClusterInfo, Role};
     use trellis_control::wire::RawUpdate;
+    use trellis_mesh::model::{build, node_slice, ClusterInfo, Role};
     let started = Instant::now();
     let mut state = DirectoryState::default();
     ManifestDirectory::new(manifests).load(&mut state, &mut Default::default());

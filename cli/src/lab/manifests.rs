@@ -66,7 +66,7 @@ fn flow_map(map: &BTreeMap<String, String>) -> String {
 mod tests {
     use super::*;
     use crate::lab::{plan, spec};
-    use trellis_control::discovery::manifest::parse_file;
+    use trellis_mesh::manifest::parse_file;
 
     #[test]
     fn trellisd_reads_what_the_lab_writes() {

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::manifest::{parse_file, MAX_FILE_BYTES};
 use super::{Discovered, DiscoverySource, Inventory, ObjectKey};
+use trellis_mesh::manifest::{parse_file, MAX_FILE_BYTES};
 
 /// How often the directory is scanned for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);

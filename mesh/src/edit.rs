@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::manifest::{documents, parse_file};
+use crate::manifest::{documents, parse_file};
 
 /// Why a label could not be changed.
 #[derive(Debug, thiserror::Error)]

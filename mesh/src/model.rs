@@ -9,7 +9,9 @@ use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_identity::{SpiffeId, TrustDomain};
 
-use crate::discovery::{Inventory, ObjectKey, PolicyAction, WorkloadObj};
+pub use trellis_api::slice::{apply, check, key_of, ResKey, Slice};
+
+use crate::inventory::{Inventory, ObjectKey, PolicyAction, WorkloadObj};
 
 /// Namespace (or pod, to override) label that enrols workloads: value `ambient`; a pod label
 /// `none` opts one pod out.
@@ -27,33 +29,6 @@ pub struct ClusterInfo {
     pub network: String,
     /// DNS suffix of service hostnames, e.g. `cluster.local`.
     pub domain: String,
-}
-
-/// Identifies a resource in the config stream. Cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ResKey {
-    pub kind: pb::Kind,
-    pub name: Arc<str>,
-}
-
-impl ResKey {
-    pub fn new(kind: pb::Kind, name: &str) -> Self {
-        Self {
-            kind,
-            name: name.into(),
-        }
-    }
-
-    fn of(kind: pb::Kind, key: &ObjectKey) -> Self {
-        Self::new(kind, &key.to_string())
-    }
-
-    pub fn to_proto(&self) -> pb::ResourceKey {
-        pb::ResourceKey {
-            kind: self.kind as i32,
-            name: self.name.to_string(),
-        }
-    }
 }
 
 /// A resource as trellisd holds it: its key, the message, and its protobuf encoding, made once
@@ -74,9 +49,6 @@ impl Entry {
 
 /// One node's view as the server holds it.
 pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
-
-/// One node's view as a subscriber holds it: every resource it should hold, by key.
-pub type Slice = BTreeMap<ResKey, Arc<pb::Resource>>;
 
 /// The resources of one namespace.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -202,7 +174,7 @@ fn intern(
 ) -> Arc<Entry> {
     match previous.and_then(|p| p.get(key)) {
         Some(old) if old.resource == fresh => old.clone(),
-        _ => Arc::new(Entry::new(ResKey::of(kind, key), fresh)),
+        _ => Arc::new(Entry::new(res_key(kind, key), fresh)),
     }
 }
 
@@ -468,10 +440,14 @@ pub enum Role {
     Waypoint,
 }
 
-/// The part of namespace `ns` that `node` needs, handed to `out` entry by entry.
-fn ns_part(model: &MeshModel, node: &str, role: Role, ns: &str, out: &mut impl FnMut(&Arc<Entry>)) {
-    let Some(n) = model.namespaces.get(ns) else { return };
-    let own: Vec<&Arc<Entry>> = n.workloads.values().filter(|e| node_of(e) == Some(node)).collect();
+/// What a node needs of one namespace `n`, handed to `out` entry by entry; `own` are the
+/// node's workloads in that namespace. This is the one rule of what a node gets:
+/// [`node_slice`] applies it to every namespace, [`advance`] to the namespaces that changed.
+///
+/// A ztunnel gets its own workloads, every service with its endpoints, every waypoint, and the
+/// policies that select one of its workloads; a waypoint also gets every policy and HTTPRoute.
+/// Never another node's workloads.
+fn ns_part(n: &NsModel, own: &[&Arc<Entry>], role: Role, out: &mut impl FnMut(&Arc<Entry>)) {
     own.iter().for_each(|e| out(e));
     n.services.values().for_each(&mut *out);
     for e in n.policies.values() {
@@ -493,37 +469,28 @@ fn ns_part(model: &MeshModel, node: &str, role: Role, ns: &str, out: &mut impl F
     }
 }
 
-/// The slice of `model` that `node` needs: its own workloads, every service with its
-/// endpoints, the policies that select one of its workloads, and the waypoints; a waypoint also
-/// gets every policy and HTTPRoute. Never another node's workloads.
-pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
-    let mut slice = ServerSlice::new();
-    let own: &[Arc<Entry>] = model.by_node.get(node).map(Vec::as_slice).unwrap_or_default();
-    for e in own {
-        slice.insert(e.key.clone(), e.clone());
+/// The namespace of a workload entry.
+fn namespace_of(entry: &Entry) -> Option<&str> {
+    match &entry.resource.kind {
+        Some(Variant::Workload(w)) => Some(&w.namespace),
+        _ => None,
     }
+}
+
+/// The slice of `model` that `node` needs, cut fresh (see [`ns_part`] for the rule).
+pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
+    let mut own_by_ns: BTreeMap<&str, Vec<&Arc<Entry>>> = BTreeMap::new();
+    for e in model.by_node.get(node).map(Vec::as_slice).unwrap_or_default() {
+        if let Some(ns) = namespace_of(e) {
+            own_by_ns.entry(ns).or_default().push(e);
+        }
+    }
+    let mut slice = ServerSlice::new();
     for (ns, n) in &model.namespaces {
-        for e in n.services.values().chain(n.waypoints.values()) {
+        let own = own_by_ns.get(ns.as_str()).map(Vec::as_slice).unwrap_or_default();
+        ns_part(n, own, role, &mut |e| {
             slice.insert(e.key.clone(), e.clone());
-        }
-        if role == Role::Waypoint {
-            for e in n.routes.values().chain(n.policies.values()) {
-                slice.insert(e.key.clone(), e.clone());
-            }
-            continue;
-        }
-        for e in n.policies.values() {
-            let Some(Variant::AuthorizationPolicy(p)) = &e.resource.kind else {
-                continue;
-            };
-            let applies = own.iter().any(|w| match &w.resource.kind {
-                Some(Variant::Workload(w)) => &w.namespace == ns && selects_proto(&p.selector, &w.labels),
-                _ => false,
-            });
-            if applies {
-                slice.insert(e.key.clone(), e.clone());
-            }
-        }
+        });
     }
     slice
 }
@@ -552,9 +519,12 @@ pub fn advance(
     for ns in changed {
         let prefix = format!("{ns}/");
         let mut fresh = ServerSlice::new();
-        ns_part(model, node, role, ns, &mut |e| {
-            fresh.insert(e.key.clone(), e.clone());
-        });
+        if let Some(n) = model.namespaces.get(ns) {
+            let own: Vec<&Arc<Entry>> = n.workloads.values().filter(|e| node_of(e) == Some(node)).collect();
+            ns_part(n, &own, role, &mut |e| {
+                fresh.insert(e.key.clone(), e.clone());
+            });
+        }
         let mut old = Vec::new();
         for kind in SLICE_KINDS {
             old.extend(
@@ -581,6 +551,11 @@ pub fn advance(
     (upserts, removals)
 }
 
+/// The key of a namespaced object of `kind`.
+fn res_key(kind: pb::Kind, key: &ObjectKey) -> ResKey {
+    ResKey::new(kind, &key.to_string())
+}
+
 /// What changed from `old` to `new`: entries to upsert and keys to remove.
 pub fn diff(old: &ServerSlice, new: &ServerSlice) -> (Vec<Arc<Entry>>, Vec<ResKey>) {
     let upserts = new
@@ -600,52 +575,10 @@ pub fn to_client(slice: &ServerSlice) -> Slice {
         .collect()
 }
 
-/// Whether a subscriber can apply `update`: every key and resource has a known kind.
-pub fn check(update: &pb::ConfigUpdate) -> Result<(), String> {
-    for key in &update.removals {
-        pb::Kind::try_from(key.kind).map_err(|_| format!("unknown kind {} in a removal", key.kind))?;
-    }
-    if update.upserts.iter().any(|r| key_of(r).is_none()) {
-        return Err("a resource with no kind".into());
-    }
-    Ok(())
-}
-
-/// Applies an update to a slice, as a subscriber does; pure, for tests and clients.
-/// The update is taken by value: its resources move into the slice without a copy.
-pub fn apply(slice: &mut Slice, update: pb::ConfigUpdate) -> Result<(), String> {
-    if update.snapshot {
-        slice.clear();
-    }
-    for key in &update.removals {
-        let kind = pb::Kind::try_from(key.kind).map_err(|_| format!("unknown kind {}", key.kind))?;
-        slice.remove(&ResKey::new(kind, &key.name));
-    }
-    for r in update.upserts {
-        let key = key_of(&r).ok_or("a resource with no kind")?;
-        slice.insert(key, Arc::new(r));
-    }
-    Ok(())
-}
-
-/// The key of a resource, read off its content.
-pub fn key_of(r: &pb::Resource) -> Option<ResKey> {
-    let (kind, ns, name) = match r.kind.as_ref()? {
-        Variant::Workload(w) => (pb::Kind::Workload, &w.namespace, &w.name),
-        Variant::Service(s) => (pb::Kind::Service, &s.namespace, &s.name),
-        Variant::AuthorizationPolicy(p) => (pb::Kind::AuthorizationPolicy, &p.namespace, &p.name),
-        Variant::Waypoint(w) => (pb::Kind::Waypoint, &w.namespace, &w.name),
-        Variant::HttpRoute(h) => (pb::Kind::HttpRoute, &h.namespace, &h.name),
-        Variant::RemoteCluster(c) => return Some(ResKey::new(pb::Kind::RemoteCluster, &c.name)),
-        Variant::TrustBundle(b) => return Some(ResKey::new(pb::Kind::TrustBundle, &b.trust_domain)),
-    };
-    Some(ResKey::of(kind, &ObjectKey::new(ns, name)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::manifest::parse_file;
+    use crate::manifest::parse_file;
 
     fn cluster() -> ClusterInfo {
         ClusterInfo {

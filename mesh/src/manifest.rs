@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use super::{
+use crate::inventory::{
     Inventory, NamespaceObj, ObjectKey, PolicyAction, PolicyObj, PolicyRuleObj, PortObj, RouteBackendObj,
     RouteMatchObj, RouteObj, RouteRuleObj, ServiceObj, WaypointObj, WorkloadObj,
 };
