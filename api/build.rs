@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("the protobuf contracts under api/proto do not compile: {e}"))?
         .file_descriptor_set();
     tonic_prost_build::configure()
+        // Maps as BTreeMap: a resource encodes to the same bytes every time it is built, so
+        // trellisd can tell an unchanged resource from a changed one by its encoding.
+        .btree_map(".trellis.config.v1")
         .build_client(true)
         .build_server(true)
         .compile_fds(files)

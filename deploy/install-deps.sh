@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # Installs what Trellis needs to build and test on Debian, skipping what is already there.
-# Needs root (apt-get). Sourced by setup.sh and test.sh; safe to run on its own.
+# Needs root (apt-get). Run by setup.sh and test.sh; safe to run on its own.
+#
+# Each need is checked by the file the build or the tests actually use, not only by a command
+# name: protoc without its well-known types (libprotobuf-dev) passes `command -v protoc` and
+# still fails a build that imports google/protobuf/*.proto.
 set -euo pipefail
 
 need=()
-command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)   # etcd-client and our contracts
-command -v nft >/dev/null 2>&1 || need+=(nftables)                # lab capture rules
-command -v ip >/dev/null 2>&1 || need+=(iproute2)                 # lab namespaces and links
-command -v etcd >/dev/null 2>&1 || need+=(etcd-server)            # the federation store
-command -v cc >/dev/null 2>&1 || need+=(build-essential)          # aws-lc-sys builds C
+want() { # want <package> <path or command>...: the package is needed if any of them is missing
+  local package=$1; shift
+  for thing in "$@"; do
+    if [[ $thing == /* ]]; then [ -e "$thing" ] && continue; else command -v "$thing" >/dev/null 2>&1 && continue; fi
+    need+=("$package"); return
+  done
+}
+# Trellis's own contracts compile with protox (in Rust) and need neither of these two; etcd-client
+# (the federation sync) runs protoc at build time, with the well-known types.
+want protobuf-compiler protoc
+want libprotobuf-dev /usr/include/google/protobuf/struct.proto /usr/include/google/protobuf/descriptor.proto
+want nftables nft                  # capture rules (lab and tests)
+want iproute2 ip tc                # lab namespaces, links, netem
+want etcd-server etcd              # the federation store (tests start their own)
+want build-essential cc make       # aws-lc-sys builds C
+want ca-certificates /etc/ssl/certs/ca-certificates.crt   # cargo fetching crates over HTTPS
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -19,6 +34,17 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Check again what the build and the tests will open, so a package that installs without the
+# file we need is reported here and not as a build error ten minutes later.
+missing=()
+for thing in protoc nft ip tc etcd cc /usr/include/google/protobuf/struct.proto; do
+  if [[ $thing == /* ]]; then [ -e "$thing" ] || missing+=("$thing"); else command -v "$thing" >/dev/null 2>&1 || missing+=("$thing"); fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: still missing after installing: ${missing[*]}" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 //! The small HTTP/1.1 endpoints every Trellis process serves (trellisd's admin, ztunnel's
 //! metrics on 15020, readiness on 15021 and admin on 15000): one server loop, one Prometheus
-//! renderer. Each process supplies a [`Route`]; this crate owns the sockets.
+//! renderer. Each process supplies a [`Route`]; this crate owns the sockets. [`client`] is the
+//! other side: the GET that the CLI, the lab, the benchmarks and the tests read them with.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+
+pub mod client;
 
 /// A response: status, content type, body.
 pub type Reply = (StatusCode, &'static str, String);

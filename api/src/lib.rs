@@ -12,6 +12,7 @@
 //! Every Trellis package is versioned (`trellis.<area>.v1`); a breaking change gets a new
 //! version next to the old one.
 
+pub mod addr;
 pub mod slice;
 pub mod stream;
 

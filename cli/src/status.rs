@@ -1,37 +1,26 @@
 //! `trellis status`: asks trellisd's admin endpoint and prints what is meshed.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+use trellis_admin::client::{get_blocking, GetError};
 
-/// Largest admin response read, in bytes.
-const MAX_RESPONSE: u64 = 64 * 1024 * 1024;
+/// How long trellisd has to answer, connection included.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// GETs `/status` from trellisd's admin endpoint.
+/// GETs `/status` from trellisd's admin endpoint. Blocks; not for async code.
 pub fn fetch(admin: SocketAddr) -> Result<Value, String> {
-    let unreachable = |e: std::io::Error| {
-        format!("cannot reach trellisd's admin endpoint at {admin}: {e}; is trellisd running? (set --admin or TRELLIS_ADMIN)")
-    };
-    let mut tcp = TcpStream::connect_timeout(&admin, Duration::from_secs(3)).map_err(unreachable)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(unreachable)?;
-    write!(
-        tcp,
-        "GET /status HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(unreachable)?;
-    let mut response = Vec::new();
-    tcp.take(MAX_RESPONSE).read_to_end(&mut response).map_err(unreachable)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{admin} did not answer HTTP"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("{admin} answered {}", head.lines().next().unwrap_or("?")));
+    let (status, body) = get_blocking(admin, "/status", TIMEOUT).map_err(|e| match e {
+        GetError::Connect { source, .. } => format!(
+            "cannot reach trellisd's admin endpoint at {admin}: {source}; is trellisd running? (set --admin or TRELLIS_ADMIN)"
+        ),
+        other => other.to_string(),
+    })?;
+    if status != 200 {
+        return Err(format!("{admin} answered {status}: {}", body.trim()));
     }
-    serde_json::from_str(body).map_err(|e| format!("{admin} answered something that is not trellisd's status: {e}"))
+    serde_json::from_str(&body).map_err(|e| format!("{admin} answered something that is not trellisd's status: {e}"))
 }
 
 /// The human-readable status.

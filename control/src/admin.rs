@@ -1,5 +1,5 @@
 //! The loopback admin endpoint: `/status` (what `trellis status` prints), `/config_dump` (the
-//! whole model), `/metrics` (Prometheus text). HTTP/1.1, GET only.
+//! whole model as JSON), `/metrics` (Prometheus text). HTTP/1.1, GET only.
 
 use std::sync::Arc;
 
@@ -13,6 +13,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::stream::ConfigStream;
 use trellis_mesh::model::ClusterInfo;
+
+mod dump;
 
 /// What the admin endpoint reads.
 #[derive(Clone)]
@@ -44,7 +46,7 @@ impl Admin {
                 .filter_map(|r| match r.resource.kind.as_ref() {
                     Some(Variant::Workload(w)) => Some(json!({
                         "name": format!("{}/{}", w.namespace, w.name),
-                        "address": w.addresses.first(),
+                        "address": w.addresses.first().and_then(|a| trellis_api::addr::from_bytes(a).ok()).map(|ip| ip.to_string()),
                         "enrolled": w.enrolled,
                         "ready": w.ready,
                         "identity": w.identity,
@@ -67,23 +69,18 @@ impl Admin {
         })
     }
 
-    /// Every resource of the model, as the nodes receive them.
+    /// Every resource of the model, as the nodes receive them: kind → `namespace/name` → the
+    /// resource as a JSON object (see [`dump`]).
     pub fn config_dump(&self) -> serde_json::Value {
         let published = self.hub.model.borrow().clone();
         let m = &published.model;
-        let dump =
-            |items: &mut dyn Iterator<Item = (&crate::discovery::ObjectKey, &Arc<trellis_mesh::model::Entry>)>| {
-                items
-                    .map(|(k, e)| (k.to_string(), json!(format!("{:?}", e.resource))))
-                    .collect::<serde_json::Map<_, _>>()
-            };
         json!({
             "version": published.version,
-            "workloads": dump(&mut m.workloads()),
-            "services": dump(&mut m.services()),
-            "policies": dump(&mut m.policies()),
-            "waypoints": dump(&mut m.waypoints()),
-            "routes": dump(&mut m.routes()),
+            "workloads": dump::by_key(m.workloads()),
+            "services": dump::by_key(m.services()),
+            "policies": dump::by_key(m.policies()),
+            "waypoints": dump::by_key(m.waypoints()),
+            "routes": dump::by_key(m.routes()),
         })
     }
 

@@ -1,5 +1,7 @@
 //! The control loop: discovery snapshots in, mesh model out. Bursts of changes are coalesced
-//! for a few milliseconds; a single change goes straight through.
+//! for a few milliseconds; a single change goes straight through. Nothing is built before
+//! discovery is synced, so a source that could not read everything yet never makes nodes drop
+//! what they hold.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +43,11 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
             tokio::time::sleep(COALESCE).await;
             let snapshot = discovered.borrow_and_update().clone();
             metrics.discovery_problems.set(snapshot.problems.len() as i64);
+            // Until discovery has seen everything once, its inventory may lack what exists: no
+            // node gets a model built from it.
+            if !snapshot.synced {
+                continue;
+            }
             // A new problem alone (a refused file) changes nothing the nodes hold.
             if last_inventory
                 .as_ref()
@@ -96,5 +103,51 @@ pub fn authorizer(
         } else {
             Err(format!("no workload with {id} is scheduled on {node}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_identity::TrustDomain;
+
+    #[tokio::test]
+    async fn no_model_is_built_before_discovery_is_synced() {
+        let cluster = ClusterInfo {
+            name: "east".into(),
+            trust_domain: TrustDomain::new("east.trellis.local").unwrap(),
+            network: "east".into(),
+            domain: "cluster.local".into(),
+        };
+        let inventory = trellis_mesh::manifest::parse_file(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {trellis.io/dataplane-mode: ambient}\n",
+        )
+        .unwrap();
+        let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
+        let metrics = Arc::new(Metrics::default());
+        let mut hub = spawn(cluster, rx, metrics.clone());
+        let partial = Discovered {
+            inventory: inventory.clone(),
+            problems: vec!["/m/sub: cannot list: Too many open files (os error 24)".into()],
+            synced: false,
+        };
+        tx.send(Arc::new(partial)).unwrap();
+        tokio::time::sleep(COALESCE * 20).await;
+        assert_eq!(hub.model.borrow().version, 0, "nothing built from a partial inventory");
+        assert_eq!(
+            metrics.discovery_problems.get(),
+            1,
+            "its problems are counted all the same"
+        );
+        let synced = Discovered {
+            inventory,
+            problems: Vec::new(),
+            synced: true,
+        };
+        tx.send(Arc::new(synced)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), hub.model.wait_for(|p| p.version == 1))
+            .await
+            .expect("a model once synced")
+            .unwrap();
     }
 }

@@ -173,7 +173,7 @@ mod tests {
             kind: Some(pb::resource::Kind::Waypoint(pb::Waypoint {
                 name: "wp".into(),
                 namespace: "shop".into(),
-                addresses: vec!["10.1.1.1".into()],
+                addresses: vec![trellis_api::addr::to_bytes("10.1.1.1".parse().unwrap())],
                 hbone_port: 15008,
                 identity: "spiffe://td/ns/shop/sa/wp".into(),
             })),

@@ -1,7 +1,6 @@
 //! trellisd in-process with real TLS on loopback, a real manifest directory and real node
 //! clients: enrolment at runtime, identity moving with a workload, bad manifests, reconnects.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -126,20 +125,18 @@ impl Fixture {
         rx
     }
 
-    fn status(&self) -> serde_json::Value {
-        http_get(self.plane.admin_addr, "/status").parse().unwrap()
+    async fn status(&self) -> serde_json::Value {
+        http_get(self.plane.admin_addr, "/status").await.parse().unwrap()
     }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-    write!(tcp, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).unwrap();
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+/// The body of `path` on trellisd's admin endpoint.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = trellis_admin::client::get(addr, path, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
 }
 
 fn find_workload(applied: &Applied, name: &str) -> Option<pb::Workload> {
@@ -195,7 +192,7 @@ async fn enrolment_on_and_off_at_runtime_reaches_a_subscriber_as_a_delta() {
     })
     .await;
 
-    let metrics = http_get(f.plane.admin_addr, "/metrics");
+    let metrics = http_get(f.plane.admin_addr, "/metrics").await;
     assert!(
         metrics.contains("trellis_config_pushes_total{kind=\"snapshot\"} 1"),
         "{metrics}"
@@ -291,7 +288,7 @@ async fn bad_manifests_are_reported_and_keep_the_last_good_state() {
         write(&f.manifests, file, text);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let status = f.status();
+            let status = f.status().await;
             let problems: Vec<String> = serde_json::from_value(status["problems"].clone()).unwrap();
             if problems.iter().any(|p| p.contains(file) && p.contains(expect)) {
                 break;
@@ -416,7 +413,7 @@ async fn a_node_that_rejects_a_version_is_logged_counted_and_shown() {
     .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let status = f.status();
+        let status = f.status().await;
         let nodes = status["connected_nodes"].as_array().cloned().unwrap_or_default();
         if nodes.iter().any(|n| n["last_error"] == "cannot program the dataplane") {
             break;
@@ -427,6 +424,6 @@ async fn a_node_that_rejects_a_version_is_logged_counted_and_shown() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = http_get(f.plane.admin_addr, "/metrics");
+    let metrics = http_get(f.plane.admin_addr, "/metrics").await;
     assert!(metrics.contains("trellis_config_push_errors_total 1"), "{metrics}");
 }

@@ -1,6 +1,11 @@
 //! The certificate manager: holds SVIDs for the identities a process serves, renews each at
 //! half life (with jitter), retries with backoff while the CA is unreachable, never hands out
 //! an expired certificate, and plugs into rustls as a certificate resolver.
+//!
+//! When to renew, retry or drop is decided by [`Renewal`] (pure, in `renewal`); the task
+//! here only reads the clocks, calls the CA and sleeps on tokio's clock, so tests drive it
+//! with a paused clock. A held SVID expires on both clocks: its wall-clock `not_after`, and
+//! the same point mapped onto tokio's clock when it was stored (see `renewal`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,11 +18,12 @@ use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::ca::CertificateAuthority;
 use crate::csr::new_csr;
 use crate::id::SpiffeId;
-use crate::renewal::{renewal_delay, retry_delay};
+use crate::renewal::{to_monotonic, Action, Renewal, Validity};
 use crate::svid::Svid;
 use crate::tls::provider;
 
@@ -100,29 +106,54 @@ impl HeldSvid {
     }
 }
 
+/// A stored SVID and its expiry on tokio's clock.
+#[derive(Debug)]
+struct Entry {
+    held: Arc<HeldSvid>,
+    expires_at: Instant,
+}
+
+impl Entry {
+    /// Valid on both clocks: the wall clock (what peers check) and tokio's (which tests drive,
+    /// and which keeps running if the wall clock is stepped back).
+    fn is_valid(&self, wall_now: SystemTime, now: Instant) -> bool {
+        self.held.svid.is_valid_at(wall_now) && now < self.expires_at
+    }
+}
+
 #[derive(Debug)]
 struct Store {
-    certs: RwLock<HashMap<SpiffeId, Arc<HeldSvid>>>,
+    certs: RwLock<HashMap<SpiffeId, Entry>>,
     changes: watch::Sender<u64>,
 }
 
 impl Store {
     fn valid(&self, id: &SpiffeId) -> Option<Arc<HeldSvid>> {
+        let (wall_now, now) = (SystemTime::now(), Instant::now());
         let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
-        certs.get(id).filter(|h| h.svid.is_valid_at(SystemTime::now())).cloned()
+        certs
+            .get(id)
+            .filter(|e| e.is_valid(wall_now, now))
+            .map(|e| e.held.clone())
     }
 
     fn any(&self, id: &SpiffeId) -> Option<Arc<HeldSvid>> {
-        self.certs.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+        certs.get(id).map(|e| e.held.clone())
     }
 
-    fn put(&self, held: HeldSvid) {
-        let id = held.svid.id.clone();
-        self.certs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::new(held));
+    fn put(&self, held: HeldSvid) -> Arc<HeldSvid> {
+        let held = Arc::new(held);
+        let expires_at = to_monotonic(held.svid.not_after, SystemTime::now(), Instant::now());
+        self.certs.write().unwrap_or_else(|p| p.into_inner()).insert(
+            held.svid.id.clone(),
+            Entry {
+                held: held.clone(),
+                expires_at,
+            },
+        );
         self.changes.send_modify(|v| *v += 1);
+        held
     }
 
     fn remove(&self, id: &SpiffeId) -> bool {
@@ -230,12 +261,12 @@ impl CertManager {
 
     /// Every identity with a valid SVID right now, sorted.
     pub fn identities(&self) -> Vec<SpiffeId> {
-        let now = SystemTime::now();
+        let (wall_now, now) = (SystemTime::now(), Instant::now());
         let certs = self.inner.store.certs.read().unwrap_or_else(|p| p.into_inner());
         let mut ids: Vec<_> = certs
             .values()
-            .filter(|h| h.svid.is_valid_at(now))
-            .map(|h| h.svid.id.clone())
+            .filter(|e| e.is_valid(wall_now, now))
+            .map(|e| e.held.svid.id.clone())
             .collect();
         ids.sort();
         ids
@@ -287,46 +318,59 @@ async fn fetch(source: &dyn CertificateSource, id: &SpiffeId, ttl: Duration) -> 
     HeldSvid::new(svid, issued.roots).map_err(|e| format!("rustls cannot use the SVID: {e}"))
 }
 
-/// Longest single sleep of the renewal task: the wall clock is re-read at least this often, so
-/// a suspended host or a clock step does not push renewal past expiry.
-const MAX_SLEEP: Duration = Duration::from_secs(60);
+fn validity(held: &HeldSvid) -> Validity {
+    Validity {
+        not_before: held.svid.not_before,
+        not_after: held.svid.not_after,
+    }
+}
 
+/// Keeps `id` renewed: the driver around [`Renewal`]. It reads both clocks at every step,
+/// sleeps on tokio's clock, and does the CA calls and store updates the schedule asks for.
 async fn renew_loop(source: Arc<dyn CertificateSource>, store: Arc<Store>, config: ManagerConfig, id: SpiffeId) {
-    let sample = || rand::random::<f64>() * 2.0 - 1.0;
-    let mut failures = 0u32;
-    // One jitter sample per certificate, so that retries do not move its renewal point.
-    let mut jitter = sample();
+    let renewal_jitter = || rand::random::<f64>() * 2.0 - 1.0;
+    let mut schedule = Renewal::new(config.retry_min, config.retry_max);
+    // The stored SVID the schedule is about.
+    let mut scheduled: Option<Arc<HeldSvid>> = None;
     loop {
-        if failures == 0 {
-            while let Some(held) = store.any(&id) {
-                let delay = renewal_delay(held.svid.not_before, held.svid.not_after, SystemTime::now(), jitter);
-                if delay.is_zero() {
-                    break;
-                }
-                tokio::time::sleep(delay.min(MAX_SLEEP)).await;
+        let (wall_now, now) = (SystemTime::now(), Instant::now());
+        // An SVID stored by someone else (the node SVID from Join) is renewed like our own.
+        if let Some(held) = store.any(&id) {
+            if !scheduled.as_ref().is_some_and(|s| Arc::ptr_eq(s, &held)) {
+                schedule.held(validity(&held), wall_now, now, renewal_jitter());
+                scheduled = Some(held);
             }
         }
-        match fetch(source.as_ref(), &id, config.ttl).await {
-            Ok(held) => {
-                if failures > 0 {
-                    tracing::info!(identity = %id, after_failures = failures, "SVID obtained");
-                } else {
-                    tracing::debug!(identity = %id, "SVID renewed");
-                }
-                failures = 0;
-                jitter = sample();
-                store.put(held);
+        schedule.resync(wall_now, now);
+        match schedule.next(now) {
+            Action::Wait(until) => tokio::time::sleep_until(until).await,
+            Action::Drop => {
+                store.remove(&id);
+                schedule.dropped();
+                scheduled = None;
+                tracing::warn!(identity = %id, failures = schedule.failures(), "SVID expired before it could be renewed; no longer served");
             }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let delay = retry_delay(failures, config.retry_min, config.retry_max, rand::random());
-                let expired = store.any(&id).is_some_and(|h| !h.svid.is_valid_at(SystemTime::now()));
-                if expired {
-                    store.remove(&id);
+            Action::Fetch => match fetch(source.as_ref(), &id, config.ttl).await {
+                Ok(held) => {
+                    let failures = schedule.failures();
+                    let held = store.put(held);
+                    let (wall_now, now) = (SystemTime::now(), Instant::now());
+                    schedule.held(validity(&held), wall_now, now, renewal_jitter());
+                    let renew_in_s = schedule
+                        .renew_at()
+                        .map_or(0, |t| t.saturating_duration_since(now).as_secs());
+                    if failures > 0 {
+                        tracing::info!(identity = %id, after_failures = failures, renew_in_s, "SVID obtained");
+                    } else {
+                        tracing::debug!(identity = %id, renew_in_s, "SVID renewed");
+                    }
+                    scheduled = Some(held);
                 }
-                tracing::warn!(identity = %id, attempt = failures, retry_in_ms = delay.as_millis() as u64, expired, %error, "SVID request failed");
-                tokio::time::sleep(delay).await;
-            }
+                Err(error) => {
+                    let delay = schedule.failed(Instant::now(), rand::random());
+                    tracing::warn!(identity = %id, attempt = schedule.failures(), retry_in_ms = delay.as_millis() as u64, %error, "SVID request failed");
+                }
+            },
         }
     }
 }

@@ -1,11 +1,17 @@
 //! Edits to the manifest directory made on the user's behalf (`trellis namespace label`):
 //! the Namespace document is rewritten in place, or created in its own file, and written
-//! atomically so trellisd never reads half a file.
+//! atomically so trellisd never reads half a file. serde-saphyr writes the YAML and finds the
+//! document to replace; every other byte of the file (other documents, comments, `---` markers)
+//! is kept as it was.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{documents, parse_file};
+use serde::{Deserialize, Serialize};
+use serde_saphyr::granit_parser::{Event, Parser};
+
+use crate::manifest::parse_file;
 
 /// Why a label could not be changed.
 #[derive(Debug, thiserror::Error)]
@@ -49,16 +55,102 @@ pub fn check_label(key: &str, value: Option<&str>) -> Result<(), EditError> {
     Ok(())
 }
 
-fn render(namespace: &str, labels: &BTreeMap<String, String>) -> String {
-    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"));
-    let mut out = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n");
-    if !labels.is_empty() {
-        out.push_str("  labels:\n");
-        for (k, v) in labels {
-            out.push_str(&format!("    {}: {}\n", quote(k), quote(v)));
+/// A Namespace document: what `label_namespace` reads back and writes.
+#[derive(Debug, Deserialize, Serialize)]
+struct NamespaceDoc {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: NamespaceMeta,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct NamespaceMeta {
+    #[serde(default)]
+    name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+impl NamespaceDoc {
+    fn new(namespace: &str, labels: BTreeMap<String, String>) -> NamespaceDoc {
+        NamespaceDoc {
+            api_version: "v1".into(),
+            kind: "Namespace".into(),
+            metadata: NamespaceMeta {
+                name: namespace.into(),
+                labels,
+                annotations: BTreeMap::new(),
+            },
         }
     }
-    out
+
+    fn to_yaml(&self) -> Result<String, String> {
+        serde_saphyr::to_string(self).map_err(|e| format!("cannot write the Namespace document: {e}"))
+    }
+}
+
+/// The byte range of each document's root node in a YAML stream, in order; comments, markers
+/// and blank lines around a root are outside it, and so are a root's tag or anchor and a block
+/// scalar's `|` header (only mapping roots are replaced here). Empty documents have no range.
+pub(crate) fn document_roots(text: &str) -> Result<Vec<Range<usize>>, String> {
+    let byte = |m: &serde_saphyr::granit_parser::Marker| {
+        m.byte_offset()
+            .unwrap_or_else(|| text.char_indices().nth(m.index()).map_or(text.len(), |(b, _)| b))
+    };
+    let mut roots = Vec::new();
+    let mut current: Option<Range<usize>> = None;
+    for event in Parser::new_from_str(text) {
+        let (event, span) = event.map_err(|e| format!("invalid YAML: {e}"))?;
+        let (start, end) = (byte(&span.start), byte(&span.end));
+        match event {
+            Event::DocumentEnd => roots.extend(current.take().map(|mut root| {
+                // An indented root starts at its line's start, so its text parses alone.
+                let line_start = text[..root.start].rfind('\n').map_or(0, |i| i + 1);
+                if text[line_start..root.start].bytes().all(|b| b == b' ') {
+                    root.start = line_start;
+                }
+                root
+            })),
+            // A block collection's start and end are zero-width marks at the next token, which
+            // may lie past trailing comments: the root ends where its last content ends.
+            Event::Scalar(..)
+            | Event::Alias(..)
+            | Event::MappingStart(..)
+            | Event::MappingEnd
+            | Event::SequenceStart(..)
+            | Event::SequenceEnd
+                if end > start =>
+            {
+                let range = current.get_or_insert(start..end);
+                range.start = range.start.min(start);
+                range.end = range.end.max(end);
+            }
+            _ => {}
+        }
+    }
+    Ok(roots)
+}
+
+/// `text` with the root at `range` replaced by `yaml` (a whole document, newline-terminated).
+fn splice(text: &str, range: Range<usize>, yaml: &str) -> String {
+    let (mut before, after) = (&text[..range.start], &text[range.end..]);
+    // A root that shares its line with `---` moves to a line of its own.
+    let mut lead = "";
+    if !before.is_empty() && !before.ends_with('\n') {
+        before = before.trim_end_matches([' ', '\t']);
+        lead = "\n";
+    }
+    let body = if after.starts_with('\n') || after.starts_with("\r\n") {
+        yaml.trim_end_matches('\n')
+    } else {
+        yaml
+    };
+    format!("{before}{lead}{body}{after}")
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
@@ -113,7 +205,7 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
             continue;
         };
         let Ok(inventory) = parse_file(&text) else { continue };
-        let Some((ns, line)) = inventory.namespaces.get(namespace) else {
+        let Some((ns, _)) = inventory.namespaces.get(namespace) else {
             continue;
         };
         let mut labels = ns.labels.clone();
@@ -130,18 +222,24 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
                 }
             }
         }
-        let docs = documents(&text);
-        let rewritten: Vec<String> = docs
-            .iter()
-            .map(|(start, doc)| {
-                if start == line {
-                    render(namespace, &labels)
-                } else {
-                    doc.clone()
+        let file_error = |why: String| EditError::File {
+            path: path.clone(),
+            why,
+        };
+        let mut found = None;
+        for range in document_roots(&text).map_err(file_error)? {
+            if let Ok(doc) = serde_saphyr::from_str::<NamespaceDoc>(&text[range.clone()]) {
+                if doc.kind == "Namespace" && doc.metadata.name == namespace {
+                    found = Some((range, doc));
+                    break;
                 }
-            })
-            .collect();
-        write_atomically(&path, &rewritten.join("---\n"))?;
+            }
+        }
+        let (range, mut doc) =
+            found.ok_or_else(|| file_error(format!("cannot find the Namespace {namespace} document")))?;
+        doc.metadata.labels = labels;
+        let yaml = doc.to_yaml().map_err(file_error)?;
+        write_atomically(&path, &splice(&text, range, &yaml))?;
         return Ok(path);
     }
     let Some(v) = value else {
@@ -152,7 +250,13 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
     };
     let path = dir.join(format!("namespace-{namespace}.yaml"));
     let labels = BTreeMap::from([(key.to_string(), v.to_string())]);
-    write_atomically(&path, &render(namespace, &labels))?;
+    let yaml = NamespaceDoc::new(namespace, labels)
+        .to_yaml()
+        .map_err(|why| EditError::File {
+            path: path.clone(),
+            why,
+        })?;
+    write_atomically(&path, &yaml)?;
     Ok(path)
 }
 
@@ -174,6 +278,49 @@ mod tests {
         assert!(inv.namespaces["shop"].0.labels.is_empty());
         let err = label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", None).unwrap_err();
         assert!(matches!(err, EditError::NoSuchLabel { .. }));
+    }
+
+    #[test]
+    fn every_byte_outside_the_namespace_document_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = "# shop\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {ports: [{port: 80}]}\n";
+        let text = format!(
+            "{service}--- # the namespace\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  annotations: {{owner: team-a}}\n\n# trailing comment\n"
+        );
+        let path = dir.path().join("all.yaml");
+        std::fs::write(&path, &text).unwrap();
+        label_namespace(dir.path(), "shop", "x", Some("true")).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            written.starts_with(&format!("{service}--- # the namespace\n")),
+            "{written}"
+        );
+        assert!(written.ends_with("\n\n# trailing comment\n"), "{written}");
+        let inv = parse_file(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+        assert_eq!(
+            inv.namespaces["shop"].0.labels["x"], "true",
+            "a value YAML would read as a bool stays a string"
+        );
+        assert!(written.contains("owner: team-a"), "annotations are kept: {written}");
+    }
+
+    #[test]
+    fn a_root_on_the_marker_line_is_replaced_on_lines_of_its_own() {
+        let text = "a: 1\n--- {kind: Namespace, metadata: {name: shop}}\n# end\n";
+        let roots = document_roots(text).unwrap();
+        let spliced = splice(text, roots[1].clone(), "kind: Namespace\nmetadata:\n  name: shop\n");
+        assert_eq!(spliced, "a: 1\n---\nkind: Namespace\nmetadata:\n  name: shop\n# end\n");
+    }
+
+    #[test]
+    fn document_roots_skip_markers_comments_and_empty_documents() {
+        let text = "# c\na: 1\n---\n# only a comment\n--- # x\nb: [1, 2]\n\n# after\n...\n--- |\n  text\n";
+        let roots: Vec<&str> = document_roots(text).unwrap().into_iter().map(|r| &text[r]).collect();
+        assert_eq!(roots[..2], ["a: 1", "b: [1, 2]"]);
+        assert_eq!(roots.len(), 3, "{roots:?}");
+        let indented = "---\n  kind: Namespace\n  metadata: {name: shop}\n";
+        let root = document_roots(indented).unwrap().remove(0);
+        assert_eq!(&indented[root], "  kind: Namespace\n  metadata: {name: shop}");
     }
 
     #[test]

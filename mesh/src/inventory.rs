@@ -6,6 +6,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use trellis_identity::Principal;
+
 /// `<namespace>/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -39,7 +41,16 @@ pub struct PortObj {
     pub name: String,
     pub port: u16,
     pub target_port: u16,
-    pub protocol: String,
+    pub protocol: Protocol,
+}
+
+/// A service port's application protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,9 +115,9 @@ pub enum PolicyAction {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRuleObj {
-    pub principals: Vec<String>,
+    pub principals: Vec<Principal>,
     pub namespaces: Vec<String>,
-    pub not_principals: Vec<String>,
+    pub not_principals: Vec<Principal>,
     pub not_namespaces: Vec<String>,
     pub ports: Vec<u16>,
 }

@@ -9,8 +9,10 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
+use trellis_identity::Principal;
+
 use crate::inventory::{
-    Inventory, NamespaceObj, ObjectKey, PolicyAction, PolicyObj, PolicyRuleObj, PortObj, RouteBackendObj,
+    Inventory, NamespaceObj, ObjectKey, PolicyAction, PolicyObj, PolicyRuleObj, PortObj, Protocol, RouteBackendObj,
     RouteMatchObj, RouteObj, RouteRuleObj, ServiceObj, WaypointObj, WorkloadObj,
 };
 
@@ -371,10 +373,10 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
                 let port = check_port("port", p.port).map_err(at)?;
                 let target = check_port("targetPort", p.target_port.unwrap_or(p.port)).map_err(at)?;
                 let protocol = match p.app_protocol.as_deref().or(p.protocol.as_deref()).unwrap_or("TCP") {
-                    "TCP" | "tcp" => "TCP",
-                    "HTTP" | "http" => "HTTP",
-                    "HTTP2" | "http2" | "h2c" | "kubernetes.io/h2c" => "HTTP2",
-                    "GRPC" | "grpc" => "GRPC",
+                    "TCP" | "tcp" => Protocol::Tcp,
+                    "HTTP" | "http" => Protocol::Http,
+                    "HTTP2" | "http2" | "h2c" | "kubernetes.io/h2c" => Protocol::Http2,
+                    "GRPC" | "grpc" => Protocol::Grpc,
                     other => {
                         return Err(at(format!(
                             "port protocol {other:?} is not one of TCP, HTTP, HTTP2, GRPC"
@@ -385,7 +387,7 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
                     name: p.name,
                     port,
                     target_port: target,
-                    protocol: protocol.to_string(),
+                    protocol,
                 });
             }
             let obj = ServiceObj {
@@ -498,17 +500,19 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
             let mut rules = Vec::new();
             for r in spec.rules {
                 let from = r.from.unwrap_or_default();
-                for p in from.principals.iter().chain(&from.not_principals) {
-                    check_principal(p).map_err(at)?;
-                }
+                let principals = |list: &[String]| {
+                    list.iter()
+                        .map(|p| Principal::parse(p).map_err(|e| at(e.to_string())))
+                        .collect::<Result<Vec<_>, _>>()
+                };
                 let mut ports = Vec::new();
                 for p in r.to.map(|t| t.ports).unwrap_or_default() {
                     ports.push(check_port("port", p).map_err(at)?);
                 }
                 rules.push(PolicyRuleObj {
-                    principals: from.principals,
+                    principals: principals(&from.principals)?,
                     namespaces: from.namespaces,
-                    not_principals: from.not_principals,
+                    not_principals: principals(&from.not_principals)?,
                     not_namespaces: from.not_namespaces,
                     ports,
                 });
@@ -545,21 +549,6 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
         other => Err(at(format!(
             "unknown kind {other:?}; expected Namespace, Service, Workload, HTTPRoute, AuthorizationPolicy or Waypoint"
         ))),
-    }
-}
-
-/// A policy principal: a full SPIFFE ID, or `ns/<ns>/sa/<sa>` (any federated trust domain).
-fn check_principal(p: &str) -> Result<(), String> {
-    if p.starts_with("spiffe://") {
-        return trellis_identity::SpiffeId::parse(p)
-            .map(|_| ())
-            .map_err(|e| format!("principal: {e}"));
-    }
-    match p.split('/').collect::<Vec<_>>().as_slice() {
-        ["ns", ns, "sa", sa] if check_name("", ns).is_ok() && check_name("", sa).is_ok() => Ok(()),
-        _ => Err(format!(
-            "principal {p:?} must be a SPIFFE ID or ns/<namespace>/sa/<service-account>"
-        )),
     }
 }
 

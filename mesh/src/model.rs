@@ -11,7 +11,9 @@ use trellis_identity::{SpiffeId, TrustDomain};
 
 pub use trellis_api::slice::{apply, check, key_of, ResKey, Slice};
 
-use crate::inventory::{Inventory, ObjectKey, PolicyAction, WorkloadObj};
+use trellis_api::addr;
+
+use crate::inventory::{Inventory, ObjectKey, PolicyAction, Protocol, WorkloadObj};
 
 /// Namespace (or pod, to override) label that enrols workloads: value `ambient`; a pod label
 /// `none` opts one pod out.
@@ -121,10 +123,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn selects_proto(
-    selector: &std::collections::HashMap<String, String>,
-    labels: &std::collections::HashMap<String, String>,
-) -> bool {
+fn selects_proto(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -153,8 +152,17 @@ fn waypoint_for(
     }
 }
 
-fn node_address(w: &WorkloadObj) -> String {
-    w.node_ip.map(|ip| ip.to_string()).unwrap_or_default()
+fn node_address(w: &WorkloadObj) -> Vec<u8> {
+    w.node_ip.map(addr::to_bytes).unwrap_or_default()
+}
+
+fn protocol(p: Protocol) -> pb::Protocol {
+    match p {
+        Protocol::Tcp => pb::Protocol::Tcp,
+        Protocol::Http => pb::Protocol::Http,
+        Protocol::Http2 => pb::Protocol::Http2,
+        Protocol::Grpc => pb::Protocol::Grpc,
+    }
 }
 
 fn locality(region: &str, zone: &str) -> Option<pb::Locality> {
@@ -284,7 +292,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                 node: w.node.clone(),
                 cluster: cluster.name.clone(),
                 network: cluster.network.clone(),
-                addresses: vec![w.ip.to_string()],
+                addresses: vec![addr::to_bytes(w.ip)],
                 labels: w.labels.clone().into_iter().collect(),
                 ready: w.ready,
                 enrolled: is_enrolled(w, labels),
@@ -305,8 +313,10 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
             in_namespace(&inv.workloads, ns)
                 .filter(|(_, (w, _))| selects(&s.selector, &w.labels))
                 .map(|(wk, (w, _))| pb::Endpoint {
-                    workload_uid: format!("{}/{wk}", cluster.name),
-                    address: w.ip.to_string(),
+                    workload_name: wk.name.clone(),
+                    workload_namespace: wk.namespace.clone(),
+                    cluster: cluster.name.clone(),
+                    address: addr::to_bytes(w.ip),
                     node: w.node.clone(),
                     healthy: w.ready,
                     locality: locality(&w.region, &w.zone),
@@ -321,7 +331,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                 name: key.name.clone(),
                 namespace: key.namespace.clone(),
                 hostname: format!("{}.{}.svc.{}", key.name, key.namespace, cluster.domain),
-                vips: s.vips.iter().map(|v| v.to_string()).collect(),
+                vips: s.vips.iter().copied().map(addr::to_bytes).collect(),
                 ports: s
                     .ports
                     .iter()
@@ -329,7 +339,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                         name: p.name.clone(),
                         port: p.port.into(),
                         target_port: p.target_port.into(),
-                        protocol: p.protocol.clone(),
+                        protocol: protocol(p.protocol) as i32,
                     })
                     .collect(),
                 endpoints,
@@ -355,10 +365,10 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                     .rules
                     .iter()
                     .map(|r| pb::PolicyRule {
-                        principals: r.principals.clone(),
+                        principals: r.principals.iter().map(ToString::to_string).collect(),
                         namespaces: r.namespaces.clone(),
                         ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
-                        not_principals: r.not_principals.clone(),
+                        not_principals: r.not_principals.iter().map(ToString::to_string).collect(),
                         not_namespaces: r.not_namespaces.clone(),
                     })
                     .collect(),
@@ -378,7 +388,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
             kind: Some(Variant::Waypoint(pb::Waypoint {
                 name: key.name.clone(),
                 namespace: key.namespace.clone(),
-                addresses: w.addresses.iter().map(|a| a.to_string()).collect(),
+                addresses: w.addresses.iter().copied().map(addr::to_bytes).collect(),
                 hbone_port: 15008,
                 identity: SpiffeId::workload(&cluster.trust_domain, &key.namespace, &w.service_account)
                     .map(|id| id.to_string())
@@ -668,14 +678,19 @@ spec: {selector: {matchLabels: {app: payments}}}
             panic!()
         };
         assert_eq!(cart.hostname, "cart.shop.svc.cluster.local");
-        assert_eq!(cart.vips, vec!["10.96.0.10"]);
+        assert_eq!(cart.vips, vec![addr::to_bytes("10.96.0.10".parse().unwrap())]);
         assert!(cart.global);
         let eps: Vec<_> = cart
             .endpoints
             .iter()
-            .map(|e| (e.address.as_str(), e.healthy, e.enrolled))
+            .map(|e| (addr::from_bytes(&e.address).unwrap().to_string(), e.healthy, e.enrolled))
             .collect();
-        assert_eq!(eps, vec![("10.1.1.5", true, true), ("10.1.2.5", false, false)]);
+        let want = [("10.1.1.5", true, true), ("10.1.2.5", false, false)];
+        assert_eq!(eps, want.map(|(a, h, e)| (a.to_string(), h, e)));
+        assert!(cart
+            .endpoints
+            .iter()
+            .all(|e| e.cluster == "east" && e.workload_namespace == "shop"));
     }
 
     #[test]

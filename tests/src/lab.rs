@@ -127,15 +127,45 @@ impl Lab {
             .unwrap_or_else(|e| panic!("scraping ztunnel on {node}: {e}"))
     }
 
-    /// Kills every process in a network namespace (e.g. trellisd's).
-    pub fn kill_all_in(&self, netns: &str) {
-        let out = Command::new("ip")
-            .args(["netns", "pids", netns])
-            .output()
-            .expect("ip netns pids");
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).status();
+    /// The value of `metric` on the ztunnel of `node`, summed over the samples whose labels
+    /// include every `(key, value)` of `with`.
+    pub fn metric(&self, cluster: &str, node: &str, metric: &str, with: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(cluster, node), metric, with)
+    }
+
+    /// The log so far of a lab process (`trellisd-east`, `ztunnel-east-node-1`,
+    /// `pod-east-mesh-srv`).
+    pub fn log(&self, process: &str) -> String {
+        let path = self.state_dir.join("logs").join(format!("{process}.log"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Kills (SIGKILL) every process in network namespace `netns` (e.g. trellisd's) and waits
+    /// until each one has died; returns their pids. Panics if there was none to kill, or naming
+    /// the survivors if one still runs after 10 s.
+    pub fn kill_all_in(&self, netns: &str) -> Vec<u32> {
+        let pids = pids_in(netns);
+        assert!(!pids.is_empty(), "no process runs in {netns}: nothing to kill");
+        for &pid in &pids {
+            let pid_t = libc::pid_t::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
+            // SAFETY: kill(2) takes no pointers; `pid` was just listed in `netns`.
+            if unsafe { libc::kill(pid_t, libc::SIGKILL) } != 0 {
+                let e = std::io::Error::last_os_error();
+                // ESRCH: it exited on its own meanwhile, which is what we want.
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::ESRCH),
+                    "SIGKILL to pid {pid} in {netns}: {e}"
+                );
+            }
         }
+        crate::wait_until(
+            &format!("every process in {netns} is dead"),
+            Duration::from_secs(10),
+            || pids.iter().all(|&pid| !is_running(pid)) && pids_in(netns).is_empty(),
+        );
+        pids
     }
 
     /// Starts a recorded lab process again (after it was killed) with its recorded command
@@ -181,6 +211,36 @@ impl Drop for Lab {
         if !out.status.success() {
             eprintln!("{}", describe("trellis lab down", &out));
         }
+    }
+}
+
+/// The pids of the processes in network namespace `netns`.
+pub fn pids_in(netns: &str) -> Vec<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .expect("running ip netns pids");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&format!("ip netns pids {netns}"), &out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|pid| pid.parse().unwrap_or_else(|_| panic!("ip netns pids printed {pid:?}")))
+        .collect()
+}
+
+/// Whether `pid` still runs: it exists and is neither a zombie nor dead (a killed process whose
+/// parent has not reaped it yet runs no more).
+pub fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -68,6 +68,19 @@ impl Drop for Process {
     }
 }
 
+/// Waits until `condition` holds, checking every 50 ms; panics naming `what` if it still does
+/// not after `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A free TCP port on loopback (bound and released, so a race is possible but unlikely).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

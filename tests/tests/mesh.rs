@@ -8,10 +8,11 @@
 //! 10.101.0.10, psrv 10.101.0.11, duo 10.101.0.12. ztunnel delivers tunnels
 //! to a pod from the node's pod gateway 10.1.2.1, which is how a server tells meshed callers.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use trellis_e2e::lab::{metric_sum, Lab};
 use trellis_e2e::sniff::Sniffer;
+use trellis_e2e::wait_until;
 
 const TOPOLOGY: &str = r#"
 clusters:
@@ -50,8 +51,100 @@ spec:
       to: {ports: [8080]}
 "#;
 
+const ALPHA: &str = "spiffe://east.trellis.local/ns/mesh/sa/alpha";
+
 fn marker(test: &str) -> String {
     format!("marker-{test}-{}", std::process::id())
+}
+
+/// What the mesh has recorded of alpha's calls to srv being denied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Denials {
+    /// node-2's ztunnel (srv's): "deny" decisions for alpha at srv.
+    decided: f64,
+    /// node-1's ztunnel (alpha's): alpha's connections to srv that could not be opened.
+    failed: f64,
+    /// node-1's log: tunnels refused with 401.
+    refused_401: usize,
+}
+
+impl Denials {
+    fn read(lab: &Lab) -> Self {
+        let deny_at_srv = [
+            ("decision", "deny"),
+            ("source_principal", ALPHA),
+            ("destination_workload", "srv"),
+        ];
+        let alpha_to_srv = [
+            ("reporter", "source"),
+            ("source_workload", "alpha"),
+            ("destination_workload", "srv"),
+        ];
+        Self {
+            decided: lab.metric("east", "node-2", "trellis_authorization_decisions_total", &deny_at_srv),
+            failed: lab.metric("east", "node-1", "trellis_tcp_connection_failures_total", &alpha_to_srv),
+            refused_401: lab
+                .log("ztunnel-east-node-1")
+                .lines()
+                .filter(|l| l.contains("denied by the destination's policy (401)"))
+                .count(),
+        }
+    }
+}
+
+/// Calls srv's VIP from alpha, each call on a path of its own (`/<probe>-<n>`), until one fails
+/// or `timeout` passes. Returns the failed call's path, its error and how many calls it took.
+fn call_until_refused(lab: &Lab, probe: &str, timeout: Duration) -> (String, String, usize) {
+    let alpha = lab.pod_ns("east", "mesh", "alpha");
+    let deadline = Instant::now() + timeout;
+    for n in 1.. {
+        let path = format!("/{probe}-{n}");
+        match lab.call(&alpha, &format!("{SRV_VIP}{path}"), 0) {
+            Err(error) => return (path, error, n),
+            Ok(body) if Instant::now() > deadline => panic!("alpha still reaches srv after {timeout:?}: {body}"),
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    unreachable!("the calls above end by returning or panicking")
+}
+
+/// Asserts that the failed call on `path` was refused by srv's policy, and nothing else: the
+/// client's connection was reset (or closed) with no response, node-2's ztunnel decided "deny"
+/// once more, node-1's ztunnel heard 401 for it, and the request never reached srv.
+fn assert_denied_by_policy(lab: &Lab, before: Denials, path: &str, error: &str) {
+    let error = error.trim_end();
+    assert!(
+        [
+            "connection reset",
+            "connection closed",
+            "connection closed before the response"
+        ]
+        .iter()
+        .any(|reason| error.ends_with(&format!(": {reason}"))),
+        "the client's connection is reset without a response: {error}"
+    );
+    let after = Denials::read(lab);
+    assert_eq!(
+        after,
+        Denials {
+            decided: before.decided + 1.0,
+            failed: before.failed + 1.0,
+            refused_401: before.refused_401 + 1,
+        },
+        "exactly this call was denied at node-2 and refused with 401 at node-1"
+    );
+    let srv_log = lab.log("pod-east-mesh-srv");
+    assert!(
+        !srv_log.contains(&format!("{path} ")),
+        "the denied request never reached srv:\n{srv_log}"
+    );
+}
+
+/// How many times the log of ztunnel on `node` says its config stream broke.
+fn config_stream_breaks(lab: &Lab, node: &str) -> usize {
+    lab.log(&format!("ztunnel-east-{node}"))
+        .matches("config stream broke")
+        .count()
 }
 
 #[test]
@@ -179,33 +272,31 @@ fn a_deny_policy_blocks_exactly_the_principal_it_names() {
     let beta = lab.pod_ns("east", "mesh", "beta");
     lab.call(&alpha, SRV_VIP, 0).expect("alpha → srv before the policy");
 
+    let version = lab.metric("east", "node-2", "trellis_config_version", &[]);
+    let before = Denials::read(&lab);
     std::fs::write(lab.manifests("east").join("policy.yaml"), DENY_ALPHA).expect("writing the policy");
-    let denied = lab.call_until(&alpha, SRV_VIP, Duration::from_secs(20), |r| r.is_err());
-    let error = denied.expect_err("alpha is denied");
-    assert!(
-        error.contains("reset") || error.contains("closed"),
-        "the client's connection is reset: {error}"
+    wait_until(
+        "node-2 applies a config with the policy",
+        Duration::from_secs(20),
+        || lab.metric("east", "node-2", "trellis_config_version", &[]) > version,
     );
+    let (path, error, calls) = call_until_refused(&lab, "denied", Duration::from_secs(5));
+    assert_eq!(calls, 1, "the first call once node-2 has the policy is denied");
+    assert_denied_by_policy(&lab, before, &path, &error);
+
     let allowed = lab.call(&beta, SRV_VIP, 0).expect("beta is not named by the policy");
     assert!(allowed.contains("hello from srv"), "{allowed}");
-
     let node2 = lab.metrics("east", "node-2");
-    let deny = [
-        ("decision", "deny"),
-        ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/alpha"),
-    ];
-    assert!(
-        metric_sum(&node2, "trellis_authorization_decisions_total", &deny) >= 1.0,
-        "{node2}"
-    );
-    let beta_denied = [
-        ("decision", "deny"),
-        ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/beta"),
-    ];
-    assert_eq!(
-        metric_sum(&node2, "trellis_authorization_decisions_total", &beta_denied),
-        0.0
-    );
+    let beta_at_srv = |decision| {
+        let with = [
+            ("decision", decision),
+            ("source_principal", "spiffe://east.trellis.local/ns/mesh/sa/beta"),
+            ("destination_workload", "srv"),
+        ];
+        metric_sum(&node2, "trellis_authorization_decisions_total", &with)
+    };
+    assert_eq!(beta_at_srv("allow"), 1.0, "{node2}");
+    assert_eq!(beta_at_srv("deny"), 0.0, "{node2}");
 }
 
 #[test]
@@ -213,8 +304,18 @@ fn killing_trellisd_does_not_break_traffic_and_nodes_resync_when_it_returns() {
     let lab = Lab::up("e2ekill", TOPOLOGY);
     let alpha = lab.pod_ns("east", "mesh", "alpha");
     lab.call(&alpha, SRV_VIP, 0).expect("alpha → srv with trellisd up");
-    lab.kill_all_in(&lab.control_ns("east"));
-    std::thread::sleep(Duration::from_millis(500));
+    let breaks = [
+        config_stream_breaks(&lab, "node-1"),
+        config_stream_breaks(&lab, "node-2"),
+    ];
+
+    let killed = lab.kill_all_in(&lab.control_ns("east"));
+    assert!(!killed.is_empty());
+    wait_until(
+        "both ztunnels see their config stream break",
+        Duration::from_secs(20),
+        || config_stream_breaks(&lab, "node-1") > breaks[0] && config_stream_breaks(&lab, "node-2") > breaks[1],
+    );
     for i in 0..5 {
         let body = lab
             .call(&alpha, &format!("{SRV_VIP}/after-{i}"), 1000)
@@ -226,13 +327,11 @@ fn killing_trellisd_does_not_break_traffic_and_nodes_resync_when_it_returns() {
     }
 
     // trellisd comes back on the same CA and manifests; a policy written since reaches node-2.
+    let before = Denials::read(&lab);
     std::fs::write(lab.manifests("east").join("policy.yaml"), DENY_ALPHA).expect("writing the policy");
     lab.restart("trellisd-east", &lab.control_ns("east"));
-    let denied = lab.call_until(&alpha, SRV_VIP, Duration::from_secs(30), |r| r.is_err());
-    assert!(
-        denied.is_err(),
-        "node-2 resynced and enforces the new policy: {denied:?}"
-    );
+    let (path, error, _) = call_until_refused(&lab, "resynced", Duration::from_secs(30));
+    assert_denied_by_policy(&lab, before, &path, &error);
     lab.call(&lab.pod_ns("east", "mesh", "beta"), SRV_VIP, 0)
         .expect("beta still gets through");
 }
@@ -288,17 +387,32 @@ fn a_dead_endpoint_is_ejected_and_the_call_retried_on_the_next() {
     );
 
     lab.kill_all_in(&lab.pod_ns("east", "mesh", "duo-1"));
+    let started = Instant::now();
     for i in 0..8 {
         let body = lab
             .call(&alpha, DUO_VIP, 0)
             .unwrap_or_else(|e| panic!("call {i} with duo-1 dead: {e}"));
         assert!(body.contains("hello from duo-2"), "{body}");
     }
-    let node1 = lab.metrics("east", "node-1");
+    let elapsed = started.elapsed().as_secs_f64();
+
     let failed = [("reporter", "source"), ("destination_workload", "duo-1")];
-    let failures = metric_sum(&node1, "trellis_tcp_connection_failures_total", &failed);
+    let failures = lab.metric("east", "node-1", "trellis_tcp_connection_failures_total", &failed);
+    // Round robin puts duo-1 first for one of the first two calls, and that call still got its
+    // answer from duo-2: the connection was retried on the next endpoint at once.
+    assert!(failures >= 1.0, "duo-1 was tried and failed: {failures}");
+    let log = lab.log("ztunnel-east-node-1");
+    let ejected = log
+        .lines()
+        .filter(|l| l.contains("endpoint failed; ejected, trying the next") && l.contains("endpoint=10.1.1.13:8080"))
+        .count();
+    assert_eq!(ejected as f64, failures, "each failure of duo-1 ejected it:\n{log}");
+    // Ejected after its n-th failure, duo-1 is skipped for 2^(n-1) s (1 s, 2 s, ...), so n
+    // failures need at least 2^(n-1) - 1 s between the first and the last; without ejection
+    // every other call would have tried it (4 of 8), however fast the calls.
+    let most = (1.0 + (elapsed + 1.0).log2()).floor();
     assert!(
-        (1.0..=3.0).contains(&failures),
-        "duo-1 failed, then stayed ejected (backoff 1 s, 2 s, …): {failures}\n{node1}"
+        failures <= most,
+        "duo-1 stayed ejected: {failures} failures in {elapsed:.1} s allow at most {most}"
     );
 }

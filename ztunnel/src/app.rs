@@ -19,7 +19,7 @@ use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId, TrustBun
 use trellis_mesh::model::ClusterInfo;
 
 use crate::admin::{self, query_param, Readiness, Reply, Route};
-use crate::capture::{self, Plan, Ports};
+use crate::capture::{self, Nft, Plan, Ports, Table, Timing};
 use crate::config::{CaptureMode, Config};
 use crate::hbone::server::{self as hbone_server, LocalCerts};
 use crate::metrics::{IdentityLabels, Metrics};
@@ -116,6 +116,28 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     };
     ready.node_svid.store(true, Ordering::Release);
 
+    let (capture_tx, capture_rx) = watch::channel(None::<Table>);
+    match config.capture {
+        CaptureMode::None => ready.capture.store(true, Ordering::Release),
+        CaptureMode::Pod | CaptureMode::Host => {
+            let nft = Nft {
+                path: config.nft_path.clone(),
+                timeout: Duration::from_millis(config.nft_timeout_ms),
+            };
+            let timing = Timing {
+                check_every: Duration::from_millis(config.capture_check_ms),
+                ..Timing::default()
+            };
+            tokio::spawn(capture::driver::run(
+                nft,
+                timing,
+                capture_rx,
+                metrics.clone(),
+                ready.clone(),
+            ));
+        }
+    }
+
     let (state_tx, state_rx) = watch::channel(Arc::new(ProxyState::default()));
     let local = LocalCerts::new(certs.clone());
     let proxy = Proxy::new(
@@ -130,6 +152,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         config.clone(),
         applied_rx,
         state_tx,
+        capture_tx,
         certs.clone(),
         local.clone(),
         metrics.clone(),
@@ -231,11 +254,14 @@ async fn join(config: &Config, td: &TrustDomain, bundles: BundleSet) -> anyhow::
 }
 
 /// Follows applied config versions: rebuilds the state, keeps workload SVIDs and the served
-/// identities in step, and rewrites the capture rules when enrolment changes.
+/// identities in step, and hands the desired capture rules to the capture reconciler
+/// ([`capture::driver::run`]), which installs them and owns readiness's `capture` flag.
+#[allow(clippy::too_many_arguments)]
 async fn apply_config(
     config: Config,
     mut applied: watch::Receiver<Applied>,
     state_tx: watch::Sender<Arc<ProxyState>>,
+    capture_tx: watch::Sender<Option<Table>>,
     certs: CertManager,
     local: Arc<LocalCerts>,
     metrics: Arc<Metrics>,
@@ -253,14 +279,11 @@ async fn apply_config(
         std::net::SocketAddr::V4(v4) if config.identity_files.is_empty() => Some(v4),
         _ => None,
     };
-    let mut installed: Option<Plan> = None;
     let mut served: BTreeSet<SpiffeId> = BTreeSet::new();
-    if config.capture == CaptureMode::None {
-        ready.capture.store(true, Ordering::Release);
-    }
     loop {
         let (version, state) = {
             let a = applied.borrow_and_update();
+            metrics.config_connected.set(i64::from(a.connected));
             (a.version, ProxyState::from_slice(&config.node, a.version, &a.slice))
         };
         if version > 0 {
@@ -294,15 +317,16 @@ async fn apply_config(
             metrics.config_version.set(version as i64);
             state_tx.send_replace(Arc::new(state));
             ready.config.store(true, Ordering::Release);
-            if let Some(plan) = plan.filter(|p| installed.as_ref() != Some(p)) {
-                match capture::apply(&capture::ruleset(&plan, ports)).await {
-                    Ok(()) => {
-                        tracing::info!(?plan, "capture rules installed");
-                        installed = Some(plan);
-                        ready.capture.store(true, Ordering::Release);
+            if let Some(plan) = plan {
+                let table = capture::desired(&plan, ports);
+                capture_tx.send_if_modified(|current| {
+                    let changed = current.as_ref() != Some(&table);
+                    if changed {
+                        tracing::info!(?plan, "capture rules desired");
+                        *current = Some(table);
                     }
-                    Err(e) => tracing::error!(error = %e, "capture rules not installed; will retry on the next change"),
-                }
+                    changed
+                });
             }
         }
         if applied.changed().await.is_err() {

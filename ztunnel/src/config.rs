@@ -52,6 +52,15 @@ pub struct Config {
     /// What to capture.
     #[arg(long, env = "TRELLIS_CAPTURE", value_enum, default_value = "pod")]
     pub capture: CaptureMode,
+    /// The nft binary that installs and reads back the capture rules.
+    #[arg(long, env = "TRELLIS_NFT", default_value = "nft")]
+    pub nft_path: PathBuf,
+    /// How long one nft run may take before it is killed and retried.
+    #[arg(long, env = "TRELLIS_NFT_TIMEOUT_MS", default_value_t = 5000)]
+    pub nft_timeout_ms: u64,
+    /// How often the installed capture rules are read back and compared with the desired ones.
+    #[arg(long, env = "TRELLIS_CAPTURE_CHECK_MS", default_value_t = 10000)]
+    pub capture_check_ms: u64,
     /// HBONE listener (mTLS + HTTP/2 CONNECT).
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub hbone_listen: SocketAddr,
@@ -91,6 +100,9 @@ impl Config {
                 "give --join-token-file (to join trellisd), or --config-file with --identity-file (no control plane)"
                     .into(),
             );
+        }
+        if self.nft_timeout_ms == 0 || self.capture_check_ms == 0 {
+            return Err("--nft-timeout-ms and --capture-check-ms must be at least 1".into());
         }
         if !self.admin_listen.ip().is_loopback() {
             return Err(format!(

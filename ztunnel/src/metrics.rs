@@ -59,6 +59,10 @@ pub struct Metrics {
     pub config_version: Gauge,
     pub config_connected: Gauge,
     pub captured_workloads: Gauge,
+    pub capture_in_sync: Gauge,
+    pub capture_apply_failures: Counter,
+    pub capture_readback_failures: Counter,
+    pub capture_drift: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +79,10 @@ impl Default for Metrics {
             config_version: Gauge::default(),
             config_connected: Gauge::default(),
             captured_workloads: Gauge::default(),
+            capture_in_sync: Gauge::default(),
+            capture_apply_failures: Counter::default(),
+            capture_readback_failures: Counter::default(),
+            capture_drift: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
@@ -111,13 +119,34 @@ impl Default for Metrics {
         );
         registry.register(
             "config_connected",
-            "1 while the config stream to trellisd is up",
+            "1 while the config stream to trellisd is up and delivering, 0 while it is down (the last config stays in force); \
+             always 0 with --config-file, which has no stream (config_version counts the file's reloads)",
             m.config_connected.clone(),
         );
         registry.register(
             "captured_workloads",
             "Enrolled workloads whose traffic this node captures",
             m.captured_workloads.clone(),
+        );
+        registry.register(
+            "capture_rules_in_sync",
+            "1 while the capture rules read back from the kernel equal the desired ones (readiness waits for it), else 0",
+            m.capture_in_sync.clone(),
+        );
+        registry.register(
+            "capture_apply_failures",
+            "nft runs installing the capture rules that failed or timed out (each is retried with backoff)",
+            m.capture_apply_failures.clone(),
+        );
+        registry.register(
+            "capture_readback_failures",
+            "nft runs reading the capture rules back that failed or timed out",
+            m.capture_readback_failures.clone(),
+        );
+        registry.register(
+            "capture_drift",
+            "Read backs that found the installed capture rules different from the desired ones (then reinstalled)",
+            m.capture_drift.clone(),
         );
         Self { registry, ..m }
     }

@@ -9,59 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use trellis_api::config::v1 as pb;
-use trellis_identity::{IdKind, SpiffeId};
+use trellis_identity::{IdKind, Principal, SpiffeId};
 
 /// What a policy does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Allow,
     Deny,
-}
-
-/// A principal pattern: a full SPIFFE ID, `ns/<ns>/sa/<sa>` (any federated trust domain), or `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    Exact(SpiffeId),
-    Account { namespace: String, service_account: String },
-    Any,
-}
-
-impl Principal {
-    fn parse(s: &str) -> Result<Self, String> {
-        if s == "*" {
-            return Ok(Self::Any);
-        }
-        if s.starts_with("spiffe://") {
-            return SpiffeId::parse(s).map(Self::Exact).map_err(|e| e.to_string());
-        }
-        match s.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => Ok(Self::Account {
-                namespace: ns.to_string(),
-                service_account: sa.to_string(),
-            }),
-            _ => Err(format!(
-                "principal {s:?} is neither spiffe://<td>/ns/<ns>/sa/<sa> nor ns/<ns>/sa/<sa>"
-            )),
-        }
-    }
-
-    fn matches(&self, id: Option<&SpiffeId>) -> bool {
-        match (self, id) {
-            (Self::Any, Some(_)) => true,
-            (Self::Exact(want), Some(id)) => want == id,
-            (
-                Self::Account {
-                    namespace,
-                    service_account,
-                },
-                Some(id),
-            ) => matches!(
-                id.kind(),
-                IdKind::Workload { namespace: ns, service_account: sa } if ns == namespace && sa == service_account
-            ),
-            (_, None) => false,
-        }
-    }
 }
 
 /// One rule: every non-empty field must match.
@@ -107,9 +61,13 @@ impl Policy {
         let action = match pb::Action::try_from(p.action) {
             Ok(pb::Action::Allow) => Action::Allow,
             Ok(pb::Action::Deny) => Action::Deny,
-            Err(_) => return Err(format!("unknown action {}", p.action)),
+            _ => return Err(format!("action {} is neither ALLOW nor DENY", p.action)),
         };
-        let principals = |list: &[String]| list.iter().map(|s| Principal::parse(s)).collect::<Result<Vec<_>, _>>();
+        let principals = |list: &[String]| {
+            list.iter()
+                .map(|s| Principal::parse(s).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()
+        };
         let rules = p
             .rules
             .iter()
@@ -134,6 +92,18 @@ impl Policy {
             selector: p.selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             rules,
         })
+    }
+
+    /// What stands in for a policy that cannot be enforced as written: a DENY that matches
+    /// every source of the workloads its selector picks, named so the log says why.
+    pub fn unusable(p: &pb::AuthorizationPolicy, why: &str) -> Self {
+        Self {
+            name: format!("{} (unusable: {why})", p.name),
+            namespace: p.namespace.clone(),
+            action: Action::Deny,
+            selector: p.selector.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            rules: vec![Rule::default()],
+        }
     }
 
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -253,6 +223,36 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_that_cannot_be_enforced_denies_what_it_selects() {
+        let wire = pb::AuthorizationPolicy {
+            name: "broken".into(),
+            namespace: "shop".into(),
+            action: pb::Action::Unspecified as i32,
+            selector: [("app".to_string(), "cart".to_string())].into(),
+            rules: vec![],
+        };
+        let why = Policy::from_pb(&wire).unwrap_err();
+        let policies = [Arc::new(Policy::unusable(&wire, &why))];
+        let web = id("spiffe://east.trellis.local/ns/shop/sa/web");
+        for principal in [Some(&web), None] {
+            let decision = authorize(&policies, &labels("cart"), &Source { principal, port: 80 });
+            assert!(
+                matches!(&decision, Decision::Deny(why) if why.contains("unusable")),
+                "{decision:?}"
+            );
+        }
+        let other = authorize(
+            &policies,
+            &labels("other"),
+            &Source {
+                principal: Some(&web),
+                port: 80,
+            },
+        );
+        assert_eq!(other, Decision::Allow, "only what its selector picks is denied");
+    }
+
+    #[test]
     fn allow_policies_turn_the_default_into_deny() {
         let rule = Rule {
             namespaces: vec!["shop".into()],
@@ -295,7 +295,17 @@ mod tests {
 
     #[test]
     fn bad_principals_are_refused_with_a_reason() {
-        let err = Principal::parse("shop/web").unwrap_err();
-        assert!(err.contains("ns/<ns>/sa/<sa>"), "{err}");
+        let wire = pb::AuthorizationPolicy {
+            name: "p".into(),
+            namespace: "shop".into(),
+            action: pb::Action::Allow as i32,
+            selector: Default::default(),
+            rules: vec![pb::PolicyRule {
+                principals: vec!["shop/web".into()],
+                ..Default::default()
+            }],
+        };
+        let err = Policy::from_pb(&wire).unwrap_err();
+        assert!(err.contains("ns/<namespace>/sa/<service-account>"), "{err}");
     }
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use trellis_api::addr;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::Slice;
@@ -35,7 +36,7 @@ pub struct LocalWorkload {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub name: String,
-    /// The endpoint's cluster (from its workload UID, `<cluster>/<ns>/<name>`).
+    /// The endpoint's cluster.
     pub cluster: String,
     pub ip: IpAddr,
     pub node: String,
@@ -110,14 +111,22 @@ impl ProxyState {
                     }
                     Err(e) => state.problems.push(format!("service {}/{}: {e}", s.namespace, s.name)),
                 },
-                Some(Variant::AuthorizationPolicy(p)) => match Policy::from_pb(p) {
-                    Ok(policy) => state
+                Some(Variant::AuthorizationPolicy(p)) => {
+                    // A policy ztunnel cannot enforce as written denies everything it selects
+                    // (fail closed): skipping it would let a broken DENY policy allow.
+                    let policy = Policy::from_pb(p).unwrap_or_else(|e| {
+                        state.problems.push(format!(
+                            "policy {}/{}: {e}; denying what it selects",
+                            p.namespace, p.name
+                        ));
+                        Policy::unusable(p, &e)
+                    });
+                    state
                         .policies
                         .entry(policy.namespace.clone())
                         .or_default()
-                        .push(Arc::new(policy)),
-                    Err(e) => state.problems.push(format!("policy {}/{}: {e}", p.namespace, p.name)),
-                },
+                        .push(Arc::new(policy));
+                }
                 _ => {}
             }
         }
@@ -187,17 +196,9 @@ impl ProxyState {
 }
 
 fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
-    let ip = w
-        .addresses
-        .first()
-        .ok_or("no address")?
-        .parse::<IpAddr>()
-        .map_err(|e| format!("bad address: {e}"))?;
+    let ip = addr::from_bytes(w.addresses.first().ok_or("no address")?).map_err(|e| format!("bad address: {e}"))?;
     let identity = SpiffeId::parse(&w.identity).map_err(|e| format!("bad identity: {e}"))?;
-    let node_address = match w.node_address.as_str() {
-        "" => None,
-        a => Some(a.parse().map_err(|e| format!("bad node address {a:?}: {e}"))?),
-    };
+    let node_address = addr::optional(&w.node_address).map_err(|e| format!("bad node address: {e}"))?;
     Ok(LocalWorkload {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
@@ -216,7 +217,7 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
     let vips = s
         .vips
         .iter()
-        .map(|v| v.parse::<IpAddr>().map_err(|e| format!("bad VIP {v:?}: {e}")))
+        .map(|v| addr::from_bytes(v).map_err(|e| format!("bad VIP: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut ports = BTreeMap::new();
     for p in &s.ports {
@@ -232,8 +233,8 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
         match endpoint(e) {
             Ok(ep) => endpoints.push(ep),
             Err(why) => problems.push(format!(
-                "service {}/{} endpoint {:?}: {why}",
-                s.namespace, s.name, e.address
+                "service {}/{} endpoint {}/{}: {why}",
+                s.namespace, s.name, e.workload_namespace, e.workload_name
             )),
         }
     }
@@ -248,11 +249,8 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
 }
 
 fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
-    let ip = e.address.parse().map_err(|err| format!("bad address: {err}"))?;
-    let node_address = match e.node_address.as_str() {
-        "" => None,
-        a => Some(a.parse().map_err(|err| format!("bad node address {a:?}: {err}"))?),
-    };
+    let ip = addr::from_bytes(&e.address).map_err(|err| format!("bad address: {err}"))?;
+    let node_address = addr::optional(&e.node_address).map_err(|err| format!("bad node address: {err}"))?;
     let identity = match e.identity.as_str() {
         "" => None,
         id => Some(SpiffeId::parse(id).map_err(|err| format!("bad identity: {err}"))?),
@@ -260,11 +258,9 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
     if e.enrolled && (identity.is_none() || node_address.is_none()) {
         return Err("enrolled, but without an identity or a node address to tunnel to".into());
     }
-    let name = e.workload_uid.rsplit('/').next().unwrap_or_default().to_string();
-    let cluster = e.workload_uid.split('/').next().unwrap_or_default().to_string();
     Ok(Endpoint {
-        name,
-        cluster,
+        name: e.workload_name.clone(),
+        cluster: e.cluster.clone(),
         ip,
         node: e.node.clone(),
         node_address,
@@ -286,10 +282,10 @@ mod tests {
                 name: "cart-1".into(),
                 namespace: "shop".into(),
                 node: "node-1".into(),
-                addresses: vec!["10.1.1.10".into()],
+                addresses: vec![addr::to_bytes("10.1.1.10".parse().unwrap())],
                 enrolled: true,
                 identity: "spiffe://east.trellis.local/ns/shop/sa/cart".into(),
-                node_address: "10.1.0.11".into(),
+                node_address: addr::to_bytes("10.1.0.11".parse().unwrap()),
                 ..Default::default()
             })),
         };
@@ -309,5 +305,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_policy_with_an_unknown_action_is_kept_as_deny_and_reported() {
+        let p = pb::Resource {
+            kind: Some(Variant::AuthorizationPolicy(pb::AuthorizationPolicy {
+                name: "future".into(),
+                namespace: "shop".into(),
+                action: 7,
+                ..Default::default()
+            })),
+        };
+        let slice: Slice = [(key_of(&p).unwrap(), Arc::new(p))].into();
+        let state = ProxyState::from_slice("node-1", 1, &slice);
+        assert_eq!(state.policies("shop").len(), 1, "not skipped");
+        assert!(
+            state.problems.iter().any(|p| p.contains("shop/future")),
+            "{:?}",
+            state.problems
+        );
+        let decision = crate::policy::authorize(
+            state.policies("shop"),
+            &BTreeMap::new(),
+            &crate::policy::Source {
+                principal: None,
+                port: 80,
+            },
+        );
+        assert!(matches!(decision, crate::policy::Decision::Deny(_)), "{decision:?}");
     }
 }

@@ -1,6 +1,11 @@
 //! The HBONE server and client over real TLS and HTTP/2 on loopback, with a real CA: tunnels
-//! work, and hostile peers are refused or timed out without harming other tunnels.
+//! work, hostile peers are refused or timed out without harming other tunnels, and the pool
+//! dials exactly as many connections as its tunnels need, sharing each dial.
+//!
+//! Connections are counted by a [`Front`], a TCP relay in front of the node's HBONE port: each
+//! connection it accepts is one TLS and HTTP/2 handshake of the pool.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +21,7 @@ use trellis_identity::{
 };
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
+use trellis_ztunnel::hbone::tunnel::Protocol;
 use trellis_ztunnel::metrics::Metrics;
 use trellis_ztunnel::proxy::inbound::Inbound;
 use trellis_ztunnel::proxy::Proxy;
@@ -63,7 +69,7 @@ fn slice(deny_api: bool) -> Slice {
             service_account: "cart".into(),
             node: "node-1".into(),
             cluster: "east".into(),
-            addresses: vec!["127.0.0.1".into()],
+            addresses: vec![trellis_api::addr::to_bytes(std::net::Ipv4Addr::LOCALHOST.into())],
             labels: [("app".to_string(), "cart".to_string())].into(),
             enrolled: true,
             identity: CART.into(),
@@ -158,6 +164,7 @@ fn key(node: &Node, source: &str) -> Key {
         source: id(source),
         node: node.hbone,
         destination: id(CART),
+        protocol: Protocol::Http2,
     }
 }
 
@@ -167,18 +174,89 @@ async fn round_trip(tunnel: &mut Tunnel, payload: &'static [u8]) -> Vec<u8> {
 
 /// Sends `payload`, then reads until `expected` bytes came back.
 async fn exchange(tunnel: &mut Tunnel, payload: &'static [u8], expected: usize) -> Vec<u8> {
-    tunnel.send.send_data(Bytes::from_static(payload), false).unwrap();
+    tunnel
+        .send_all(Bytes::from_static(payload))
+        .await
+        .expect("sending into the tunnel");
     let mut got = Vec::new();
     while got.len() < expected {
-        let data = tokio::time::timeout(Duration::from_secs(5), tunnel.recv.data())
+        let data = tokio::time::timeout(Duration::from_secs(5), tunnel.next_chunk())
             .await
             .expect("echo within 5 s")
             .expect("stream open")
             .expect("data");
-        let _ = tunnel.recv.flow_control().release_capacity(data.len());
         got.extend_from_slice(&data);
     }
     got
+}
+
+/// What a [`Front`] does with a connection it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Relay it to the node.
+    Forward,
+    /// Keep it waiting (the dial stays in flight) until the gate changes.
+    Hold,
+    /// Close it at once: the client's TLS handshake fails.
+    Refuse,
+}
+
+/// A TCP relay in front of a node's HBONE port, counting the connections dialled through it.
+struct Front {
+    addr: SocketAddr,
+    dialled: watch::Receiver<usize>,
+    gate: watch::Sender<Gate>,
+}
+
+impl Front {
+    async fn start(node: SocketAddr, gate: Gate) -> Front {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (count, dialled) = watch::channel(0usize);
+        let (gate, gate_rx) = watch::channel(gate);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.send_modify(|n| *n += 1);
+                let mut gate = gate_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(now) = gate.wait_for(|g| *g != Gate::Hold).await.map(|g| *g) else {
+                        return;
+                    };
+                    if now == Gate::Refuse {
+                        return;
+                    }
+                    if let Ok(mut server) = TcpStream::connect(node).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Front { addr, dialled, gate }
+    }
+
+    /// Connections dialled through the front so far.
+    fn dialled(&self) -> usize {
+        *self.dialled.borrow()
+    }
+
+    fn set(&self, gate: Gate) {
+        self.gate.send_replace(gate);
+    }
+}
+
+/// Waits until `condition` holds; fails the test naming `what` after 10 s.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Opens a tunnel in a task of its own.
+fn spawn_open(pool: &Arc<Pool>, key: &Key, to: SocketAddr) -> tokio::task::JoinHandle<Result<Tunnel, OpenError>> {
+    let (pool, key) = (pool.clone(), key.clone());
+    tokio::spawn(async move { pool.open(&key, to, &[], &Bytes::new()).await })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,26 +385,15 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
         outsider.err()
     );
 
-    // A flood: 250 tunnels at once (beyond one connection's 100 streams) all open and work.
-    let mut flood = Vec::new();
-    for _ in 0..250 {
-        let pool = pool.clone();
-        let key = key(&node, WEB);
-        let addr = node.workload;
-        flood.push(tokio::spawn(async move {
-            pool.open(&key, addr, &[], &Bytes::new()).await.map(|_| ())
-        }));
-    }
-    for t in flood {
-        t.await.unwrap().expect("a flood tunnel");
-    }
-    // Streams opened and abandoned at once, over and over.
+    // Streams opened and abandoned at once, over and over: none keeps a stream slot.
     let web = key(&node, WEB);
     let nothing = Bytes::new();
     for _ in 0..300 {
         let attempt = pool.open(&web, node.workload, &[], &nothing);
         let _ = tokio::time::timeout(Duration::from_micros(200), attempt).await;
     }
+    let tunnels: usize = pool.snapshot().iter().map(|(_, _, tunnels)| tunnels).sum();
+    assert_eq!(tunnels, 1, "only the tunnel still held counts: {:?}", pool.snapshot());
 
     // A TCP client that never sends: closed once the handshake deadline passes.
     let mut silent = TcpStream::connect(node.hbone).await.unwrap();
@@ -343,4 +410,121 @@ async fn hostile_peers_are_refused_without_harming_other_tunnels() {
     );
 
     assert_eq!(round_trip(&mut tunnel, b"unharmed").await, b"unharmed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_one_connections_streams_opens_exactly_enough_connections() {
+    let node = node().await;
+    let front = Front::start(node.hbone, Gate::Forward).await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
+    let key = Key {
+        node: front.addr,
+        ..key(&node, WEB)
+    };
+    let opens: Vec<_> = (0..250).map(|_| spawn_open(&pool, &key, node.workload)).collect();
+    let mut tunnels = Vec::new();
+    for open in opens {
+        let mut tunnel = open.await.unwrap().expect("a flood tunnel");
+        assert_eq!(round_trip(&mut tunnel, b"flood").await, b"flood");
+        tunnels.push(tunnel);
+    }
+    assert_eq!(
+        front.dialled(),
+        3,
+        "250 tunnels held open at {} streams per connection",
+        trellis_ztunnel::hbone::MAX_STREAMS
+    );
+    assert_eq!(pool.snapshot(), vec![(key, 3, 250)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_to_a_cold_key_share_one_handshake() {
+    let node = node().await;
+    let front = Front::start(node.hbone, Gate::Hold).await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
+    let key = Key {
+        node: front.addr,
+        ..key(&node, WEB)
+    };
+    let opens: Vec<_> = (0..20).map(|_| spawn_open(&pool, &key, node.workload)).collect();
+    until("all 20 opens wait on a dial", || pool.waiting(&key) == 20).await;
+    front.set(Gate::Forward);
+
+    let mut tunnels = Vec::new();
+    for open in opens {
+        let mut tunnel = open.await.unwrap().expect("a tunnel over the shared connection");
+        assert_eq!(round_trip(&mut tunnel, b"shared").await, b"shared");
+        tunnels.push(tunnel);
+    }
+    assert_eq!(front.dialled(), 1, "one TCP connection, one TLS and HTTP/2 handshake");
+    assert_eq!(pool.snapshot(), vec![(key.clone(), 1, 20)]);
+    assert_eq!(pool.waiting(&key), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_fails_every_open_waiting_on_it_and_is_not_cached() {
+    let node = node().await;
+    let front = Front::start(node.hbone, Gate::Hold).await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
+    let key = Key {
+        node: front.addr,
+        ..key(&node, WEB)
+    };
+    let opens: Vec<_> = (0..20).map(|_| spawn_open(&pool, &key, node.workload)).collect();
+    until("all 20 opens wait on a dial", || pool.waiting(&key) == 20).await;
+    front.set(Gate::Refuse);
+    for open in opens {
+        let failed = open.await.unwrap();
+        assert!(
+            matches!(&failed, Err(e @ OpenError::Tls(at, _)) if *at == front.addr && e.retryable()),
+            "every waiting open hears of the failed handshake: {:?}",
+            failed.err()
+        );
+    }
+    assert_eq!(front.dialled(), 1, "one dial, failed once for all");
+    assert!(pool.snapshot().is_empty(), "{:?}", pool.snapshot());
+
+    front.set(Gate::Forward);
+    let mut tunnel = pool
+        .open(&key, node.workload, &[], &Bytes::new())
+        .await
+        .expect("the next open dials again");
+    assert_eq!(round_trip(&mut tunnel, b"again").await, b"again");
+    assert_eq!(front.dialled(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_that_gives_up_leaves_its_dial_to_the_opens_that_joined_it() {
+    let node = node().await;
+    let front = Front::start(node.hbone, Gate::Hold).await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
+    let key = Key {
+        node: front.addr,
+        ..key(&node, WEB)
+    };
+    let leader = spawn_open(&pool, &key, node.workload);
+    until("the first open dials", || {
+        pool.waiting(&key) == 1 && front.dialled() == 1
+    })
+    .await;
+    let follower = spawn_open(&pool, &key, node.workload);
+    until("the second open joins the dial", || pool.waiting(&key) == 2).await;
+    leader.abort();
+    assert!(leader.await.is_err_and(|e| e.is_cancelled()));
+    assert_eq!(pool.waiting(&key), 1, "the open that gave up hands its stream back");
+
+    front.set(Gate::Forward);
+    let mut tunnel = follower
+        .await
+        .unwrap()
+        .expect("the dial completes for the open still waiting");
+    assert_eq!(round_trip(&mut tunnel, b"still dialled").await, b"still dialled");
+    assert_eq!(front.dialled(), 1);
+    assert_eq!(
+        pool.snapshot(),
+        vec![(key.clone(), 1, 1)],
+        "no stream kept for the open that left"
+    );
+    drop(tunnel);
+    assert_eq!(pool.snapshot(), vec![(key, 1, 0)]);
 }

@@ -81,15 +81,13 @@ fn write_manifests(dir: &Path, s: &Scale) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn admin_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(tcp, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = tcp.read_to_string(&mut out);
-    out
+/// The body trellisd's admin endpoint on `port` answers for `path` (empty while it cannot).
+async fn admin_get(port: u16, path: &str) -> String {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    trellis_admin::client::get(addr, path, Duration::from_secs(10))
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -166,7 +164,7 @@ async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse::<usize>().ok())
     };
-    while discovered(&admin_get(admin, "/metrics")) != Some(s.workloads) {
+    while discovered(&admin_get(admin, "/metrics").await) != Some(s.workloads) {
         anyhow::ensure!(
             Instant::now() < deadline + Duration::from_secs(60),
             "trellisd never discovered every workload"
@@ -236,7 +234,7 @@ async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
     latencies.sort();
     let rss_after_mib = rss_mib(pid);
     let build = build_snapshots(&manifests, s)?;
-    let metrics = admin_get(admin, "/metrics");
+    let metrics = admin_get(admin, "/metrics").await;
     let metric = |name: &str| {
         metrics
             .lines()

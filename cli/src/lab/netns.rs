@@ -1,14 +1,12 @@
-//! Running code inside a lab network namespace, and the small HTTP/TCP probes the lab makes
-//! from there (readiness, metrics, trellisd's admin endpoint).
+//! Running code inside a lab network namespace, and the small TCP probe the lab makes from
+//! there. HTTP probes (readiness, metrics, trellisd's admin endpoint) use
+//! [`trellis_admin::client::get_blocking`] inside [`in_netns`].
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
-
-/// Largest probe response read, in bytes.
-const MAX_RESPONSE: u64 = 16 * 1024 * 1024;
 
 /// Runs `f` on a thread that has entered network namespace `ns` (`/run/netns/<ns>`): sockets it
 /// creates live in that namespace. The calling thread's namespace is untouched.
@@ -36,79 +34,67 @@ pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
 }
 
-/// A plain HTTP/1.1 GET of `path` at `addr`: the status code and the body.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
-    let mut tcp = TcpStream::connect_timeout(&addr, timeout)?;
-    tcp.set_read_timeout(Some(timeout))?;
-    tcp.set_write_timeout(Some(timeout))?;
-    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut response = Vec::new();
-    tcp.take(MAX_RESPONSE).read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("{addr} did not answer HTTP"));
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    let body = if chunked {
-        dechunk(body).ok_or_else(bad)?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-/// Decodes a chunked HTTP/1.1 body.
-fn dechunk(mut body: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..size)?);
-        body = rest.get(size..)?.strip_prefix("\r\n")?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::process::Command;
+
+    use trellis_admin::client::get_blocking;
+
     use super::*;
 
-    #[test]
-    fn chunked_bodies_are_decoded() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\n\r\n").as_deref(),
-            Some("hello, world")
-        );
-        assert_eq!(dechunk("5\r\nhel"), None);
+    /// A network namespace made for one test and deleted when dropped.
+    struct TestNetns(String);
+
+    impl TestNetns {
+        /// `None` when this process may not make namespaces (not root, no `ip`).
+        fn new(name: &str) -> Option<TestNetns> {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            if unsafe { libc::geteuid() } != 0 {
+                return None;
+            }
+            let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+            let name = format!("{name}-{}", std::process::id());
+            if !ip(&["netns", "add", &name]) {
+                return None;
+            }
+            let ns = TestNetns(name);
+            ip(&["-n", &ns.0, "link", "set", "lo", "up"]).then_some(ns)
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
     }
 
     #[test]
-    fn a_get_reads_status_and_body() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    fn an_http_probe_made_in_a_namespace_reaches_the_server_inside_it() {
+        let Some(ns) = TestNetns::new("trellis-cli-probe") else {
+            eprintln!("skipped: needs root and iproute2 to make a network namespace");
+            return;
+        };
+        let listener = in_netns(&ns.0, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap()
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut request = Vec::new();
             let mut buf = [0u8; 1024];
-            // Read the whole request: closing with unread bytes would reset the connection.
             while !request.ends_with(b"\r\n\r\n") {
                 let n = s.read(&mut buf).unwrap();
                 assert!(n > 0, "the request ended early");
                 request.extend_from_slice(&buf[..n]);
             }
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nnope")
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ninside")
                 .unwrap();
         });
-        let (status, body) = http_get(addr, "/healthz/ready", Duration::from_secs(5)).unwrap();
+        let answer = in_netns(&ns.0, || get_blocking(addr, "/healthz/ready", Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
         server.join().unwrap();
-        assert_eq!((status, body.as_str()), (503, "nope"));
+        assert_eq!(answer, (200, "inside".to_string()));
     }
 }

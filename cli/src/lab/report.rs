@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::netns::{http_get, in_netns};
+use trellis_admin::client::get_blocking;
+
+use super::netns::in_netns;
 use super::plan::{self, Plan, PodRun};
 use super::procs;
 use super::state::State;
@@ -91,7 +93,9 @@ pub fn status(plan: &Plan, state: &State) -> String {
         out.push_str(&format!("cluster {}:\n  nodes:\n", c.name));
         for n in &c.nodes {
             let metrics = SocketAddr::from((n.host.ip, plan::METRICS_PORT));
-            let scraped = in_netns(&n.host.netns, || http_get(metrics, "/metrics", Duration::from_secs(3)));
+            let scraped = in_netns(&n.host.netns, || {
+                get_blocking(metrics, "/metrics", Duration::from_secs(3))
+            });
             let line = match scraped {
                 Ok(Ok((200, body))) => COUNTERS
                     .iter()
@@ -99,7 +103,8 @@ pub fn status(plan: &Plan, state: &State) -> String {
                     .collect::<Vec<_>>()
                     .join(", "),
                 Ok(Ok((status, _))) => format!("metrics unavailable: http://{metrics}/metrics answered {status}"),
-                Ok(Err(e)) | Err(e) => format!("metrics unavailable: http://{metrics}/metrics: {e}"),
+                Ok(Err(e)) => format!("metrics unavailable: {e}"),
+                Err(e) => format!("metrics unavailable: {e}"),
             };
             out.push_str(&format!("    {:<10} {:<15} {line}\n", n.name, n.host.ip));
         }

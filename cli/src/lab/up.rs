@@ -7,8 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use trellis_admin::client::get_blocking;
 
-use super::netns::{accepts, http_get, in_netns};
+use super::netns::{accepts, in_netns};
 use super::plan::{self, ClusterPlan, NodePlan, Plan, PodPlan, PodRun};
 use super::procs::{self, Launch};
 use super::spec::{self, Topology};
@@ -126,7 +127,7 @@ pub fn build(plan: &Plan, state: &State, bins: &Bins) -> anyhow::Result<()> {
         let ready = SocketAddr::from((n.host.ip, plan::READY_PORT));
         wait_until(&name, pid, &state.log(&name), READY_TIMEOUT, || {
             in_netns(&n.host.netns, || {
-                http_get(ready, "/healthz/ready", Duration::from_secs(1))
+                get_blocking(ready, "/healthz/ready", Duration::from_secs(1))
             })
             .is_ok_and(|r| r.is_ok_and(|(status, _)| status == 200))
         })

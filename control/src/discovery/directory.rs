@@ -1,253 +1,255 @@
 //! The manifest-directory source: every `*.yaml`/`*.yml` file under a directory, watched and
-//! applied live. A file is applied whole or not at all: when it is malformed, or defines what
-//! another file already defines, or claims a VIP or workload IP already in use, the problem is
-//! reported with its path and line, and the file's last good version stays in force.
+//! applied live.
+//!
+//! - [`state`]: the rules (pure): a file is applied whole or not at all, a bad or unreadable file
+//!   keeps its last good version, and a file's objects go only when a complete listing no longer
+//!   names it. Read this first.
+//! - [`scan`]: the I/O edge, one pass over the directory, every failure returned as data.
+//! - [`watch`]: when to scan: inotify events, debounced; polling only where inotify fails.
+//!
+//! [`ManifestDirectory`]'s task is the thin driver around them: wait for a reason to scan, scan
+//! off the async threads, publish what changed.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+pub mod scan;
+pub mod state;
+pub mod watch;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::watch as channel;
+use tokio::time::Instant;
 
-use super::{Discovered, DiscoverySource, Inventory, ObjectKey};
-use trellis_mesh::manifest::{parse_file, MAX_FILE_BYTES};
+use self::watch::{Armed, Debounce, Signal};
+use super::{Discovered, DiscoverySource};
+pub use scan::{Entry, Scan, Seen, Stamp};
+pub use state::{Absorbed, DirectoryState, Parser};
+pub use watch::POLL_INTERVAL;
 
-/// How often the directory is scanned for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
-
-/// What the directory looks like, file by file: the last good objects of each file, and the
-/// current problem of each file that has one.
-#[derive(Debug, Default, Clone)]
-pub struct DirectoryState {
-    files: BTreeMap<PathBuf, Inventory>,
-    problems: BTreeMap<PathBuf, String>,
+/// How the directory is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// inotify, falling back to polling every [`POLL_INTERVAL`] when inotify cannot be had.
+    Auto,
+    /// Polling only, for file systems whose changes inotify does not see (NFS, some FUSE mounts).
+    Poll,
 }
 
-/// Conflicts between `candidate` (the new version of `path`) and every other file.
-fn conflicts(files: &BTreeMap<PathBuf, Inventory>, path: &Path, candidate: &Inventory) -> Result<(), String> {
-    macro_rules! unique {
-        ($field:ident, $kind:literal) => {
-            for (key, (_, line)) in &candidate.$field {
-                for (other, inv) in files.iter().filter(|(p, _)| p.as_path() != path) {
-                    if let Some((_, at)) = inv.$field.get(key) {
-                        return Err(format!(
-                            "line {line}: {} {key} is already defined in {} line {at}",
-                            $kind,
-                            other.display()
-                        ));
-                    }
-                }
-            }
-        };
-    }
-    unique!(namespaces, "Namespace");
-    unique!(services, "Service");
-    unique!(workloads, "Workload");
-    unique!(routes, "HTTPRoute");
-    unique!(policies, "AuthorizationPolicy");
-    unique!(waypoints, "Waypoint");
-
-    // A VIP belongs to one service, and a workload IP to one workload, across all files. The
-    // maps hold references; text is only made for an actual conflict.
-    let mut vips: BTreeMap<IpAddr, (&ObjectKey, Option<&Path>, u64)> = BTreeMap::new();
-    let mut ips: BTreeMap<IpAddr, (&ObjectKey, Option<&Path>, u64)> = BTreeMap::new();
-    for (p, inv) in files.iter().filter(|(p, _)| p.as_path() != path) {
-        for (key, (svc, line)) in &inv.services {
-            for vip in &svc.vips {
-                vips.insert(*vip, (key, Some(p.as_path()), *line));
-            }
-        }
-        for (key, (w, line)) in &inv.workloads {
-            ips.insert(w.ip, (key, Some(p.as_path()), *line));
-        }
-    }
-    let place = |file: Option<&Path>, line: u64| match file {
-        Some(f) => format!("{} line {line}", f.display()),
-        None => format!("line {line}"),
-    };
-    for (key, (svc, line)) in &candidate.services {
-        for vip in &svc.vips {
-            if let Some((owner, file, at)) = vips.get(vip) {
-                return Err(format!(
-                    "line {line}: Service {key} claims VIP {vip}, which Service {owner} ({}) already has",
-                    place(*file, *at)
-                ));
-            }
-            vips.insert(*vip, (key, None, *line));
-        }
-    }
-    for (key, (w, line)) in &candidate.workloads {
-        if let Some((owner, file, at)) = ips.get(&w.ip) {
-            return Err(format!(
-                "line {line}: Workload {key} claims IP {}, which Workload {owner} ({}) already has",
-                w.ip,
-                place(*file, *at)
-            ));
-        }
-        ips.insert(w.ip, (key, None, *line));
-    }
-    Ok(())
-}
-
-impl DirectoryState {
-    /// Applies the new text of `path`. On any problem the file's previous objects stay and the
-    /// problem is recorded; returns whether the applied state changed.
-    pub fn apply(&mut self, path: &Path, text: &str) -> bool {
-        let parsed = parse_file(text).map_err(|e| e.to_string()).and_then(|inv| {
-            conflicts(&self.files, path, &inv)?;
-            Ok(inv)
-        });
-        match parsed {
-            Ok(inv) => {
-                self.problems.remove(path);
-                let changed = self.files.get(path) != Some(&inv);
-                self.files.insert(path.to_path_buf(), inv);
-                changed
-            }
-            Err(problem) => {
-                tracing::warn!(file = %path.display(), %problem, "manifest refused; its last good version stays");
-                self.problems.insert(path.to_path_buf(), problem);
-                false
-            }
-        }
-    }
-
-    /// Forgets a deleted file and its objects; returns whether the applied state changed.
-    pub fn remove(&mut self, path: &Path) -> bool {
-        self.problems.remove(path);
-        self.files.remove(path).is_some()
-    }
-
-    /// The merged view of every file.
-    pub fn discovered(&self) -> Discovered {
-        let mut inventory = Inventory::default();
-        for inv in self.files.values() {
-            inventory.namespaces.extend(inv.namespaces.clone());
-            inventory.services.extend(inv.services.clone());
-            inventory.workloads.extend(inv.workloads.clone());
-            inventory.routes.extend(inv.routes.clone());
-            inventory.policies.extend(inv.policies.clone());
-            inventory.waypoints.extend(inv.waypoints.clone());
-        }
-        let problems = self
-            .problems
-            .iter()
-            .map(|(p, problem)| format!("{}: {problem}", p.display()))
-            .collect();
-        Discovered { inventory, problems }
-    }
-}
-
-/// Every manifest file under `dir`, with its modification time and length.
-fn scan(dir: &Path) -> BTreeMap<PathBuf, (SystemTime, u64)> {
-    let mut found = BTreeMap::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let hidden = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'));
-            let Ok(meta) = entry.metadata() else { continue };
-            if hidden {
-                continue;
-            }
-            if meta.is_dir() {
-                pending.push(path);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-                found.insert(path, (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
-            }
-        }
-    }
-    found
-}
-
-/// Watches a manifest directory by polling it every [`POLL_INTERVAL`].
+/// Watches a manifest directory and publishes what it defines.
 pub struct ManifestDirectory {
     dir: PathBuf,
+    mode: WatchMode,
+    parse: Parser,
+}
+
+/// The state and the stamps behind it, shared with the blocking scan.
+#[derive(Default)]
+struct Tracked {
+    state: DirectoryState,
+    seen: Seen,
+}
+
+/// What one scan gave the driver.
+struct Outcome {
+    absorbed: Absorbed,
+    discovered: Discovered,
+    /// The directory itself could be listed.
+    root_listed: bool,
+}
+
+fn lock(tracked: &Mutex<Tracked>) -> std::sync::MutexGuard<'_, Tracked> {
+    tracked.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How the driver is told to scan.
+enum Trigger {
+    Inotify(Armed),
+    Polling { rearm_at: Option<Instant> },
 }
 
 impl ManifestDirectory {
+    /// The source for `dir`, watched with inotify (polling where inotify cannot be had).
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf() }
+        Self {
+            dir: dir.to_path_buf(),
+            mode: WatchMode::Auto,
+            parse: trellis_mesh::manifest::parse_file,
+        }
     }
 
-    /// Reads the directory once: the state every file defines now.
-    pub fn load(&self, state: &mut DirectoryState, seen: &mut BTreeMap<PathBuf, (SystemTime, u64)>) -> bool {
-        let now = scan(&self.dir);
-        let mut changed = false;
-        let gone: BTreeSet<PathBuf> = seen.keys().filter(|p| !now.contains_key(*p)).cloned().collect();
-        for path in gone {
-            changed |= state.remove(&path);
-            seen.remove(&path);
+    /// The same source, watched as `mode` says.
+    pub fn with_mode(self, mode: WatchMode) -> Self {
+        Self { mode, ..self }
+    }
+
+    /// The same source with another parser (tests inject failures with it).
+    #[cfg(test)]
+    fn with_parser(self, parse: Parser) -> Self {
+        Self { parse, ..self }
+    }
+
+    /// Reads the directory once into `state`; `seen` holds the stamps of what is in it, so that
+    /// a second call reads only what changed. Returns whether the applied state changed.
+    pub fn load(&self, state: &mut DirectoryState, seen: &mut Seen) -> bool {
+        let scan = scan::read(&self.dir, seen);
+        state.absorb(seen, scan).changed
+    }
+
+    /// Starts inotify on the directory, or says why it falls back to polling.
+    fn trigger(&self, signal: &Arc<Signal>, why: &str) -> Trigger {
+        if self.mode == WatchMode::Poll {
+            tracing::info!(dir = %self.dir.display(), interval = ?POLL_INTERVAL, "polling the manifest directory (as configured)");
+            return Trigger::Polling { rearm_at: None };
         }
-        for (path, stamp) in now {
-            if seen.get(&path) == Some(&stamp) {
-                continue;
+        match watch::arm(&self.dir, signal.clone()) {
+            Ok(armed) => {
+                tracing::info!(dir = %self.dir.display(), why, "watching the manifest directory with inotify");
+                Trigger::Inotify(armed)
             }
-            seen.insert(path.clone(), stamp);
-            if stamp.1 > MAX_FILE_BYTES as u64 {
-                changed |= state.apply(&path, &"#".repeat(MAX_FILE_BYTES + 1));
-                continue;
-            }
-            match std::fs::read_to_string(&path) {
-                Ok(text) => changed |= state.apply(&path, &text),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => changed |= state.remove(&path),
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read manifest");
-                    state.problems.insert(path.clone(), format!("cannot read: {e}"));
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, interval = ?POLL_INTERVAL,
+                    "inotify is not available; polling the manifest directory instead");
+                Trigger::Polling {
+                    rearm_at: Some(Instant::now() + watch::REARM_INTERVAL),
                 }
             }
         }
-        changed
+    }
+
+    /// The source's task: scan, publish, wait for the next reason to scan.
+    async fn drive(self, out: channel::Sender<Arc<Discovered>>) {
+        let tracked = Arc::new(Mutex::new(Tracked {
+            state: DirectoryState::with_parser(self.parse),
+            seen: Seen::new(),
+        }));
+        let signal = Arc::new(Signal::default());
+        let mut trigger = self.trigger(&signal, "start");
+        let mut last_problems = None;
+        let mut failures = 0u32;
+        loop {
+            let dir = self.dir.clone();
+            let Some(outcome) = scan_once(&tracked, move |t| {
+                let scan = scan::read(&dir, &t.seen);
+                let root_listed = !scan.unlisted.contains_key(&dir);
+                let absorbed = t.state.absorb(&mut t.seen, scan);
+                Outcome {
+                    absorbed,
+                    discovered: t.state.discovered(),
+                    root_listed,
+                }
+            })
+            .await
+            else {
+                return;
+            };
+            if outcome.absorbed.changed || last_problems.as_ref() != Some(&outcome.discovered.problems) {
+                last_problems = Some(outcome.discovered.problems.clone());
+                if out.send(Arc::new(outcome.discovered)).is_err() {
+                    return;
+                }
+            }
+            failures = if outcome.absorbed.retry {
+                failures.saturating_add(1)
+            } else {
+                0
+            };
+            let retry_at = (failures > 0).then(|| Instant::now() + watch::retry_after(failures));
+            tokio::select! {
+                _ = out.closed() => return,
+                _ = wait(&trigger, &signal, retry_at) => {}
+            }
+            // The directory came back (or went) under our watches: watch it anew.
+            let reappeared = matches!(&trigger, Trigger::Inotify(a) if !a.root_watched && outcome.root_listed);
+            if signal.take_rearm() || reappeared {
+                trigger = self.trigger(&signal, "the directory was replaced");
+            } else if let Trigger::Polling { rearm_at: Some(at) } = trigger {
+                if Instant::now() >= at {
+                    trigger = self.trigger(&signal, "inotify works again");
+                }
+            }
+        }
     }
 }
 
-impl DiscoverySource for ManifestDirectory {
-    fn run(self: Box<Self>, out: watch::Sender<Arc<Discovered>>) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            let mut state = DirectoryState::default();
-            let mut seen = BTreeMap::new();
-            let mut last_problems = Vec::new();
-            loop {
-                let dir = self.dir.clone();
-                let (changed, s, seen_after) = tokio::task::spawn_blocking({
-                    let mut state = std::mem::take(&mut state);
-                    let mut seen = std::mem::take(&mut seen);
-                    let source = ManifestDirectory { dir };
-                    move || {
-                        let changed = source.load(&mut state, &mut seen);
-                        (changed, state, seen)
-                    }
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "manifest scan failed");
-                    (false, DirectoryState::default(), BTreeMap::new())
-                });
-                state = s;
-                seen = seen_after;
-                let discovered = state.discovered();
-                if changed || discovered.problems != last_problems {
-                    last_problems = discovered.problems.clone();
-                    if out.send(Arc::new(discovered)).is_err() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(POLL_INTERVAL).await;
+/// Waits for the next reason to scan: a debounced burst of events, the next poll, or `retry_at`.
+async fn wait(trigger: &Trigger, signal: &Signal, retry_at: Option<Instant>) {
+    let retry = async {
+        match retry_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    match trigger {
+        Trigger::Polling { .. } => {
+            let next = Instant::now() + POLL_INTERVAL;
+            tokio::time::sleep_until(retry_at.map_or(next, |r| r.min(next))).await;
+        }
+        Trigger::Inotify(armed) => {
+            tokio::select! {
+                _ = signal.wake.notified() => {}
+                _ = retry => return,
             }
-        })
+            let mut burst = Debounce::default();
+            burst.event(Instant::now());
+            // The directory is gone: there is nothing to wait for, the parent's events are all.
+            if !armed.root_watched {
+                return;
+            }
+            while let Some(due) = burst.due() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => return,
+                    _ = signal.wake.notified() => burst.event(Instant::now()),
+                }
+            }
+        }
+    }
+}
+
+/// Runs `step` on the state off the async threads. A panic anywhere in it leaves every file at
+/// its last good version (the state changes one whole file at a time) and is reported as a
+/// problem; `None` only when the runtime is shutting down.
+async fn scan_once(
+    tracked: &Arc<Mutex<Tracked>>,
+    step: impl FnOnce(&mut Tracked) -> Outcome + Send + 'static,
+) -> Option<Outcome> {
+    let shared = tracked.clone();
+    let failed = match tokio::task::spawn_blocking(move || step(&mut lock(&shared))).await {
+        Ok(outcome) => return Some(outcome),
+        Err(e) if e.is_panic() => state::panic_text(e.into_panic().as_ref()),
+        Err(_) => return None,
+    };
+    let shared = tracked.clone();
+    let discovered = tokio::task::spawn_blocking(move || {
+        let mut t = lock(&shared);
+        t.state.note_crash(failed);
+        t.state.discovered()
+    })
+    .await
+    .ok()?;
+    Some(Outcome {
+        absorbed: Absorbed {
+            changed: true,
+            retry: true,
+        },
+        discovered,
+        root_listed: true,
+    })
+}
+
+impl DiscoverySource for ManifestDirectory {
+    fn run(self: Box<Self>, out: channel::Sender<Arc<Discovered>>) -> BoxFuture<'static, ()> {
+        Box::pin(self.drive(out))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::discovery::Inventory;
+    use trellis_mesh::manifest::{parse_file, ManifestError};
 
     fn ns(name: &str, mode: &str) -> String {
         format!(
@@ -255,63 +257,22 @@ mod tests {
         )
     }
 
-    fn svc(name: &str, vip: &str) -> String {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80}}]\n")
+    fn write(dir: &Path, name: &str, text: &str) {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
     }
 
-    #[test]
-    fn a_bad_file_keeps_its_last_good_version_and_says_where() {
-        let mut state = DirectoryState::default();
-        let a = Path::new("/m/a.yaml");
-        assert!(state.apply(a, &ns("shop", "ambient")));
-        assert!(!state.apply(a, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [\n"));
-        let d = state.discovered();
-        assert!(d.inventory.namespaces.contains_key("shop"), "last good state kept");
-        assert_eq!(d.problems.len(), 1);
-        assert!(d.problems[0].starts_with("/m/a.yaml: line "), "{:?}", d.problems);
-        assert!(
-            state.apply(a, &ns("shop", "none")),
-            "a fixed file applies and clears the problem"
-        );
-        assert!(state.discovered().problems.is_empty());
+    fn mode_of(d: &Discovered, ns: &str) -> Option<String> {
+        let (obj, _) = d.inventory.namespaces.get(ns)?;
+        obj.labels.get("trellis.io/dataplane-mode").cloned()
     }
 
-    #[test]
-    fn a_name_defined_in_two_files_is_refused_in_the_second() {
-        let mut state = DirectoryState::default();
-        state.apply(Path::new("/m/a.yaml"), &ns("shop", "ambient"));
-        assert!(!state.apply(Path::new("/m/b.yaml"), &ns("shop", "none")));
-        let d = state.discovered();
-        assert_eq!(
-            d.inventory.namespaces["shop"].0.labels["trellis.io/dataplane-mode"],
-            "ambient"
-        );
-        assert!(
-            d.problems[0].contains("already defined in /m/a.yaml line 1"),
-            "{:?}",
-            d.problems
-        );
-    }
-
-    #[test]
-    fn conflicting_vips_are_refused() {
-        let mut state = DirectoryState::default();
-        state.apply(Path::new("/m/a.yaml"), &svc("cart", "10.96.0.10"));
-        assert!(!state.apply(Path::new("/m/b.yaml"), &svc("web", "10.96.0.10")));
-        let d = state.discovered();
-        assert!(d.problems[0].contains("claims VIP 10.96.0.10"), "{:?}", d.problems);
-        assert!(!d.inventory.services.keys().any(|k| k.name == "web"));
-        // Within one file too.
-        let both = format!("{}---\n{}", svc("x", "10.96.0.20"), svc("y", "10.96.0.20"));
-        assert!(!state.apply(Path::new("/m/c.yaml"), &both));
-    }
-
-    #[test]
-    fn deleting_a_file_removes_its_objects() {
-        let mut state = DirectoryState::default();
-        state.apply(Path::new("/m/a.yaml"), &ns("shop", "ambient"));
-        assert!(state.remove(Path::new("/m/a.yaml")));
-        assert!(state.discovered().inventory.is_empty());
+    fn panics_on_boom(text: &str) -> Result<Inventory, ManifestError> {
+        if text.contains("boom") {
+            panic!("injected parser panic");
+        }
+        parse_file(text)
     }
 
     #[test]
@@ -323,10 +284,90 @@ mod tests {
         std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
         let source = ManifestDirectory::new(dir.path());
         let mut state = DirectoryState::default();
-        let mut seen = BTreeMap::new();
+        let mut seen = Seen::new();
         assert!(source.load(&mut state, &mut seen));
         let d = state.discovered();
         assert_eq!(d.inventory.namespaces.keys().collect::<Vec<_>>(), vec!["shop"]);
+        assert!(d.synced);
         assert!(!source.load(&mut state, &mut seen), "nothing changed");
+    }
+
+    #[tokio::test]
+    async fn a_parser_panic_in_the_running_source_keeps_the_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &ns("shop", "ambient"));
+        let (tx, mut rx) = channel::channel(Arc::new(Discovered::default()));
+        let source = Box::new(ManifestDirectory::new(dir.path()).with_parser(panics_on_boom));
+        let task = tokio::spawn(source.run(tx));
+        let within = Duration::from_secs(10);
+        tokio::time::timeout(
+            within,
+            rx.wait_for(|d| mode_of(d, "shop").as_deref() == Some("ambient")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        write(dir.path(), "a.yaml", &format!("# boom\n{}", ns("shop", "none")));
+        let d = tokio::time::timeout(within, rx.wait_for(|d| !d.problems.is_empty()))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        assert!(
+            d.problems[0].contains("parser crashed on this file (injected parser panic)"),
+            "{:?}",
+            d.problems
+        );
+        assert_eq!(
+            mode_of(&d, "shop").as_deref(),
+            Some("ambient"),
+            "last good version kept"
+        );
+        // The source lives on: a fixed file applies.
+        write(dir.path(), "a.yaml", &ns("shop", "none"));
+        tokio::time::timeout(
+            within,
+            rx.wait_for(|d| d.problems.is_empty() && mode_of(d, "shop").as_deref() == Some("none")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        task.abort();
+    }
+
+    fn outcome(t: &Tracked) -> Outcome {
+        Outcome {
+            absorbed: Absorbed::default(),
+            discovered: t.state.discovered(),
+            root_listed: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scan_that_panics_keeps_every_file_and_says_so() {
+        let tracked = Arc::new(Mutex::new(Tracked::default()));
+        scan_once(&tracked, |t| {
+            t.state.apply(Path::new("/m/a.yaml"), &ns("shop", "ambient"));
+            t.state.apply(Path::new("/m/b.yaml"), &ns("cart", "ambient"));
+            outcome(t)
+        })
+        .await
+        .unwrap();
+        let crashed = scan_once(&tracked, |t| {
+            t.state.apply(Path::new("/m/a.yaml"), &ns("shop", "none"));
+            panic!("injected scan panic");
+        })
+        .await
+        .unwrap();
+        assert!(crashed.absorbed.retry, "scanned again soon");
+        let d = crashed.discovered;
+        assert_eq!(d.inventory.namespaces.keys().collect::<Vec<_>>(), ["cart", "shop"]);
+        assert_eq!(
+            d.problems,
+            ["manifest scan crashed: injected scan panic; serving the last good version"]
+        );
+        // The state is usable after the panic (the lock is not left poisoned for good).
+        let after = scan_once(&tracked, |t| outcome(t)).await.unwrap();
+        assert_eq!(after.discovered.inventory.namespaces.len(), 2);
     }
 }

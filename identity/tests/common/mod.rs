@@ -2,14 +2,20 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use trellis_identity::issuance::{CaServer, CaService, IssuanceAuthorizer};
+use trellis_identity::manager::{CertificateSource, Issued};
 use trellis_identity::{
-    BundleSet, CaClient, CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId,
-    TrustBundle, TrustDomain,
+    BundleSet, CaClient, CertManager, CertificateAuthority, HeldSvid, IssuancePolicy, JoinTokens, ManagerConfig,
+    SpiffeId, Svid, TrustBundle, TrustDomain,
 };
 
 pub fn td(name: &str) -> TrustDomain {
@@ -138,4 +144,93 @@ impl Cluster {
 /// An authorizer that lets every node have every workload identity.
 pub fn allow_all() -> Arc<dyn IssuanceAuthorizer> {
     Arc::new(|_: &str, _: &SpiffeId| Ok(()))
+}
+
+/// A fresh SVID for `id` signed by `ca`, as the manager would fetch it.
+pub fn issue(ca: &CertificateAuthority, id: &SpiffeId) -> HeldSvid {
+    let (csr, key) = trellis_identity::csr::new_csr(id).unwrap();
+    let issued = ca.sign(csr.as_bytes(), id, Duration::ZERO).unwrap();
+    let svid = Svid::new(issued.chain, PrivatePkcs8KeyDer::from(key)).unwrap();
+    HeldSvid::new(svid, ca.roots().to_vec()).unwrap()
+}
+
+/// One call a manager made to an [`InProcessCa`].
+#[derive(Debug, Clone)]
+pub struct CaCall {
+    pub id: SpiffeId,
+    /// On tokio's clock (paused in the timing tests).
+    pub at: Instant,
+    /// On the wall clock, which certificates are stamped with.
+    pub wall: SystemTime,
+    /// Whether the CA answered with a certificate.
+    pub answered: bool,
+}
+
+/// A real CA (real keys, real certificates) called in-process instead of over TLS, so that a
+/// manager can run on tokio's paused clock: with real sockets the paused clock would jump
+/// ahead whenever the runtime waits on the network. Records every call and can be taken down.
+pub struct InProcessCa {
+    pub ca: Arc<CertificateAuthority>,
+    up: AtomicBool,
+    calls: watch::Sender<Vec<CaCall>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcessCa {
+    /// A CA for `trust_domain` with the default policy (24 h SVIDs, longer asked for ≥ 60 s).
+    pub fn new(trust_domain: &str) -> Arc<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            CertificateAuthority::load_or_create(dir.path(), &td(trust_domain), IssuancePolicy::default()).unwrap();
+        Arc::new(Self {
+            ca: Arc::new(ca),
+            up: AtomicBool::new(true),
+            calls: watch::channel(Vec::new()).0,
+            _dir: dir,
+        })
+    }
+
+    /// Takes the CA down (every call fails) or brings it back.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+
+    /// Every call so far, oldest first.
+    pub fn calls(&self) -> Vec<CaCall> {
+        self.calls.borrow().clone()
+    }
+
+    /// The calls so far for `id`, oldest first.
+    pub fn calls_for(&self, id: &SpiffeId) -> Vec<CaCall> {
+        self.calls().into_iter().filter(|c| &c.id == id).collect()
+    }
+
+    /// Waits until `n` calls have been made (on the paused clock, time runs ahead to them).
+    pub async fn wait_for_calls(&self, n: usize) -> Vec<CaCall> {
+        let mut calls = self.calls.subscribe();
+        let calls = calls.wait_for(|c| c.len() >= n).await.unwrap().clone();
+        calls
+    }
+}
+
+impl CertificateSource for InProcessCa {
+    fn issue<'a>(&'a self, id: &'a SpiffeId, csr_pem: &'a str, ttl: Duration) -> BoxFuture<'a, Result<Issued, String>> {
+        Box::pin(async move {
+            let up = self.up.load(Ordering::SeqCst);
+            let result = if up {
+                CertificateSource::issue(self.ca.as_ref(), id, csr_pem, ttl).await
+            } else {
+                Err("the CA is down".to_string())
+            };
+            self.calls.send_modify(|calls| {
+                calls.push(CaCall {
+                    id: id.clone(),
+                    at: Instant::now(),
+                    wall: SystemTime::now(),
+                    answered: result.is_ok(),
+                })
+            });
+            result
+        })
+    }
 }

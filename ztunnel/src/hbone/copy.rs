@@ -1,16 +1,20 @@
-//! Moves bytes between a TCP socket and an HTTP/2 CONNECT stream, with backpressure both ways:
-//! a DATA frame is sent only when the peer's window has room, and window is given back only
-//! once the bytes are written to the socket. Half-closes travel end to end (TCP FIN becomes
-//! END_STREAM and back); an error on either side resets the other.
+//! Moves bytes between a TCP socket and a tunnel (an HTTP/2 `CONNECT` stream today; any
+//! [`SendHalf`]/[`RecvHalf`] pair), with backpressure both ways: data is sent only when the
+//! peer's window has room, and window is given back only once the bytes are written to the
+//! socket. Half-closes travel end to end (TCP FIN becomes END_STREAM and back); an error on either
+//! side resets the other.
+//!
+//! The pump is generic over the halves, so the server's h2 streams run it with no indirection;
+//! the pool's boxed halves cost one virtual call per chunk, never per byte.
 
-use std::future::poll_fn;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+use super::tunnel::{recv, send_all, RecvHalf, SendHalf};
 
 /// Read buffer of a new tunnel: small, so that thousands of quiet connections cost little.
 const FIRST_CHUNK: usize = 16 * 1024;
@@ -36,23 +40,23 @@ pub struct Moved {
 }
 
 /// Runs the tunnel until both directions are closed, or one fails (then the other is reset).
-pub async fn splice(
+pub async fn splice<S: SendHalf, R: RecvHalf>(
     tcp: TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: S,
+    recv: R,
     counters: &dyn OnBytes,
 ) -> (Moved, io::Result<()>) {
     let (rd, wr) = tcp.into_split();
     let mut moved = Moved::default();
-    let up = tcp_to_h2(rd, send, counters, &mut moved.upstream);
-    let down = h2_to_tcp(recv, wr, counters, &mut moved.downstream);
+    let up = tcp_to_tunnel(rd, send, counters, &mut moved.upstream);
+    let down = tunnel_to_tcp(recv, wr, counters, &mut moved.downstream);
     let result = tokio::try_join!(up, down).map(|_| ());
     (moved, result)
 }
 
-async fn tcp_to_h2(
+async fn tcp_to_tunnel<S: SendHalf>(
     mut rd: OwnedReadHalf,
-    mut send: SendStream<Bytes>,
+    mut send: S,
     counters: &dyn OnBytes,
     total: &mut u64,
 ) -> io::Result<()> {
@@ -66,67 +70,48 @@ async fn tcp_to_h2(
         let n = match rd.read_buf(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
-                send.send_reset(h2::Reason::CANCEL);
+                send.reset();
                 return Err(e);
             }
         };
         if n == 0 {
-            return send.send_data(Bytes::new(), true).map_err(h2_io);
+            return send.finish();
         }
         if n == room {
             // The read filled the buffer: more is waiting, so read in bigger gulps from now on.
             chunk_size = (chunk_size * 4).min(LARGEST_CHUNK);
         }
-        let mut chunk = buf.split().freeze();
-        while !chunk.is_empty() {
-            send.reserve_capacity(chunk.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(granted)) => granted,
-                Some(Err(e)) => return Err(h2_io(e)),
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let part = chunk.split_to(granted.min(chunk.len()));
-            let len = part.len() as u64;
-            send.send_data(part, false).map_err(h2_io)?;
+        let chunk = buf.split().freeze();
+        send_all(&mut send, chunk, |len| {
             *total += len;
             counters.upstream(len);
-        }
+        })
+        .await?;
     }
 }
 
-async fn h2_to_tcp(
-    mut recv: RecvStream,
+async fn tunnel_to_tcp<R: RecvHalf>(
+    mut from: R,
     mut wr: OwnedWriteHalf,
     counters: &dyn OnBytes,
     total: &mut u64,
 ) -> io::Result<()> {
-    while let Some(data) = recv.data().await {
+    while let Some(data) = recv(&mut from).await {
         let data = match data {
             Ok(data) => data,
             Err(e) => {
                 // The peer reset the stream: reset our side too, so the application sees it.
                 let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(std::time::Duration::ZERO));
-                return Err(h2_io(e));
+                return Err(e);
             }
         };
         wr.write_all(&data).await?;
         let len = data.len();
-        let _ = recv.flow_control().release_capacity(len);
+        from.release(len);
         *total += len as u64;
         counters.downstream(len as u64);
     }
     wr.shutdown().await
-}
-
-/// An h2 error as an I/O error, keeping the reason in the message.
-pub fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
-    }
-    io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
 }
 
 /// Copies between two plain sockets (traffic outside the mesh), counting as it goes; the

@@ -1,6 +1,8 @@
 //! HBONE: TCP tunnelled as HTTP/2 `CONNECT` streams inside TLS 1.3 mutual authentication
 //! (DESIGN.md, Data plane). [`pool`] is the client side with connection pooling, [`server`]
-//! the 15008 listener, [`copy`] the byte pump both share.
+//! the 15008 listener, [`copy`] the byte pump both share. [`tunnel`] says what a tunnel is
+//! whatever carries it, so that HTTP/3 over QUIC can sit beside [`http2`], the one transport
+//! so far.
 //!
 //! A tunnel connection is dialled to the destination's *node*, which hosts many workloads with
 //! different identities. The client names the identity it expects in SNI, as a hash of the
@@ -9,8 +11,10 @@
 //! ClientHello.
 
 pub mod copy;
+pub mod http2;
 pub mod pool;
 pub mod server;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::time::Duration;

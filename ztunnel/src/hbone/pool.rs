@@ -1,31 +1,36 @@
-//! The HBONE client: opens CONNECT tunnels over pooled HTTP/2 connections.
+//! The HBONE client: opens tunnels over pooled connections.
 //!
 //! One pool entry per (source identity, destination node, destination identity), as DESIGN.md
-//! says: the TLS client certificate is the source workload's SVID and the server must present
-//! the destination's identity, so neither can be shared across those keys. An entry holds as
-//! many connections as its tunnels need at [`MAX_STREAMS`] each; connections idle for
-//! [`IDLE_TIMEOUT`] are closed by a reaper.
+//! says, and per [`Protocol`]: the TLS client certificate is the source workload's SVID and the
+//! server must present the destination's identity, so neither can be shared across those keys.
+//! An entry holds as many connections as its tunnels need at [`MAX_STREAMS`] each; connections
+//! idle for [`IDLE_TIMEOUT`] are closed by a reaper.
+//!
+//! **Dials are shared.** An open that finds no connection with a free stream joins a dial in
+//! flight for its key, up to [`MAX_STREAMS`] opens per dial, and starts one only when there is
+//! none to join: N opens at once to a cold key cost ⌈N / [`MAX_STREAMS`]⌉ handshakes, not N.
+//! Each joined open is promised one stream of the connection to come. The dial runs in a task
+//! of its own, so it completes for the others when the open that started it gives up; a failed
+//! dial is reported to every open waiting on it and then forgotten, so the next open dials again.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls::ClientConfig;
-use tokio_rustls::TlsConnector;
+use tokio::sync::watch;
 use trellis_identity::tls::client_config;
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{BundleSet, CertManager, SpiffeId};
 
-use super::{
-    dial, sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS,
-    STREAM_WINDOW,
-};
+use super::http2::Http2;
+use super::tunnel::{self, Answer, Connection, Protocol, RecvHalf, SendHalf, StreamFailure, Transport};
+use super::{sni_for, IDLE_TIMEOUT, MAX_STREAMS};
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +41,12 @@ pub enum OpenError {
     Connect(SocketAddr, io::Error),
     #[error("TLS with node {0} failed: {1}")]
     Tls(SocketAddr, io::Error),
-    #[error("HTTP/2 with node {0} failed: {1}")]
-    Protocol(SocketAddr, h2::Error),
+    #[error("the tunnel protocol with node {0} failed: {1}")]
+    Protocol(SocketAddr, io::Error),
     /// The tunnel failed after the client's first bytes were sent with the CONNECT, without an
     /// answer proving they were never delivered: replaying them elsewhere could deliver twice.
-    #[error("HTTP/2 with node {0} failed after the first bytes were sent: {1}")]
-    Interrupted(SocketAddr, h2::Error),
+    #[error("the tunnel protocol with node {0} failed after the first bytes were sent: {1}")]
+    Interrupted(SocketAddr, io::Error),
     #[error("denied by the destination's policy (401)")]
     Denied,
     #[error("the destination node could not reach the workload (503)")]
@@ -62,47 +67,220 @@ impl OpenError {
     pub fn retryable(&self) -> bool {
         self.endpoint_failed() && !matches!(self, Self::Interrupted(..))
     }
+
+    /// The error an answer other than 200 means.
+    fn refusal(status: StatusCode) -> Self {
+        match status {
+            StatusCode::UNAUTHORIZED => Self::Denied,
+            StatusCode::SERVICE_UNAVAILABLE => Self::Unreachable,
+            other => Self::Status(other),
+        }
+    }
 }
 
-/// Where a tunnel goes.
+/// One failed dial is reported to every open that waited on it. `io::Error` is not `Clone`:
+/// a clone keeps its kind and message.
+impl Clone for OpenError {
+    fn clone(&self) -> Self {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Self::NoCertificate(id) => Self::NoCertificate(id.clone()),
+            Self::Connect(node, e) => Self::Connect(*node, io(e)),
+            Self::Tls(node, e) => Self::Tls(*node, io(e)),
+            Self::Protocol(node, e) => Self::Protocol(*node, io(e)),
+            Self::Interrupted(node, e) => Self::Interrupted(*node, io(e)),
+            Self::Denied => Self::Denied,
+            Self::Unreachable => Self::Unreachable,
+            Self::Status(status) => Self::Status(*status),
+        }
+    }
+}
+
+/// Where a tunnel goes, and over what.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub source: SpiffeId,
     /// The destination node's HBONE address.
     pub node: SocketAddr,
     pub destination: SpiffeId,
+    pub protocol: Protocol,
 }
 
 /// An open tunnel. The pooled connection counts it as in flight until this is dropped.
 pub struct Tunnel {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
+    pub send: Box<dyn SendHalf>,
+    pub recv: Box<dyn RecvHalf>,
     _in_flight: InFlight,
 }
 
-struct InFlight(Arc<Conn>);
+impl Tunnel {
+    /// Sends all of `data`, waiting for the destination's window as needed.
+    pub async fn send_all(&mut self, data: Bytes) -> io::Result<()> {
+        tunnel::send_all(&mut self.send, data, |_| {}).await
+    }
+
+    /// The next bytes from the destination, `None` once it has finished. Their window is given
+    /// back at once: a caller that forwards them elsewhere drives `recv` itself and releases
+    /// only what it has written on, as [`super::copy::splice`] does.
+    pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        let next = tunnel::recv(&mut self.recv).await;
+        if let Some(Ok(data)) = &next {
+            self.recv.release(data.len());
+        }
+        next
+    }
+
+    /// Ends the sending direction; the destination's workload reads end of file.
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.send.finish()
+    }
+}
+
+/// One stream slot of a pooled connection, held by a tunnel (or by an open about to make one).
+struct InFlight(Arc<Pooled>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *lock(&self.0.idle_since) = Instant::now();
         }
     }
 }
 
-struct Conn {
-    send: h2::client::SendRequest<Bytes>,
+struct Pooled {
+    conn: Arc<dyn Connection>,
+    /// Tunnels in flight, including those promised to opens that waited on its dial.
     active: AtomicUsize,
-    closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
 }
+
+impl Pooled {
+    /// Takes a free stream slot, if there is one.
+    fn claim(self: &Arc<Self>) -> Option<InFlight> {
+        if self.conn.is_closed() {
+            return None;
+        }
+        let mut active = self.active.load(Ordering::Acquire);
+        while active < MAX_STREAMS as usize {
+            match self
+                .active
+                .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(InFlight(self.clone())),
+                Err(now) => active = now,
+            }
+        }
+        None
+    }
+}
+
+/// The connections of one key, and the dials in flight for it.
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<Pooled>>,
+    dials: Vec<Arc<Dial>>,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.conns.is_empty() && self.dials.is_empty()
+    }
+}
+
+/// A dial in flight, shared by the opens waiting on it.
+struct Dial {
+    state: Mutex<DialState>,
+    /// Turns true once `state` is no longer pending.
+    done: watch::Sender<bool>,
+}
+
+enum DialState {
+    /// Still dialling; `promised` opens wait for one stream each.
+    Pending {
+        promised: usize,
+    },
+    /// Connected; the promised streams are counted in the connection's `active`.
+    Ready(Arc<Pooled>),
+    Failed(OpenError),
+}
+
+impl Dial {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(DialState::Pending { promised: 1 }),
+            done: watch::channel(false).0,
+        })
+    }
+
+    /// Promises one more stream of the connection to come, if it has one left.
+    fn join(self: &Arc<Self>) -> Option<Ticket> {
+        match &mut *lock(&self.state) {
+            DialState::Pending { promised } if *promised < MAX_STREAMS as usize => {
+                *promised += 1;
+                Some(Ticket {
+                    dial: self.clone(),
+                    redeemed: false,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        match &*lock(&self.state) {
+            DialState::Pending { promised } => *promised,
+            _ => 0,
+        }
+    }
+}
+
+/// An open's claim on a stream of a dial in flight. Dropped unredeemed (the open gave up), it
+/// hands the stream back.
+struct Ticket {
+    dial: Arc<Dial>,
+    redeemed: bool,
+}
+
+impl Ticket {
+    async fn redeem(mut self) -> Result<InFlight, OpenError> {
+        let mut done = self.dial.done.subscribe();
+        // The sender lives in `self.dial`, so this ends only when the dial has.
+        let _ = done.wait_for(|done| *done).await;
+        self.redeemed = true;
+        match &*lock(&self.dial.state) {
+            DialState::Ready(conn) => Ok(InFlight(conn.clone())),
+            DialState::Failed(e) => Err(e.clone()),
+            DialState::Pending { .. } => unreachable!("a dial is done only once it is no longer pending"),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.redeemed {
+            return;
+        }
+        let conn = match &mut *lock(&self.dial.state) {
+            DialState::Pending { promised } => {
+                *promised -= 1;
+                return;
+            }
+            DialState::Ready(conn) => conn.clone(),
+            DialState::Failed(_) => return,
+        };
+        drop(InFlight(conn));
+    }
+}
+
+type Entries = Arc<Mutex<HashMap<Key, Entry>>>;
 
 /// The pool of HBONE connections of one ztunnel.
 pub struct Pool {
     certs: CertManager,
     bundles: BundleSet,
-    conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
-    tls: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<ClientConfig>>>,
+    http2: Arc<dyn Transport>,
+    entries: Entries,
+    tls: Mutex<HashMap<(SpiffeId, SpiffeId, Protocol), Arc<ClientConfig>>>,
 }
 
 impl Pool {
@@ -112,7 +290,8 @@ impl Pool {
         let pool = Arc::new(Self {
             certs,
             bundles,
-            conns: Mutex::new(HashMap::new()),
+            http2: Arc::new(Http2),
+            entries: Arc::default(),
             tls: Mutex::new(HashMap::new()),
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
@@ -130,172 +309,205 @@ impl Pool {
         headers: &[(&str, String)],
         early: &Bytes,
     ) -> Result<Tunnel, OpenError> {
-        // A pooled connection may have just received GOAWAY: then dial once more.
-        for attempt in 0..2 {
-            let conn = self.connection(key, attempt > 0).await?;
-            let in_flight = InFlight(conn.clone());
+        let mut fresh = false;
+        loop {
+            let in_flight = self.connection(key, fresh).await?;
             let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string());
             for (name, value) in headers {
                 request = request.header(*name, value);
             }
             let request = request.body(()).map_err(|e| OpenError::Status(bad_request(e)))?;
-            let sent = match conn.send.clone().ready().await {
-                Ok(mut send) => send.send_request(request, false),
-                Err(e) => Err(e),
-            };
-            let (response, mut send) = match sent {
-                Ok(sent) => sent,
-                Err(e) if attempt == 0 && (e.is_go_away() || e.is_io() || conn.closed.load(Ordering::Acquire)) => {
-                    conn.closed.store(true, Ordering::Release);
-                    continue;
+            let answer = in_flight.0.conn.open(request, early).await;
+            match answer {
+                Ok(Answer::Open(send, recv)) => {
+                    return Ok(Tunnel {
+                        send,
+                        recv,
+                        _in_flight: in_flight,
+                    })
                 }
-                Err(e) => return Err(OpenError::Protocol(key.node, e)),
-            };
-            // Within the stream's initial window (far above the few KiB read early), so h2
-            // frames it with the HEADERS instead of buffering it. It fails only if the stream
-            // has already ended, when its answer (a refusal, say) tells more than the failure.
-            let unsent = if early.is_empty() {
-                None
-            } else {
-                send.send_data(early.clone(), false).err()
-            };
-            let response = response.await.map_err(|e| failed_after_send(key.node, e, early))?;
-            return match (response.status(), unsent) {
-                (StatusCode::OK, Some(e)) => Err(OpenError::Protocol(key.node, e)),
-                (StatusCode::OK, None) => Ok(Tunnel {
-                    send,
-                    recv: response.into_body(),
-                    _in_flight: in_flight,
-                }),
-                (StatusCode::UNAUTHORIZED, _) => Err(OpenError::Denied),
-                (StatusCode::SERVICE_UNAVAILABLE, _) => Err(OpenError::Unreachable),
-                (other, _) => Err(OpenError::Status(other)),
-            };
-        }
-        Err(OpenError::Connect(
-            key.node,
-            io::Error::other("connection closed twice in a row"),
-        ))
-    }
-
-    /// A connection of `key` with a free stream slot, dialling one if there is none.
-    async fn connection(&self, key: &Key, fresh: bool) -> Result<Arc<Conn>, OpenError> {
-        if !fresh {
-            let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            for conn in conns.get(key).into_iter().flatten() {
-                if conn.closed.load(Ordering::Acquire) {
-                    continue;
-                }
-                let active = conn.active.load(Ordering::Acquire);
-                if active < MAX_STREAMS as usize
-                    && conn
-                        .active
-                        .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    return Ok(conn.clone());
-                }
+                Ok(Answer::Refused(status)) => return Err(OpenError::refusal(status)),
+                // A pooled connection may have just received GOAWAY: then once more, on a
+                // connection dialled since.
+                Err(StreamFailure::ConnectionGone(_)) if !fresh => fresh = true,
+                Err(StreamFailure::ConnectionGone(e) | StreamFailure::Failed(e)) => return Err(e),
             }
         }
-        let conn = Arc::new(self.dial(key).await?);
-        conn.active.store(1, Ordering::Release);
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .push(conn.clone());
-        Ok(conn)
     }
 
-    async fn dial(&self, key: &Key) -> Result<Conn, OpenError> {
-        if self.certs.wait_for(&key.source, Duration::from_secs(5)).await.is_none() {
-            return Err(OpenError::NoCertificate(key.source.clone()));
-        }
-        let config = self.tls_config(&key.source, &key.destination);
-        let tcp = dial(key.node).await.map_err(|e| OpenError::Connect(key.node, e))?;
-        let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
-            .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        let handshake = async {
-            let mut tls = TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| OpenError::Tls(key.node, e))?;
-            tls.get_mut().1.set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
-            h2::client::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(MAX_FRAME)
-                .max_header_list_size(MAX_HEADERS)
-                .enable_push(false)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(|e| OpenError::Protocol(key.node, e))
+    /// A stream slot on a connection of `key`: on a pooled one with room (unless `fresh`), else
+    /// on a dial in flight, else on a new dial.
+    async fn connection(&self, key: &Key, fresh: bool) -> Result<InFlight, OpenError> {
+        let ticket = {
+            let mut entries = lock(&self.entries);
+            let joined = match entries.get(key) {
+                Some(entry) => {
+                    if !fresh {
+                        if let Some(slot) = entry.conns.iter().find_map(Pooled::claim) {
+                            return Ok(slot);
+                        }
+                    }
+                    entry.dials.iter().find_map(Dial::join)
+                }
+                None => None,
+            };
+            match joined {
+                Some(ticket) => ticket,
+                None => {
+                    let dial = Dial::new();
+                    entries.entry(key.clone()).or_default().dials.push(dial.clone());
+                    self.start_dial(key, dial.clone());
+                    Ticket { dial, redeemed: false }
+                }
+            }
         };
-        let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-            .await
-            .map_err(|_| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
-        let closed = Arc::new(AtomicBool::new(false));
-        let on_close = closed.clone();
-        let node = key.node;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%node, error = %e, "HBONE connection ended");
-            }
-            on_close.store(true, Ordering::Release);
-        });
-        tracing::debug!(%node, source = %key.source, destination = %key.destination, "HBONE connection opened");
-        Ok(Conn {
-            send,
-            active: AtomicUsize::new(0),
-            closed,
-            idle_since: Mutex::new(Instant::now()),
-        })
+        ticket.redeem().await
     }
 
-    fn tls_config(&self, source: &SpiffeId, destination: &SpiffeId) -> Arc<ClientConfig> {
-        let mut configs = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+    /// Dials for `key` in a task of its own, and publishes the outcome to `dial`'s waiters.
+    fn start_dial(&self, key: &Key, dial: Arc<Dial>) {
+        let transport = match key.protocol {
+            Protocol::Http2 => self.http2.clone(),
+        };
+        let tls = self.tls_config(&key.source, &key.destination, key.protocol);
+        let certs = self.certs.clone();
+        let outcome = Outcome {
+            entries: self.entries.clone(),
+            key: key.clone(),
+            dial: Some(dial),
+        };
+        tokio::spawn(async move {
+            let key = &outcome.key;
+            let connected = async move {
+                if certs.wait_for(&key.source, Duration::from_secs(5)).await.is_none() {
+                    return Err(OpenError::NoCertificate(key.source.clone()));
+                }
+                let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
+                    .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                transport.connect(key.node, name, tls).await
+            }
+            .await;
+            match &connected {
+                Ok(_) => {
+                    tracing::debug!(node = %key.node, source = %key.source, destination = %key.destination, protocol = %key.protocol, "HBONE connection opened")
+                }
+                Err(e) => {
+                    tracing::debug!(node = %key.node, destination = %key.destination, error = %e, "HBONE dial failed")
+                }
+            }
+            outcome.publish(connected);
+        });
+    }
+
+    fn tls_config(&self, source: &SpiffeId, destination: &SpiffeId, protocol: Protocol) -> Arc<ClientConfig> {
+        let mut configs = lock(&self.tls);
         configs
-            .entry((source.clone(), destination.clone()))
+            .entry((source.clone(), destination.clone(), protocol))
             .or_insert_with(|| {
                 let verifier =
                     SpiffeServerVerifier::new(self.bundles.clone(), ExpectedPeer::Exact(destination.clone()));
                 let mut config = client_config(verifier, Some(self.certs.resolver(source)))
                     .unwrap_or_else(|e| unreachable!("TLS 1.3 with aws-lc-rs is always available: {e}"));
-                config.alpn_protocols = vec![b"h2".to_vec()];
+                config.alpn_protocols = vec![protocol.alpn().to_vec()];
                 Arc::new(config)
             })
             .clone()
     }
 
-    /// Open connections per key, for the config dump.
+    /// Open connections per key, with the tunnels they carry, for the config dump.
     pub fn snapshot(&self) -> Vec<(Key, usize, usize)> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
+        let entries = lock(&self.entries);
+        entries
             .iter()
-            .map(|(k, v)| {
+            .filter(|(_, entry)| !entry.conns.is_empty())
+            .map(|(k, entry)| {
                 (
                     k.clone(),
-                    v.len(),
-                    v.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
+                    entry.conns.len(),
+                    entry.conns.iter().map(|c| c.active.load(Ordering::Relaxed)).sum(),
                 )
             })
             .collect()
     }
 
+    /// How many opens wait on dials in flight for `key`.
+    pub fn waiting(&self, key: &Key) -> usize {
+        let entries = lock(&self.entries);
+        entries
+            .get(key)
+            .map_or(0, |entry| entry.dials.iter().map(|d| d.waiting()).sum())
+    }
+
     /// Drops closed connections and those idle too long (which closes them).
     fn reap_once(&self, now: Instant) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.retain(|_, list| {
-            list.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
-                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|p| p.into_inner())) > IDLE_TIMEOUT;
-                !c.closed.load(Ordering::Acquire) && !idle
+        let mut entries = lock(&self.entries);
+        entries.retain(|_, entry| {
+            entry.conns.retain(|c| {
+                let idle =
+                    c.active.load(Ordering::Acquire) == 0 && now.duration_since(*lock(&c.idle_since)) > IDLE_TIMEOUT;
+                !c.conn.is_closed() && !idle
             });
-            !list.is_empty()
+            !entry.is_empty()
         });
-        let mut tls = self.tls.lock().unwrap_or_else(|p| p.into_inner());
-        tls.retain(|(src, dst), _| conns.keys().any(|k| &k.source == src && &k.destination == dst));
+        let mut tls = lock(&self.tls);
+        tls.retain(|(src, dst, protocol), _| {
+            entries
+                .keys()
+                .any(|k| &k.source == src && &k.destination == dst && k.protocol == *protocol)
+        });
+    }
+}
+
+/// Where a dial's outcome goes. Dropped before publishing (the task panicked, or the runtime is
+/// shutting down), it fails the dial, so that no open waits forever.
+struct Outcome {
+    entries: Entries,
+    key: Key,
+    dial: Option<Arc<Dial>>,
+}
+
+impl Outcome {
+    /// Pools the connection with the promised streams counted, or records the failure without
+    /// caching it; then wakes the waiters.
+    fn publish(mut self, connected: Result<Arc<dyn Connection>, OpenError>) {
+        self.settle(connected);
+    }
+
+    fn settle(&mut self, connected: Result<Arc<dyn Connection>, OpenError>) {
+        let Some(dial) = self.dial.take() else { return };
+        {
+            let mut entries = lock(&self.entries);
+            let mut state = lock(&dial.state);
+            let promised = match &*state {
+                DialState::Pending { promised } => *promised,
+                _ => 0,
+            };
+            let entry = entries.entry(self.key.clone()).or_default();
+            entry.dials.retain(|d| !Arc::ptr_eq(d, &dial));
+            *state = match connected {
+                Ok(conn) => {
+                    let pooled = Arc::new(Pooled {
+                        conn,
+                        active: AtomicUsize::new(promised),
+                        idle_since: Mutex::new(Instant::now()),
+                    });
+                    entry.conns.push(pooled.clone());
+                    DialState::Ready(pooled)
+                }
+                Err(e) => DialState::Failed(e),
+            };
+            if entry.is_empty() {
+                entries.remove(&self.key);
+            }
+        }
+        dial.done.send_replace(true);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let abandoned = io::Error::other("the dial was abandoned");
+        self.settle(Err(OpenError::Connect(self.key.node, abandoned)));
     }
 }
 
@@ -307,40 +519,12 @@ async fn reap(pool: Weak<Pool>) {
     }
 }
 
-/// The error of a CONNECT whose answer never came. Early bytes were surely not delivered only
-/// if the server refused the stream (REFUSED_STREAM: RFC 9113 §8.7 says it was not processed);
-/// a connection that broke, or a GOAWAY, proves nothing about them.
-fn failed_after_send(node: SocketAddr, e: h2::Error, early: &Bytes) -> OpenError {
-    let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM);
-    if early.is_empty() || unprocessed {
-        OpenError::Protocol(node, e)
-    } else {
-        OpenError::Interrupted(node, e)
-    }
+/// Locks `mutex`, shrugging off poisoning: every critical section here leaves its data whole.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn bad_request(e: http::Error) -> StatusCode {
     tracing::warn!(error = %e, "could not build the CONNECT request");
     StatusCode::BAD_REQUEST
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_refused_stream_proves_early_bytes_were_not_delivered() {
-        let node: SocketAddr = "10.1.0.11:15008".parse().unwrap();
-        let early = Bytes::from_static(b"GET /");
-        let refused = failed_after_send(node, h2::Reason::REFUSED_STREAM.into(), &early);
-        assert!(refused.retryable(), "{refused}");
-        let broken = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &early);
-        assert!(
-            matches!(broken, OpenError::Interrupted(..)) && !broken.retryable(),
-            "{broken}"
-        );
-        assert!(broken.endpoint_failed(), "the endpoint is still ejected");
-        let nothing_sent = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &Bytes::new());
-        assert!(nothing_sent.retryable(), "{nothing_sent}");
-    }
 }

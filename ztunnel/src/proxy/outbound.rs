@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{original_dst, reset, Proxy};
 use crate::hbone::copy::{copy_plain, splice, Moved, OnBytes};
 use crate::hbone::pool::{Key, OpenError, Tunnel};
+use crate::hbone::tunnel::Protocol;
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
 use crate::metrics::ConnLabels;
 use crate::state::{Destination, Endpoint, LocalWorkload, Service};
@@ -168,6 +169,7 @@ async fn attempt(
         source: source.identity.clone(),
         node: SocketAddr::new(node, PORT),
         destination: identity.clone(),
+        protocol: Protocol::Http2,
     };
     let headers = [
         ("forwarded", forwarded_for(peer)),

@@ -285,15 +285,9 @@ pub(crate) fn one_exchange(path: &Route) -> anyhow::Result<()> {
 pub(crate) fn scrape(node: &str) -> anyhow::Result<String> {
     let addr: SocketAddr = METRICS.parse()?;
     in_netns(node, || {
-        let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-        // HTTP/1.0: the body ends at the close, never chunked.
-        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: ztunnel\r\n\r\n")?;
-        let mut text = String::new();
-        tcp.read_to_string(&mut text)?;
-        let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP response")?;
-        anyhow::ensure!(head.split_whitespace().nth(1) == Some("200"), "answered {head:?}");
-        Ok(body.to_string())
+        let (status, body) = trellis_admin::client::get_blocking(addr, "/metrics", Duration::from_secs(5))?;
+        anyhow::ensure!(status == 200, "answered {status}: {}", body.trim());
+        Ok(body)
     })
     .with_context(|| format!("scraping http://{METRICS}/metrics in {node}"))
 }

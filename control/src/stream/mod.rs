@@ -20,15 +20,16 @@ use trellis_identity::{IdKind, TrustDomain};
 
 use crate::metrics::Metrics;
 use crate::wire::{RawUpdate, StreamHandler, UpdateStream};
-use trellis_mesh::model::{advance, diff, node_slice, Entry, MeshModel, Role, ServerSlice};
+
+mod session;
+pub use session::{Acked, Session, SNAPSHOT_ACK_TIMEOUT};
+use trellis_mesh::model::{MeshModel, Role, ServerSlice};
 
 /// How long a new stream may take to send its Subscribe message.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshots being written at once. Each holds a whole encoded slice in memory until the node
 /// acknowledges it, so this bounds trellisd's memory when many nodes (re)connect together.
 const CONCURRENT_SNAPSHOTS: usize = 16;
-/// How long a snapshot may hold its slot waiting for the node's acknowledgement.
-const SNAPSHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One published version of the model.
 #[derive(Debug, Clone, Default)]
@@ -97,28 +98,6 @@ impl ConfigStream {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(status) = sessions.connected.get_mut(&id) {
             f(status);
-        }
-    }
-
-    /// The update that brings a node from what it holds (`resume_from`) to `slice`.
-    fn first_update(&self, node: &str, role: Role, resume_from: u64, version: u64, slice: &ServerSlice) -> RawUpdate {
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        match sessions.last_sent.get(&(node.to_string(), role)) {
-            Some((sent, held)) if resume_from != 0 && *sent == resume_from => {
-                let (upserts, removals) = diff(held, slice);
-                RawUpdate {
-                    version,
-                    snapshot: false,
-                    upserts,
-                    removals,
-                }
-            }
-            _ => RawUpdate {
-                version,
-                snapshot: true,
-                upserts: slice.values().cloned().collect::<Vec<Arc<Entry>>>(),
-                removals: Vec::new(),
-            },
         }
     }
 }
@@ -216,85 +195,80 @@ impl StreamHandler for ConfigStream {
 }
 
 impl ConfigStream {
+    /// Drives one node's [`Session`]: feeds it model versions, acknowledgements and the time,
+    /// sends what it answers, and remembers what the node holds when the stream ends.
     async fn serve_node(
         &self,
         node: String,
         role: Role,
         resume_from: u64,
-        session: u64,
-        inbound: Streaming<pb::StreamRequest>,
-        tx: mpsc::Sender<Result<RawUpdate, Status>>,
-    ) {
-        let mut held = Held::default();
-        self.pump(&node, role, resume_from, session, inbound, tx, &mut held)
-            .await;
-        // Remember what the node holds, so that it can resume after a reconnect.
-        if held.sent != 0 && !held.unsent {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions.last_sent.insert((node, role), (held.sent, held.slice));
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn pump(
-        &self,
-        node: &str,
-        role: Role,
-        resume_from: u64,
-        session: u64,
+        session_id: u64,
         mut inbound: Streaming<pb::StreamRequest>,
         tx: mpsc::Sender<Result<RawUpdate, Status>>,
-        held: &mut Held,
     ) {
         let mut model = self.model.clone();
         let published = model.borrow_and_update().clone();
-        held.slice = node_slice(&published.model, node, role);
-        held.version = published.version;
-        let first = self.first_update(node, role, resume_from, published.version, &held.slice);
-        let kind = if first.snapshot { "snapshot" } else { "resume" };
+        let resumable = {
+            let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.last_sent.get(&(node.clone(), role)).cloned()
+        };
+        let resumable = resumable.as_ref().map(|(v, slice)| (*v, slice));
+        let (mut session, first) = Session::start(&node, role, resume_from, resumable, &published, Instant::now());
         // A snapshot holds a slot until the node has it (acknowledged) or a timeout.
-        let mut slot: Option<(OwnedSemaphorePermit, tokio::time::Instant)> = None;
+        let mut slot = None;
         if first.snapshot {
             let Ok(permit) = self.snapshots.clone().acquire_owned().await else {
                 return;
             };
-            slot = Some((permit, tokio::time::Instant::now() + SNAPSHOT_ACK_TIMEOUT));
+            slot = Some(permit);
         }
-        let mut pending: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
-        if !self.send(session, &tx, first, held, kind).await {
-            return;
+        let kind = if first.snapshot { "snapshot" } else { "resume" };
+        if self
+            .send(session_id, &tx, first, &mut session, published.at, kind)
+            .await
+        {
+            self.run(
+                &node,
+                session_id,
+                &mut session,
+                &mut slot,
+                &mut model,
+                &mut inbound,
+                &tx,
+            )
+            .await;
         }
-        pending.insert(published.version, published.at);
+        // Remember what the node holds, so that it can resume after a reconnect.
+        if let Some(held) = session.into_resumable() {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.last_sent.insert((node, role), held);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &self,
+        node: &str,
+        session_id: u64,
+        session: &mut Session,
+        slot: &mut Option<OwnedSemaphorePermit>,
+        model: &mut watch::Receiver<Arc<Published>>,
+        inbound: &mut Streaming<pb::StreamRequest>,
+        tx: &mpsc::Sender<Result<RawUpdate, Status>>,
+    ) {
         loop {
-            let slot_deadline = slot.as_ref().map(|(_, d)| *d);
+            let slot_deadline = slot.as_ref().and(session.slot_deadline());
             tokio::select! {
                 changed = model.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     let published = model.borrow_and_update().clone();
-                    let (upserts, removals) = match &published.changed {
-                        // Only some namespaces changed since the model this slice was cut from.
-                        Some((from, namespaces)) if *from == held.version => {
-                            advance(&published.model, node, role, &mut held.slice, namespaces)
+                    if let Some(update) = session.on_model(&published) {
+                        if !self.send(session_id, tx, update, session, published.at, "delta").await {
+                            return;
                         }
-                        _ => {
-                            let next = node_slice(&published.model, node, role);
-                            let changes = diff(&held.slice, &next);
-                            held.slice = next;
-                            changes
-                        }
-                    };
-                    held.version = published.version;
-                    if upserts.is_empty() && removals.is_empty() {
-                        continue;
                     }
-                    held.unsent = true;
-                    let update = RawUpdate { version: published.version, snapshot: false, upserts, removals };
-                    if !self.send(session, &tx, update, held, "delta").await {
-                        return;
-                    }
-                    pending.insert(published.version, published.at);
                 }
                 message = inbound.next() => {
                     let ack = match message {
@@ -306,25 +280,27 @@ impl ConfigStream {
                         }
                         Some(Err(_)) | None => return,
                     };
-                    slot = None;
-                    let at = pending.remove(&ack.version).flatten();
-                    pending.retain(|v, _| *v > ack.version);
-                    if ack.error.is_empty() {
-                        if let Some(at) = at {
-                            self.metrics.push_latency.observe(at.elapsed().as_secs_f64());
+                    match session.on_ack(&ack, Instant::now()) {
+                        Acked::Applied { version, latency } => {
+                            if let Some(latency) = latency {
+                                self.metrics.push_latency.observe(latency.as_secs_f64());
+                            }
+                            self.update_status(session_id, |s| s.acked_version = s.acked_version.max(version));
                         }
-                        self.update_status(session, |s| s.acked_version = s.acked_version.max(ack.version));
-                    } else {
-                        tracing::warn!(%node, version = ack.version, error = %ack.error, "node rejected a config version");
-                        self.metrics.push_errors.inc();
-                        self.update_status(session, |s| s.last_error = ack.error.clone());
+                        Acked::Rejected { version, error } => {
+                            tracing::warn!(%node, version, %error, "node rejected a config version");
+                            self.metrics.push_errors.inc();
+                            self.update_status(session_id, |s| s.last_error = error);
+                        }
                     }
                 }
-                _ = async { tokio::time::sleep_until(slot_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if slot_deadline.is_some() => {
-                    tracing::warn!(%node, "no acknowledgement of the snapshot within 10 s");
-                    slot = None;
+                _ = sleep_until_std(slot_deadline), if slot_deadline.is_some() => {
+                    tracing::warn!(%node, "no acknowledgement of the snapshot within {} s", SNAPSHOT_ACK_TIMEOUT.as_secs());
                 }
                 _ = tx.closed() => return,
+            }
+            if slot.is_some() && session.release_slot(Instant::now()) {
+                *slot = None;
             }
         }
     }
@@ -332,24 +308,24 @@ impl ConfigStream {
     /// Sends one update; false when the node is gone.
     async fn send(
         &self,
-        session: u64,
+        session_id: u64,
         tx: &mpsc::Sender<Result<RawUpdate, Status>>,
         update: RawUpdate,
-        held: &mut Held,
+        session: &mut Session,
+        seen: Option<Instant>,
         kind: &'static str,
     ) -> bool {
         let version = update.version;
         if tx.send(Ok(update)).await.is_err() {
             return false;
         }
-        held.sent = version;
-        held.unsent = false;
+        session.on_sent(version, seen);
         self.metrics
             .pushes
             .get_or_create(&crate::metrics::PushLabels { kind })
             .inc();
-        let resources = held.slice.len();
-        self.update_status(session, |status| {
+        let resources = session.resources();
+        self.update_status(session_id, |status| {
             status.sent_version = version;
             status.resources = resources;
         });
@@ -357,12 +333,10 @@ impl ConfigStream {
     }
 }
 
-/// What one stream has cut for its node: the slice, the model version it was cut from, the
-/// last version actually sent, and whether the slice holds changes not sent yet.
-#[derive(Default)]
-struct Held {
-    slice: ServerSlice,
-    version: u64,
-    sent: u64,
-    unsent: bool,
+/// Sleeps until a std deadline on tokio's clock.
+async fn sleep_until_std(deadline: Option<Instant>) {
+    let wait = deadline
+        .map(|d| d.saturating_duration_since(Instant::now()))
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
 }

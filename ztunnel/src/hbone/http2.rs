@@ -1,0 +1,189 @@
+//! HBONE over HTTP/2 and TLS 1.3 on 15008: the [`Transport`] the pool dials within a cluster,
+//! and the tunnel halves of h2's streams (the server side uses them too).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Request, StatusCode};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
+
+use super::pool::OpenError;
+use super::tunnel::{Answer, BoxFuture, Connection, RecvHalf, SendHalf, StreamFailure, Transport};
+use super::{dial, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_HEADERS, STREAM_WINDOW, TLS_BUFFER_LIMIT};
+
+/// Dials HTTP/2 connections: TCP, TLS 1.3 with ALPN `h2`, the HTTP/2 preface.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Http2;
+
+impl Transport for Http2 {
+    fn connect(
+        &self,
+        node: SocketAddr,
+        server_name: ServerName<'static>,
+        tls: Arc<ClientConfig>,
+    ) -> BoxFuture<'static, Result<Arc<dyn Connection>, OpenError>> {
+        Box::pin(async move {
+            let tcp = dial(node).await.map_err(|e| OpenError::Connect(node, e))?;
+            let handshake = async {
+                let mut tls = TlsConnector::from(tls)
+                    .connect(server_name, tcp)
+                    .await
+                    .map_err(|e| OpenError::Tls(node, e))?;
+                tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+                h2::client::Builder::new()
+                    .initial_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
+                    .max_header_list_size(MAX_HEADERS)
+                    .enable_push(false)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(|e| OpenError::Protocol(node, h2_io(e)))
+            };
+            let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| OpenError::Tls(node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
+            let closed = Arc::new(AtomicBool::new(false));
+            let on_close = closed.clone();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%node, error = %e, "HBONE connection ended");
+                }
+                on_close.store(true, Ordering::Release);
+            });
+            Ok(Arc::new(Http2Connection { node, send, closed }) as Arc<dyn Connection>)
+        })
+    }
+}
+
+/// A client HTTP/2 connection; its driver runs in its own task until the connection ends.
+struct Http2Connection {
+    node: SocketAddr,
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection for Http2Connection {
+    fn open<'a>(&'a self, request: Request<()>, early: &'a Bytes) -> BoxFuture<'a, Result<Answer, StreamFailure>> {
+        Box::pin(async move {
+            let node = self.node;
+            let sent = match self.send.clone().ready().await {
+                Ok(mut send) => send.send_request(request, false),
+                Err(e) => Err(e),
+            };
+            let (response, mut send) = match sent {
+                Ok(sent) => sent,
+                // Just received GOAWAY, or broke: the request never left.
+                Err(e) if e.is_go_away() || e.is_io() || self.closed.load(Ordering::Acquire) => {
+                    self.closed.store(true, Ordering::Release);
+                    return Err(StreamFailure::ConnectionGone(OpenError::Protocol(node, h2_io(e))));
+                }
+                Err(e) => return Err(StreamFailure::Failed(OpenError::Protocol(node, h2_io(e)))),
+            };
+            // Within the stream's initial window (far above the few KiB read early), so h2
+            // frames it with the HEADERS instead of buffering it. It fails only if the stream
+            // has already ended, when its answer (a refusal, say) tells more than the failure.
+            let unsent = if early.is_empty() {
+                None
+            } else {
+                send.send_data(early.clone(), false).err()
+            };
+            let response = response
+                .await
+                .map_err(|e| StreamFailure::Failed(failed_after_send(node, e, early)))?;
+            match (response.status(), unsent) {
+                (StatusCode::OK, Some(e)) => Err(StreamFailure::Failed(OpenError::Protocol(node, h2_io(e)))),
+                (StatusCode::OK, None) => Ok(Answer::Open(Box::new(send), Box::new(response.into_body()))),
+                (status, _) => Ok(Answer::Refused(status)),
+            }
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The error of a CONNECT whose answer never came. Early bytes were surely not delivered only
+/// if the server refused the stream (REFUSED_STREAM: RFC 9113 §8.7 says it was not processed);
+/// a connection that broke, or a GOAWAY, proves nothing about them.
+fn failed_after_send(node: SocketAddr, e: h2::Error, early: &Bytes) -> OpenError {
+    let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    if early.is_empty() || unprocessed {
+        OpenError::Protocol(node, h2_io(e))
+    } else {
+        OpenError::Interrupted(node, h2_io(e))
+    }
+}
+
+impl SendHalf for SendStream<Bytes> {
+    fn reserve(&mut self, n: usize) {
+        self.reserve_capacity(n);
+    }
+
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        Poll::Ready(match ready!(self.poll_capacity(cx)) {
+            Some(Ok(granted)) => Ok(granted),
+            Some(Err(e)) => Err(h2_io(e)),
+            None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+        })
+    }
+
+    fn send(&mut self, data: Bytes) -> io::Result<()> {
+        self.send_data(data, false).map_err(h2_io)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.send_data(Bytes::new(), true).map_err(h2_io)
+    }
+
+    fn reset(&mut self) {
+        self.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl RecvHalf for RecvStream {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        self.poll_data(cx).map(|next| next.map(|data| data.map_err(h2_io)))
+    }
+
+    fn release(&mut self, n: usize) {
+        let _ = self.flow_control().release_capacity(n);
+    }
+}
+
+/// An h2 error as an I/O error, keeping the reason in the message.
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_stream_proves_early_bytes_were_not_delivered() {
+        let node: SocketAddr = "10.1.0.11:15008".parse().unwrap();
+        let early = Bytes::from_static(b"GET /");
+        let refused = failed_after_send(node, h2::Reason::REFUSED_STREAM.into(), &early);
+        assert!(refused.retryable(), "{refused}");
+        let broken = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &early);
+        assert!(
+            matches!(broken, OpenError::Interrupted(..)) && !broken.retryable(),
+            "{broken}"
+        );
+        assert!(broken.endpoint_failed(), "the endpoint is still ejected");
+        let nothing_sent = failed_after_send(node, h2::Reason::INTERNAL_ERROR.into(), &Bytes::new());
+        assert!(nothing_sent.retryable(), "{nothing_sent}");
+    }
+}
