@@ -2,7 +2,7 @@
 //! data path first, in one block ([`ORDER`], read by lld's `--symbol-ordering-file`), and pack
 //! relative relocations (`-z pack-relative-relocs`, glibc 2.36+). The kernel maps a binary's code
 //! 64 KiB at a time around every page touched; scattered, the few hundred KiB that run kept
-//! about 5.5 MiB of code resident in an idle ztunnel (ARCHITECTURE.md, "Idle memory").
+//! about 5.5 MiB of code resident in an idle ztunnel (bench/README.md, History, "Idle memory").
 //! Regenerate the list with `bash bench/link-order.sh`; names it no longer finds are skipped.
 
 const ORDER: &str = "link-order.txt";

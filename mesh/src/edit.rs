@@ -9,9 +9,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_saphyr::granit_parser::{Event, Parser};
 
-use crate::manifest::parse_file;
+use crate::manifest::{document_roots, parse_file};
 
 /// Why a label could not be changed.
 #[derive(Debug, thiserror::Error)]
@@ -92,48 +91,6 @@ impl NamespaceDoc {
     fn to_yaml(&self) -> Result<String, String> {
         serde_saphyr::to_string(self).map_err(|e| format!("cannot write the Namespace document: {e}"))
     }
-}
-
-/// The byte range of each document's root node in a YAML stream, in order; comments, markers
-/// and blank lines around a root are outside it, and so are a root's tag or anchor and a block
-/// scalar's `|` header (only mapping roots are replaced here). Empty documents have no range.
-pub(crate) fn document_roots(text: &str) -> Result<Vec<Range<usize>>, String> {
-    let byte = |m: &serde_saphyr::granit_parser::Marker| {
-        m.byte_offset()
-            .unwrap_or_else(|| text.char_indices().nth(m.index()).map_or(text.len(), |(b, _)| b))
-    };
-    let mut roots = Vec::new();
-    let mut current: Option<Range<usize>> = None;
-    for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| format!("invalid YAML: {e}"))?;
-        let (start, end) = (byte(&span.start), byte(&span.end));
-        match event {
-            Event::DocumentEnd => roots.extend(current.take().map(|mut root| {
-                // An indented root starts at its line's start, so its text parses alone.
-                let line_start = text[..root.start].rfind('\n').map_or(0, |i| i + 1);
-                if text[line_start..root.start].bytes().all(|b| b == b' ') {
-                    root.start = line_start;
-                }
-                root
-            })),
-            // A block collection's start and end are zero-width marks at the next token, which
-            // may lie past trailing comments: the root ends where its last content ends.
-            Event::Scalar(..)
-            | Event::Alias(..)
-            | Event::MappingStart(..)
-            | Event::MappingEnd
-            | Event::SequenceStart(..)
-            | Event::SequenceEnd
-                if end > start =>
-            {
-                let range = current.get_or_insert(start..end);
-                range.start = range.start.min(start);
-                range.end = range.end.max(end);
-            }
-            _ => {}
-        }
-    }
-    Ok(roots)
 }
 
 /// `text` with the root at `range` replaced by `yaml` (a whole document, newline-terminated).
@@ -227,7 +184,7 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
             why,
         };
         let mut found = None;
-        for range in document_roots(&text).map_err(file_error)? {
+        for range in document_roots(&text).map_err(|(line, why)| file_error(format!("line {line}: {why}")))? {
             if let Ok(doc) = serde_saphyr::from_str::<NamespaceDoc>(&text[range.clone()]) {
                 if doc.kind == "Namespace" && doc.metadata.name == namespace {
                     found = Some((range, doc));

@@ -6,8 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::ops::Range;
 
 use serde::Deserialize;
+use serde_saphyr::granit_parser::{Event, Parser};
 
 use trellis_identity::Principal;
 
@@ -251,28 +253,60 @@ struct WaypointSpec {
     service_account: Option<String>,
 }
 
-/// Splits a multi-document YAML text at `---` lines: (first line of the document, its text).
-pub fn documents(text: &str) -> Vec<(u64, String)> {
-    let mut docs = Vec::new();
-    let mut start = 1u64;
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") {
-            docs.push((start, std::mem::take(&mut current)));
-            start = i as u64 + 2;
-            continue;
-        }
-        current.push_str(line);
-        current.push('\n');
-    }
-    docs.push((start, current));
-    docs.into_iter()
-        .filter(|(_, d)| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+/// Splits a multi-document YAML stream into its documents, with YAML's own parser (so `---`
+/// followed by content, `...`, directives and comments all mean what YAML says): (first line
+/// of the document, its text). Documents with no content are skipped.
+pub fn documents(text: &str) -> Result<Vec<(u64, String)>, ManifestError> {
+    let roots = document_roots(text).map_err(|(line, message)| ManifestError { line, message })?;
+    Ok(roots
+        .into_iter()
+        .map(|root| {
+            let line = text[..root.start].matches('\n').count() as u64 + 1;
+            (line, text[root].to_string())
         })
-        .collect()
+        .collect())
+}
+
+/// The byte range of each document's root node in a YAML stream, in order; comments, markers
+/// and blank lines around a root are outside it, and so are a root's tag or anchor and a block
+/// scalar's `|` header (only mapping roots are replaced here). Empty documents have no range.
+pub(crate) fn document_roots(text: &str) -> Result<Vec<Range<usize>>, (u64, String)> {
+    let byte = |m: &serde_saphyr::granit_parser::Marker| {
+        m.byte_offset()
+            .unwrap_or_else(|| text.char_indices().nth(m.index()).map_or(text.len(), |(b, _)| b))
+    };
+    let mut roots = Vec::new();
+    let mut current: Option<Range<usize>> = None;
+    for event in Parser::new_from_str(text) {
+        let (event, span) = event.map_err(|e| (e.marker().line() as u64, format!("invalid YAML: {}", e.info())))?;
+        let (start, end) = (byte(&span.start), byte(&span.end));
+        match event {
+            Event::DocumentEnd => roots.extend(current.take().map(|mut root| {
+                // An indented root starts at its line's start, so its text parses alone.
+                let line_start = text[..root.start].rfind('\n').map_or(0, |i| i + 1);
+                if text[line_start..root.start].bytes().all(|b| b == b' ') {
+                    root.start = line_start;
+                }
+                root
+            })),
+            // A block collection's start and end are zero-width marks at the next token, which
+            // may lie past trailing comments: the root ends where its last content ends.
+            Event::Scalar(..)
+            | Event::Alias(..)
+            | Event::MappingStart(..)
+            | Event::MappingEnd
+            | Event::SequenceStart(..)
+            | Event::SequenceEnd
+                if end > start =>
+            {
+                let range = current.get_or_insert(start..end);
+                range.start = range.start.min(start);
+                range.end = range.end.max(end);
+            }
+            _ => {}
+        }
+    }
+    Ok(roots)
 }
 
 fn yaml_error(first_line: u64, e: &serde_saphyr::Error) -> ManifestError {
@@ -321,7 +355,7 @@ pub fn parse_file(text: &str) -> Result<Inventory, ManifestError> {
         });
     }
     let mut inventory = Inventory::default();
-    for (line, doc) in documents(text) {
+    for (line, doc) in documents(text)? {
         parse_document(line, &doc, &mut inventory)?;
     }
     Ok(inventory)
@@ -626,6 +660,20 @@ spec: {serviceAccount: cart, node: node-1, ip: 10.1.1.5}
         let broken = GOOD.replace("  name: shop\n", "  name: [shop\n");
         let err = parse_file(&broken).unwrap_err();
         assert!(err.line >= 4 && err.line <= 9, "{err}");
+    }
+
+    #[test]
+    fn documents_follow_yaml_not_line_patterns() {
+        let text = "--- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}\n...\n%YAML 1.2\n---\n# only a comment\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n";
+        let inv = parse_file(text).unwrap();
+        assert_eq!(
+            inv.namespaces.keys().collect::<Vec<_>>(),
+            ["legacy", "shop"],
+            "the namespace on the marker line counts"
+        );
+        assert_eq!(inv.namespaces["legacy"].1, 7, "and lines are the file's");
+        let err = parse_file("kind: Namespace\nmetadata: {name: [unclosed\n").unwrap_err();
+        assert!(err.message.contains("invalid YAML"), "{err}");
     }
 
     #[test]

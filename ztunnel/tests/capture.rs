@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use harness::{in_netns, real_nft, wait_for, Node, NODE_EXT_SIDE, POD_IP};
+use harness::{in_netns, real_nft, sample, wait_for, Node, NODE_EXT_SIDE, POD_IP};
 use trellis_ztunnel::capture::{desired, installed, Nft, Plan, Ports};
 
 const PORTS: Ports = Ports {
@@ -66,10 +66,12 @@ fn rules_converge_after_nft_fails_its_first_calls_and_readiness_follows() {
         SETTLE,
         || node.log(),
         || {
+            // One scrape for both values, then readiness: each sample is a consistent "before".
+            let metrics = node.metrics()?;
+            let failures = sample(&metrics, "trellis_capture_apply_failures_total").unwrap_or(0.0);
+            let in_sync = sample(&metrics, "trellis_capture_rules_in_sync").unwrap_or(0.0);
             let ready = node.readiness()?;
-            let failures = node.metric("trellis_capture_apply_failures_total");
-            if ready.0 == 503 && ready.1.contains("capture rules") && failures >= 1.0 {
-                assert_eq!(node.metric("trellis_capture_rules_in_sync"), 0.0);
+            if failures >= 1.0 && in_sync == 0.0 && ready.0 == 503 && ready.1.contains("capture rules") {
                 saw_failing_and_unready = true;
             }
             (ready.0 == 200).then_some(())
@@ -88,6 +90,11 @@ fn rules_converge_after_nft_fails_its_first_calls_and_readiness_follows() {
         node.log()
     );
     assert_eq!(node.metric("trellis_capture_rules_in_sync"), 1.0);
+    assert_eq!(
+        node.metric("trellis_config_connected"),
+        0.0,
+        "no stream with --config-file"
+    );
     let calls = node.nft_calls();
     assert!(
         calls[..4].iter().all(|c| c == "-f -"),
@@ -121,7 +128,16 @@ fn an_enrolled_pods_connection_is_refused_not_bypassed_while_its_rules_are_stale
         || node.readiness().filter(|(status, _)| *status == 503),
     );
     assert_eq!(node.metric("trellis_capture_rules_in_sync"), 0.0);
-    assert!(node.metric("trellis_capture_readback_failures_total") >= 1.0);
+    wait_for(
+        "the failing nft runs to be counted",
+        SETTLE,
+        || node.log(),
+        || {
+            let failed = node.metric("trellis_capture_readback_failures_total")
+                + node.metric("trellis_capture_apply_failures_total");
+            (failed >= 1.0).then_some(())
+        },
+    );
     assert!(node.call_from_pod().is_err(), "still refused");
     assert_never_bypassed(&node);
 

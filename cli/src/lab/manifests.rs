@@ -4,91 +4,186 @@
 //! rewrites it without touching the rest; Services and Workloads go to `lab.yaml`.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
 
 use super::plan::{ClusterPlan, Plan};
 
 /// The label that enrols a namespace.
 const DATAPLANE_MODE: &str = "trellis.io/dataplane-mode";
 
+/// One Kubernetes-shaped document, as `trellis_mesh::manifest` reads it.
+#[derive(Serialize)]
+struct Manifest<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: Metadata<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<Spec<'a>>,
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Spec<'a> {
+    Service {
+        selector: BTreeMap<&'a str, &'a str>,
+        #[serde(rename = "clusterIP")]
+        cluster_ip: Ipv4Addr,
+        ports: [Port; 1],
+    },
+    #[serde(rename_all = "camelCase")]
+    Workload {
+        service_account: &'a str,
+        node: &'a str,
+        ip: Ipv4Addr,
+        #[serde(rename = "nodeIP")]
+        node_ip: Ipv4Addr,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Port {
+    name: &'static str,
+    port: u16,
+    target_port: u16,
+}
+
+fn borrowed(map: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    map.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// The files of cluster `cluster`'s manifest directory: (file name, contents).
-pub fn render(plan: &Plan, cluster: &ClusterPlan) -> Vec<(String, String)> {
+pub fn render(plan: &Plan, cluster: &ClusterPlan) -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
     for ns in &plan.namespaces {
-        let mut text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n", ns.name);
-        if ns.ambient {
-            text.push_str(&format!("  labels:\n    {DATAPLANE_MODE}: ambient\n"));
-        }
-        files.push((format!("ns-{}.yaml", ns.name), text));
+        let labels = match ns.ambient {
+            true => BTreeMap::from([(DATAPLANE_MODE, "ambient")]),
+            false => BTreeMap::new(),
+        };
+        let doc = Manifest {
+            api_version: "v1",
+            kind: "Namespace",
+            metadata: Metadata {
+                name: &ns.name,
+                namespace: None,
+                labels,
+            },
+            spec: None,
+        };
+        files.push((format!("ns-{}.yaml", ns.name), serde_saphyr::to_string(&doc)?));
     }
     let mut docs = Vec::new();
     for s in &cluster.services {
-        docs.push(format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  selector: {}\n  clusterIP: {}\n  ports:\n    - {{name: tcp, port: {}, targetPort: {}}}\n",
-            s.name,
-            s.namespace,
-            flow_map(&s.selector),
-            s.vip,
-            s.port,
-            s.target_port
-        ));
+        docs.push(Manifest {
+            api_version: "v1",
+            kind: "Service",
+            metadata: Metadata {
+                name: &s.name,
+                namespace: Some(&s.namespace),
+                labels: BTreeMap::new(),
+            },
+            spec: Some(Spec::Service {
+                selector: borrowed(&s.selector),
+                cluster_ip: s.vip,
+                ports: [Port {
+                    name: "tcp",
+                    port: s.port,
+                    target_port: s.target_port,
+                }],
+            }),
+        });
     }
     for node in &cluster.nodes {
         for p in &node.pods {
-            docs.push(format!(
-                "apiVersion: trellis.io/v1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {}\nspec:\n  serviceAccount: {}\n  node: {}\n  ip: {}\n  nodeIP: {}\n",
-                p.name,
-                p.namespace,
-                flow_map(&p.labels),
-                p.service_account,
-                node.name,
-                p.ip,
-                node.host.ip
-            ));
+            docs.push(Manifest {
+                api_version: "trellis.io/v1",
+                kind: "Workload",
+                metadata: Metadata {
+                    name: &p.name,
+                    namespace: Some(&p.namespace),
+                    labels: borrowed(&p.labels),
+                },
+                spec: Some(Spec::Workload {
+                    service_account: &p.service_account,
+                    node: &node.name,
+                    ip: p.ip,
+                    node_ip: node.host.ip,
+                }),
+            });
         }
     }
-    let mut lab = format!(
-        "# Written by `trellis lab up` for lab {}, cluster {}.\n",
-        plan.lab, cluster.name
+    let lab = format!(
+        "# Written by `trellis lab up` for lab {}, cluster {}.\n{}",
+        plan.lab,
+        cluster.name,
+        serde_saphyr::to_string_multiple(&docs)?
     );
-    lab.push_str(&docs.join("---\n"));
     files.push(("lab.yaml".to_string(), lab));
-    files
-}
-
-/// A YAML flow mapping with every key and value quoted (JSON strings are YAML scalars).
-fn flow_map(map: &BTreeMap<String, String>) -> String {
-    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"));
-    let pairs: Vec<String> = map.iter().map(|(k, v)| format!("{}: {}", quote(k), quote(v))).collect();
-    format!("{{{}}}", pairs.join(", "))
+    Ok(files)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lab::{plan, spec};
+    use trellis_mesh::inventory::ObjectKey;
     use trellis_mesh::manifest::parse_file;
 
     #[test]
     fn trellisd_reads_what_the_lab_writes() {
         let p = plan::plan("demo", &spec::parse("demo", spec::DEMO).unwrap()).unwrap();
-        let files = render(&p, &p.clusters[0]);
+        let cluster = &p.clusters[0];
+        let files = render(&p, cluster).unwrap();
         let names: Vec<_> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["ns-demo.yaml", "lab.yaml"]);
         let ns = parse_file(&files[0].1).unwrap();
         assert_eq!(ns.namespaces["demo"].0.labels[DATAPLANE_MODE], "ambient");
         let lab = parse_file(&files[1].1).unwrap_or_else(|e| panic!("{e}\n{}", files[1].1));
-        assert_eq!(lab.services.len(), 1);
-        assert_eq!(lab.workloads.len(), 3);
-        assert!(files[1].1.contains("nodeIP: 10.1.0.12"), "{}", files[1].1);
-        assert!(files[1].1.contains("clusterIP: 10.101.0.10"), "{}", files[1].1);
+        assert!(files[1].1.starts_with("# Written by `trellis lab up` for lab demo"));
+        assert_eq!(lab.services.len(), cluster.services.len());
+        for s in &cluster.services {
+            let (read, _) = &lab.services[&ObjectKey::new(&s.namespace, &s.name)];
+            assert_eq!(read.vips, [s.vip]);
+            assert_eq!(read.selector, s.selector);
+            assert_eq!((read.ports[0].port, read.ports[0].target_port), (s.port, s.target_port));
+        }
+        let pods: Vec<_> = cluster
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+            .collect();
+        assert_eq!(lab.workloads.len(), pods.len());
+        for (node, pod) in pods {
+            let (read, _) = &lab.workloads[&ObjectKey::new(&pod.namespace, &pod.name)];
+            assert_eq!(read.ip, pod.ip);
+            assert_eq!(read.node_ip, Some(node.host.ip.into()));
+            assert_eq!(
+                (read.node.as_str(), read.service_account.as_str()),
+                (node.name.as_str(), pod.service_account.as_str())
+            );
+            assert_eq!(read.labels, pod.labels);
+        }
     }
 
     #[test]
     fn a_namespace_that_is_not_ambient_has_no_label() {
         let text = "clusters: [{name: a, nodes: 1}]\nnamespaces: [{name: n}]\n";
         let p = plan::plan("t", &spec::parse("t", text).unwrap()).unwrap();
-        let files = render(&p, &p.clusters[0]);
-        assert_eq!(files[0].1, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: n\n");
+        let files = render(&p, &p.clusters[0]).unwrap();
+        assert!(!files[0].1.contains("labels"), "{}", files[0].1);
+        assert!(parse_file(&files[0].1).unwrap().namespaces["n"].0.labels.is_empty());
         assert!(parse_file(&files[1].1).is_ok());
     }
 }

@@ -111,7 +111,8 @@ pub fn build(plan: &Plan, state: &State, bins: &Bins) -> anyhow::Result<()> {
     let log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let env = vec![("RUST_LOG".to_string(), log_level)];
     for c in &plan.clusters {
-        for (file, text) in manifests::render(plan, c) {
+        let files = manifests::render(plan, c).with_context(|| format!("writing cluster {}'s manifests", c.name))?;
+        for (file, text) in files {
             state::write(&state.manifests(&c.name).join(file), &text)?;
         }
         start_trellisd(c, state, bins, &env)?;

@@ -147,9 +147,10 @@ pub async fn run(
                 machine.set_desired(table);
             }
         }
+        // The gauge first: whoever sees readiness change sees the gauge already changed.
         let in_sync = machine.in_sync();
-        ready.capture.store(in_sync, Ordering::Release);
         metrics.capture_in_sync.set(i64::from(in_sync));
+        ready.capture.store(in_sync, Ordering::Release);
         if !open && in_flight.is_none() {
             return;
         }

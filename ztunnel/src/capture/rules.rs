@@ -216,7 +216,10 @@ fn pod_table(pods: &BTreeSet<Ipv4Addr>, ports: Ports) -> Table {
 ///   locked out of the machine by the mesh. Tunnels on 15008 are delivered by ztunnel with a
 ///   marked socket, which no rule matches;
 /// - the guards (filter output and input) reject what those redirects missed. A redirected
-///   packet is addressed to 127.0.0.1 (outbound) or to 15006 (inbound), which they exempt.
+///   packet is addressed to 127.0.0.1 (outbound) or to 15006 (inbound), which they exempt. The
+///   input guard also lets in whatever enters through `lo`: connections made on the host itself
+///   (ztunnel delivering a tunnel to a local server, the host calling itself) had their first
+///   packet seen by nat at *output*, so the prerouting redirect never applied to them.
 fn host_table(control: Option<SocketAddrV4>, ports: Ports) -> Table {
     let mut exempt_out = vec![
         Rule::new("own-sockets", format!("meta mark {SOCKET_MARK:#x} return")),
@@ -284,7 +287,10 @@ fn host_table(control: Option<SocketAddrV4>, ports: Ports) -> Table {
                 kind: "filter",
                 hook: "input",
                 priority: PRIORITY_FILTER,
-                rules: vec![Rule::new("guard-inbound", format!("{inbound} reject with tcp reset"))],
+                rules: vec![
+                    Rule::new("local", "iif \"lo\" return"),
+                    Rule::new("guard-inbound", format!("{inbound} reject with tcp reset")),
+                ],
             },
         ],
     }
@@ -353,10 +359,18 @@ mod tests {
         ] {
             let (capture, guard) = (chain(&host, capture), chain(&host, guard));
             assert_eq!((guard.kind, guard.hook, guard.priority), ("filter", hook, 0));
-            let n = capture.rules.len();
-            assert_eq!(capture.rules[..n - 1], guard.rules[..n - 1], "the same exemptions");
-            let matched = capture.rules[n - 1].text.split(" redirect").next().unwrap();
-            assert_eq!(guard.rules[n - 1].text, format!("{matched} reject with tcp reset"));
+            let (redirect, exempt) = capture.rules.split_last().unwrap();
+            let (reject, guard_exempt) = guard.rules.split_last().unwrap();
+            let matched = redirect.text.split(" redirect").next().unwrap();
+            assert_eq!(reject.text, format!("{matched} reject with tcp reset"));
+            assert!(
+                exempt.iter().all(|r| guard_exempt.contains(r)),
+                "capture's exemptions, at least"
+            );
+            assert!(
+                guard_exempt.iter().all(|r| r.text.ends_with(" return")),
+                "and only exemptions"
+            );
         }
     }
 

@@ -660,9 +660,24 @@ mod tests {
         let mut state = DirectoryState::default();
         let mut seen = Seen::new();
         let unreadable = || Entry::Unreadable("Too many open files (os error 24)".into());
-        state.absorb(&mut seen, scan([("/m/a.yaml", read(1, &ns("shop", "ambient"))), ("/m/deny.yaml", unreadable())]));
-        assert!(!state.discovered().synced, "deny.yaml's policy would be missing everywhere");
-        state.absorb(&mut seen, scan([("/m/a.yaml", Entry::Unchanged), ("/m/deny.yaml", read(2, &ns("legacy", "ambient")))]));
+        state.absorb(
+            &mut seen,
+            scan([
+                ("/m/a.yaml", read(1, &ns("shop", "ambient"))),
+                ("/m/deny.yaml", unreadable()),
+            ]),
+        );
+        assert!(
+            !state.discovered().synced,
+            "deny.yaml's policy would be missing everywhere"
+        );
+        state.absorb(
+            &mut seen,
+            scan([
+                ("/m/a.yaml", Entry::Unchanged),
+                ("/m/deny.yaml", read(2, &ns("legacy", "ambient"))),
+            ]),
+        );
         let d = state.discovered();
         assert!(d.synced);
         assert_eq!(d.inventory.namespaces.len(), 2);
@@ -674,7 +689,10 @@ mod tests {
             stuck.absorb(&mut seen, scan([("/m/fifo.yaml", unreadable())]));
             assert_eq!(stuck.discovered().synced, n == UNREAD_SCANS_BEFORE_SYNC, "scan {n}");
         }
-        assert!(stuck.discovered().problems.iter().any(|p| p.contains("fifo.yaml")), "and it says why");
+        assert!(
+            stuck.discovered().problems.iter().any(|p| p.contains("fifo.yaml")),
+            "and it says why"
+        );
     }
 
     #[test]
