@@ -1,15 +1,15 @@
 //! Writes the generated part of the seed corpus (`seeds/csr`, `seeds/bundle`,
-//! `seeds/config_update`); `seeds/manifest` and `seeds/hbone_connect` are written by hand.
+//! `seeds/config_update`, `seeds/peer_cert`); `seeds/manifest` and `seeds/hbone_connect` are written by hand.
 //! Run from `fuzz/`: `RUSTC_BOOTSTRAP=1 cargo run --example seeds` (deterministic for `csr`,
-//! fresh keys for `bundle`).
+//! fresh keys for `bundle` and `peer_cert`).
 
 use std::path::{Path, PathBuf};
 
 use prost::Message;
 use rcgen::{CertificateParams, DistinguishedName, IsCa, KeyPair, SanType};
 use trellis_api::config::v1 as pb;
-use trellis_fuzz::{csr_input, csr_key_pkcs8, encode_updates, first_inner_tlv, CSR_ID, NODE, TRUST_DOMAIN};
-use trellis_identity::{TrustBundle, TrustDomain};
+use trellis_fuzz::{csr_input, csr_key_pkcs8, encode_chunks, first_inner_tlv, CSR_ID, NODE, TRUST_DOMAIN};
+use trellis_identity::{CertificateAuthority, IssuancePolicy, SpiffeId, TrustBundle, TrustDomain};
 use trellis_mesh::manifest::parse_file;
 use trellis_mesh::model::{build, node_slice, ClusterInfo, Role};
 
@@ -33,24 +33,43 @@ fn csr_seeds(dir: &Path) {
     let key = KeyPair::try_from(csr_key_pkcs8().as_slice()).expect("the fixed Ed25519 key");
     let good = csr_for(&key, vec![uri(CSR_ID)]);
     let info = first_inner_tlv(&good).expect("a CSR is a SEQUENCE");
-    assert_eq!(trellis_fuzz::signed_csr(info), good, "the target re-signs exactly as rcgen signs");
+    assert_eq!(
+        trellis_fuzz::signed_csr(info),
+        good,
+        "the target re-signs exactly as rcgen signs"
+    );
     let signed = csr_input::SIGN_BODY;
     write(dir, "signed-good", &csr_input::encode(signed, 3600, "", info));
     let node = "spiffe://east.trellis.local/trellis/node/node-1";
     let node_csr = csr_for(&key, vec![uri(node)]);
     let node_info = first_inner_tlv(&node_csr).expect("a SEQUENCE");
     write(dir, "signed-node", &csr_input::encode(signed, 0, node, node_info));
-    let two = csr_for(&key, vec![uri(CSR_ID), SanType::DnsName("web.shop".try_into().expect("a name"))]);
-    write(dir, "signed-dns-san", &csr_input::encode(signed, 60, "", first_inner_tlv(&two).expect("a SEQUENCE")));
+    let two = csr_for(
+        &key,
+        vec![uri(CSR_ID), SanType::DnsName("web.shop".try_into().expect("a name"))],
+    );
+    write(
+        dir,
+        "signed-dns-san",
+        &csr_input::encode(signed, 60, "", first_inner_tlv(&two).expect("a SEQUENCE")),
+    );
     let none = csr_for(&key, vec![]);
-    write(dir, "signed-no-san", &csr_input::encode(signed, 60, "", first_inner_tlv(&none).expect("a SEQUENCE")));
+    write(
+        dir,
+        "signed-no-san",
+        &csr_input::encode(signed, 60, "", first_inner_tlv(&none).expect("a SEQUENCE")),
+    );
     write(dir, "raw-der", &csr_input::encode(0, 86400, "", &good));
     let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("a P-256 key");
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![uri(CSR_ID)];
     let pem = params.serialize_request(&p256).expect("a CSR").pem().expect("PEM");
-    write(dir, "raw-pem-p256", &csr_input::encode(0, u64::MAX, CSR_ID, pem.as_bytes()));
+    write(
+        dir,
+        "raw-pem-p256",
+        &csr_input::encode(0, u64::MAX, CSR_ID, pem.as_bytes()),
+    );
 }
 
 fn bundle_seeds(dir: &Path) {
@@ -77,7 +96,9 @@ fn bundle_seeds(dir: &Path) {
     doc.extend_from_slice(TrustBundle::new(td, roots).to_json().as_bytes());
     write(dir, "bundle-three-roots", &doc);
     let mut jwt = vec![0u8];
-    jwt.extend_from_slice(br#"{"keys":[{"use":"jwt-svid","kty":"EC","crv":"P-256","x":"AA","y":"AA","kid":"k"}],"spiffe_sequence":2}"#);
+    jwt.extend_from_slice(
+        br#"{"keys":[{"use":"jwt-svid","kty":"EC","crv":"P-256","x":"AA","y":"AA","kid":"k"}],"spiffe_sequence":2}"#,
+    );
     write(dir, "bundle-jwt-only", &jwt);
 }
 
@@ -136,10 +157,35 @@ fn config_seeds(dir: &Path) {
             removals: vec![],
         };
         let updates = [snapshot, incremental, again].map(|u| u.encode_to_vec());
-        encoded.push(encode_updates(&updates));
+        encoded.push(encode_chunks(&updates));
     }
     write(dir, "ztunnel-stream", &encoded[0]);
     write(dir, "waypoint-stream", &encoded[1]);
+}
+
+fn peer_cert_seeds(dir: &Path) {
+    let ca_dir = std::env::temp_dir().join(format!("trellis-fuzz-seeds-ca-{}", std::process::id()));
+    let td = TrustDomain::new(TRUST_DOMAIN).expect("a trust domain");
+    let ca = CertificateAuthority::load_or_create(&ca_dir, &td, IssuancePolicy::default());
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    let ca = ca.expect("a fresh CA");
+    let root = ca.roots()[0].to_vec();
+    for (name, id) in [
+        ("workload", CSR_ID.to_string()),
+        ("node", format!("spiffe://{TRUST_DOMAIN}/trellis/node/{NODE}")),
+    ] {
+        let id = SpiffeId::parse(&id).expect("a SPIFFE ID");
+        let svid = ca
+            .issue_svid(&id, std::time::Duration::from_secs(3600))
+            .expect("an SVID");
+        let leaf = svid.chain[0].to_vec();
+        write(
+            dir,
+            &format!("{name}-leaf"),
+            &encode_chunks(std::slice::from_ref(&leaf)),
+        );
+        write(dir, &format!("{name}-leaf-root"), &encode_chunks(&[leaf, root.clone()]));
+    }
 }
 
 fn main() {
@@ -147,5 +193,6 @@ fn main() {
     csr_seeds(&seeds.join("csr"));
     bundle_seeds(&seeds.join("bundle"));
     config_seeds(&seeds.join("config_update"));
+    peer_cert_seeds(&seeds.join("peer_cert"));
     println!("seeds written under {}", seeds.display());
 }

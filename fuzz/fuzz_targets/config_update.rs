@@ -4,7 +4,7 @@
 //! as a lone `Resource` and built into a state of its own.
 //!
 //! Input: chunks one after another, each two little-endian length bytes and an encoded message
-//! (`trellis_fuzz::encode_updates`), so that removals and upserts meet earlier state.
+//! (`trellis_fuzz::encode_chunks`), so that removals and upserts meet earlier state.
 #![no_main]
 
 use std::sync::Arc;

@@ -59,7 +59,12 @@ fn node() -> &'static (ProxyState, ConnInfo) {
             .map(|r| (key_of(&r).expect("a resource with a kind"), Arc::new(r)))
             .collect();
         let state = ProxyState::from_slice(trellis_fuzz::NODE, 1, &slice);
-        assert_eq!(state.local.len(), 1, "the fuzzed node has its workload: {:?}", state.problems);
+        assert_eq!(
+            state.local.len(),
+            1,
+            "the fuzzed node has its workload: {:?}",
+            state.problems
+        );
         let conn = ConnInfo {
             peer_addr: "10.1.2.7:40000".parse().expect("an address"),
             peer_id: SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").expect("an ID"),

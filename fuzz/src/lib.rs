@@ -66,7 +66,10 @@ pub fn first_inner_tlv(der: &[u8]) -> Option<&[u8]> {
             return Some((2, first as usize));
         }
         let n = (first & 0x7f) as usize;
-        let len = der.get(2..2 + n)?.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = der
+            .get(2..2 + n)?
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         Some((2 + n, len))
     }
     let (outer_head, _) = header(der)?;
@@ -143,11 +146,11 @@ pub mod csr_input {
     }
 }
 
-/// Layout of the `config_update` target's input: updates one after another, each as two
-/// little-endian length bytes and a protobuf `ConfigUpdate`.
-pub fn encode_updates(updates: &[Vec<u8>]) -> Vec<u8> {
+/// Layout of the `config_update` and `peer_cert` inputs: chunks one after another (a protobuf
+/// message, a DER certificate), each as two little-endian length bytes and the bytes.
+pub fn encode_chunks(chunks: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
-    for u in updates {
+    for u in chunks {
         out.extend_from_slice(&(u.len() as u16).to_le_bytes());
         out.extend_from_slice(u);
     }
