@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/trellis/config/v1/config.proto",
         "proto/spiffe/workload.proto",
     ];
+    // Each file by name: a directory alone is not always rescanned for edits to its files.
     println!("cargo:rerun-if-changed=proto");
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     let files = protox::Compiler::new(["proto"])?
         .include_imports(true)
         .include_source_info(true)

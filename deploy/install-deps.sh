@@ -24,6 +24,7 @@ want iproute2 ip tc                # lab namespaces, links, netem
 want etcd-server etcd              # the federation store (tests start their own)
 want build-essential cc make       # aws-lc-sys builds C
 want ca-certificates /etc/ssl/certs/ca-certificates.crt   # cargo fetching crates over HTTPS
+want prometheus promtool           # promtool check metrics on every /metrics (tests/tests/telemetry.rs); only promtool is used
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

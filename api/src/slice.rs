@@ -72,6 +72,9 @@ pub fn key_of(r: &pb::Resource) -> Option<ResKey> {
         Variant::HttpRoute(h) => (pb::Kind::HttpRoute, &h.namespace, &h.name),
         Variant::RemoteCluster(c) => return Some(ResKey::new(pb::Kind::RemoteCluster, &c.name)),
         Variant::TrustBundle(b) => return Some(ResKey::new(pb::Kind::TrustBundle, &b.trust_domain)),
+        Variant::WorkloadAddresses(a) => {
+            return Some(ResKey::new(pb::Kind::WorkloadAddresses, &format!("{}/", a.namespace)))
+        }
     };
     Some(ResKey::new(kind, &format!("{ns}/{name}")))
 }

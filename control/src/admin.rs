@@ -6,7 +6,7 @@ use std::sync::Arc;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
-use trellis_admin::{serve_routes, Route, OPENMETRICS};
+use trellis_admin::{serve_routes, Route, PROMETHEUS_TEXT};
 use trellis_api::config::v1::resource::Kind as Variant;
 
 use crate::hub::Hub;
@@ -88,7 +88,7 @@ impl Admin {
         match path {
             "/status" => (StatusCode::OK, "application/json", self.status().to_string()),
             "/config_dump" => (StatusCode::OK, "application/json", self.config_dump().to_string()),
-            "/metrics" => (StatusCode::OK, OPENMETRICS, self.metrics.render()),
+            "/metrics" => (StatusCode::OK, PROMETHEUS_TEXT, self.metrics.render()),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",

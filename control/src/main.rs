@@ -138,6 +138,11 @@ fn tokens(config: &Config) -> anyhow::Result<JoinTokens> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let options = config.options()?;
     tracing::info!(?config, "trellisd starting");
+    // Every connection costs a descriptor: take all the kernel allows before listening.
+    match trellis_identity::limits::raise_nofile_limit() {
+        Ok(nofile) => tracing::info!(nofile, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
     let plane = ControlPlane::start(options).await?;
     println!(
         "trellisd serving: gRPC (CA + config stream) on {}, admin on http://{}",

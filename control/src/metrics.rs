@@ -1,4 +1,9 @@
-//! trellisd's Prometheus metrics (prefix `trellis_`), served on the admin endpoint.
+//! trellisd's Prometheus metrics (prefix `trellis_`), served on the admin endpoint as Prometheus
+//! text ([`trellis_admin::render`]).
+//!
+//! Every label value here is a compile-time constant (`&'static str`), so no family can grow
+//! past the handful of series its code names, whatever nodes send. A label taken from input
+//! (a node name, a cluster) must go through [`trellis_admin::limit::LabelSetLimit`].
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -204,6 +204,50 @@ async fn enrolment_on_and_off_at_runtime_reaches_a_subscriber_as_a_delta() {
     assert!(metrics.contains("trellis_config_connected_nodes 1"), "{metrics}");
 }
 
+/// Waits until the model says cart-1 is (or is not) enrolled.
+async fn wait_for_enrolment(f: &Fixture, enrolled: bool) {
+    let mut model = f.plane.hub.model.clone();
+    let found = tokio::time::timeout(
+        Duration::from_secs(10),
+        model.wait_for(|p| {
+            p.model.workloads().any(|(k, e)| {
+                k.name == "cart-1" && matches!(&e.resource.kind, Some(Variant::Workload(w)) if w.enrolled == enrolled)
+            })
+        }),
+    )
+    .await;
+    assert!(found.is_ok(), "cart-1 never became enrolled={enrolled}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_is_not_enrolled_gets_no_svid() {
+    let f = Fixture::start().await;
+    let node1 = f.join("node-1").await;
+    let client = CaClient::new(
+        f.plane.grpc_addr,
+        &f.td,
+        f.bundles(),
+        Some(node1.resolver(&SpiffeId::node(&f.td, "node-1").unwrap())),
+    )
+    .unwrap();
+    let cart = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/cart").unwrap();
+    let (csr, _key) = new_csr(&cart).unwrap();
+    // cart-1 runs on node-1, in a namespace that is not in the mesh.
+    wait_for_enrolment(&f, false).await;
+    let err = client.sign(&cart, &csr, Duration::ZERO).await.unwrap_err();
+    assert!(
+        matches!(&err, CaClientError::Status { code: tonic::Code::PermissionDenied, message, .. } if message.contains("not enrolled")),
+        "{err}"
+    );
+    write(&f.manifests, "ns.yaml", &namespace(Some("ambient")));
+    wait_for_enrolment(&f, true).await;
+    client.sign(&cart, &csr, Duration::ZERO).await.expect("enrolled now");
+    write(&f.manifests, "ns.yaml", &namespace(Some("none")));
+    wait_for_enrolment(&f, false).await;
+    let err = client.sign(&cart, &csr, Duration::ZERO).await.unwrap_err();
+    assert!(permission_denied(err), "out of the mesh again");
+}
+
 fn permission_denied(e: CaClientError) -> bool {
     matches!(
         e,
@@ -219,6 +263,9 @@ async fn a_workload_moving_nodes_moves_the_right_to_its_svid() {
     let f = Fixture::start().await;
     let node1 = f.join("node-1").await;
     let node2 = f.join("node-2").await;
+    let mut rx = f.subscribe(&node2, "node-2");
+    write(&f.manifests, "ns.yaml", &namespace(Some("ambient")));
+    wait_for_enrolment(&f, true).await;
     let cart = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/cart").unwrap();
     let client = |m: &CertManager, n: &str| {
         CaClient::new(
@@ -240,9 +287,11 @@ async fn a_workload_moving_nodes_moves_the_right_to_its_svid() {
         .unwrap_err();
     assert!(permission_denied(err));
 
-    let mut rx = f.subscribe(&node2, "node-2");
     write(&f.manifests, "cart-1.yaml", &workload("cart-1", "node-2", "10.1.1.5"));
-    until(&mut rx, "cart-1 on node-2", |a| find_workload(a, "cart-1").is_some()).await;
+    until(&mut rx, "cart-1 on node-2", |a| {
+        find_workload(a, "cart-1").is_some_and(|w| w.node == "node-2")
+    })
+    .await;
     client(&node2, "node-2")
         .sign(&cart, &csr, Duration::ZERO)
         .await
@@ -426,4 +475,118 @@ async fn a_node_that_rejects_a_version_is_logged_counted_and_shown() {
     }
     let metrics = http_get(f.plane.admin_addr, "/metrics").await;
     assert!(metrics.contains("trellis_config_push_errors_total 1"), "{metrics}");
+}
+
+/// Opens a raw config stream as whoever `certs` holds `id` for, subscribing with `subscribe`.
+async fn raw_stream(
+    f: &Fixture,
+    certs: &CertManager,
+    id: &SpiffeId,
+    subscribe: pb::Subscribe,
+) -> Result<RawStream, tonic::Status> {
+    use trellis_api::config::v1::config_service_client::ConfigServiceClient;
+    let verifier = SpiffeServerVerifier::new(f.bundles(), ExpectedPeer::Exact(SpiffeId::control(&f.td)));
+    let resolver = certs.resolver(id) as Arc<dyn rustls::client::ResolvesClientCert>;
+    let channel = tls_channel(
+        f.plane.grpc_addr,
+        Arc::new(client_config(verifier, Some(resolver)).unwrap()),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Subscribe(subscribe)),
+    })
+    .await
+    .unwrap();
+    let mut client = ConfigServiceClient::new(channel);
+    let updates = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok(RawStream { _requests: tx, updates })
+}
+
+/// A config stream opened by hand; its request side stays open while it lives.
+struct RawStream {
+    _requests: tokio::sync::mpsc::Sender<pb::StreamRequest>,
+    updates: tonic::Streaming<pb::ConfigUpdate>,
+}
+
+const WAYPOINT: &str =
+    "apiVersion: trellis.io/v1\nkind: Waypoint\nmetadata: {name: shop-wp, namespace: shop}\nspec: {serviceAccount: shop-wp, addresses: [10.1.1.100]}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_svid_asking_for_the_waypoint_role_is_refused() {
+    let f = Fixture::start().await;
+    write(&f.manifests, "wp.yaml", WAYPOINT);
+    let node = f.join("node-1").await;
+    let node_id = SpiffeId::node(&f.td, "node-1").unwrap();
+    let subscribe = pb::Subscribe {
+        node: "node-1".into(),
+        role: pb::Role::Waypoint as i32,
+        resume_from: 0,
+    };
+    let err = match raw_stream(&f, &node, &node_id, subscribe).await {
+        Ok(_) => panic!("a node got the waypoint slice"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // The same node as a ztunnel is fine.
+    let (tx, _rx) = watch::channel(Applied::default());
+    let ok = tokio::time::timeout(
+        Duration::from_millis(500),
+        follow_once(f.channel(Some(&node), "node-1"), "node-1", pb::Role::Ztunnel, &tx),
+    )
+    .await;
+    assert!(ok.is_err(), "still streaming as a ztunnel: {ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_waypoints_own_identity_gets_the_waypoint_slice_and_only_while_it_exists() {
+    let f = Fixture::start().await;
+    write(&f.manifests, "wp.yaml", WAYPOINT);
+    let certs = CertManager::new(f.plane.ca.clone(), ManagerConfig::default());
+    let waypoint = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/shop-wp").unwrap();
+    let web = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").unwrap();
+    for id in [&waypoint, &web] {
+        certs.ensure(id);
+        certs.wait_for(id, Duration::from_secs(10)).await.expect("an SVID");
+    }
+    let subscribe = || pb::Subscribe {
+        node: "node-1".into(),
+        role: pb::Role::Waypoint as i32,
+        resume_from: 0,
+    };
+    // Wait for the model to hold the Waypoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match raw_stream(&f, &certs, &waypoint, subscribe()).await {
+            Ok(stream) => break stream,
+            Err(e) if e.code() == tonic::Code::PermissionDenied && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the waypoint was refused: {e}"),
+        }
+    };
+    let snapshot = stream.updates.message().await.unwrap().expect("a snapshot");
+    assert!(snapshot.snapshot);
+    let err = match raw_stream(&f, &certs, &web, subscribe()).await {
+        Ok(_) => panic!("a workload that is no waypoint got the waypoint slice"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // Its Waypoint removed: the stream is closed.
+    std::fs::remove_file(f.manifests.join("wp.yaml")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.updates.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(ended, Some(tonic::Code::PermissionDenied));
 }

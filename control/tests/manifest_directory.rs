@@ -2,7 +2,8 @@
 //! through inotify (or the polling fallback), and every failure a real file system can produce
 //! (a FIFO or a symlink loop where a manifest was, a file that vanished after the listing, the
 //! whole directory removed, no file descriptor left) keeps the last good objects of every file
-//! that still exists, and says why.
+//! that still exists, and says why. Nothing but regular files inside the directory is read: a
+//! FIFO, a link to a device or out of the directory is reported by name, never opened.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -196,7 +197,7 @@ async fn a_fifo_in_place_of_a_manifest_keeps_its_last_good_version_and_does_not_
     let d = source.until("the problem", |d| !d.problems.is_empty()).await;
     assert_eq!(names(&d), ["cart", "shop"]);
     assert!(
-        d.problems[0].ends_with("a.yaml: cannot read: a FIFO, not a regular file"),
+        d.problems[0].ends_with("a.yaml: not read: a FIFO, not a regular file; only regular files are read"),
         "{:?}",
         d.problems
     );
@@ -212,6 +213,147 @@ async fn a_fifo_in_place_of_a_manifest_keeps_its_last_good_version_and_does_not_
             mode_of(d, "shop").as_deref() == Some("none") && d.problems.is_empty()
         })
         .await;
+}
+
+fn problem_of<'a>(d: &'a Discovered, file: &str) -> Option<&'a String> {
+    d.problems.iter().find(|p| p.contains(file))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fifo_is_reported_by_name_without_stalling_and_its_removal_clears_the_problem() {
+    let (dir, mut source) = two_files(WatchMode::Auto).await;
+    mkfifo(&dir.path().join("pipe.yaml"));
+    let d = source
+        .until("the FIFO reported", |d| problem_of(d, "pipe.yaml").is_some())
+        .await;
+    assert!(
+        problem_of(&d, "pipe.yaml")
+            .unwrap()
+            .contains("a FIFO, not a regular file"),
+        "{:?}",
+        d.problems
+    );
+    assert!(d.synced);
+    // Discovery goes on around it.
+    write(dir.path(), "a.yaml", ns("shop", "none").as_bytes());
+    source
+        .until("an edit beside the FIFO", |d| {
+            mode_of(d, "shop").as_deref() == Some("none")
+        })
+        .await;
+    std::fs::remove_file(dir.path().join("pipe.yaml")).unwrap();
+    source
+        .until("no problem once the FIFO is gone", |d| d.problems.is_empty())
+        .await;
+    write(dir.path(), "a.yaml", ns("shop", "ambient").as_bytes());
+    source
+        .until("edits still applied", |d| {
+            mode_of(d, "shop").as_deref() == Some("ambient")
+        })
+        .await;
+}
+
+/// Resident memory of this process, in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_to_a_device_is_refused_by_name_without_reading_it() {
+    let (dir, mut source) = two_files(WatchMode::Auto).await;
+    let before = rss_bytes();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yaml")).unwrap();
+    let d = source
+        .until("the link reported", |d| problem_of(d, "zero.yaml").is_some())
+        .await;
+    let problem = problem_of(&d, "zero.yaml").unwrap();
+    assert!(
+        problem.contains("a symbolic link to /dev/zero, outside the manifest directory"),
+        "{problem}"
+    );
+    assert_eq!(names(&d), ["cart", "shop"]);
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 64 << 20, "resident memory grew by {grown} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_leading_out_of_the_directory_is_not_followed() {
+    let (dir, mut source) = two_files(WatchMode::Auto).await;
+    // A valid manifest outside: followed, it would define `outside`.
+    let elsewhere = tempfile::tempdir().unwrap();
+    write(elsewhere.path(), "x.yaml", ns("outside", "ambient").as_bytes());
+    let target = elsewhere.path().join("x.yaml").canonicalize().unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("out.yaml")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.path().join("host.yaml")).unwrap();
+    // Relative, through the parent.
+    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", dir.path().join("sub/up.yaml")).unwrap();
+    let d = source
+        .until("all three reported", |d| {
+            ["out.yaml", "host.yaml", "up.yaml"]
+                .iter()
+                .all(|f| problem_of(d, f).is_some())
+        })
+        .await;
+    assert!(
+        problem_of(&d, "out.yaml").unwrap().contains(&format!(
+            "a symbolic link to {}, outside the manifest directory",
+            target.display()
+        )),
+        "{:?}",
+        d.problems
+    );
+    assert!(
+        problem_of(&d, "host.yaml").unwrap().contains("/etc/hostname, outside"),
+        "{:?}",
+        d.problems
+    );
+    assert!(
+        problem_of(&d, "up.yaml").unwrap().contains("/etc/passwd, outside"),
+        "{:?}",
+        d.problems
+    );
+    assert_eq!(names(&d), ["cart", "shop"], "nothing from outside applied");
+    assert!(d.synced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_to_a_file_inside_the_directory_is_read_and_follows_its_target() {
+    let (dir, mut source) = two_files(WatchMode::Auto).await;
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    write(&dir.path().join("data"), "web.txt", ns("web", "ambient").as_bytes());
+    std::os::unix::fs::symlink("data/web.txt", dir.path().join("web.yaml")).unwrap();
+    source
+        .until("the linked manifest", |d| {
+            names(d) == ["cart", "shop", "web"] && d.problems.is_empty()
+        })
+        .await;
+    // An edit of the target is an edit of the manifest.
+    write(&dir.path().join("data"), "web.txt", ns("web", "none").as_bytes());
+    source
+        .until("the target's edit", |d| mode_of(d, "web").as_deref() == Some("none"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_the_limit_is_reported_with_its_real_size() {
+    let (dir, mut source) = two_files(WatchMode::Auto).await;
+    let big = std::fs::File::create(dir.path().join(".big.tmp")).unwrap();
+    big.set_len(50_000_000).unwrap();
+    drop(big);
+    std::fs::rename(dir.path().join(".big.tmp"), dir.path().join("big.yaml")).unwrap();
+    let d = source
+        .until("the size reported", |d| problem_of(d, "big.yaml").is_some())
+        .await;
+    assert!(
+        problem_of(&d, "big.yaml")
+            .unwrap()
+            .contains("the file is 50000000 bytes; the limit is 16777216"),
+        "{:?}",
+        d.problems
+    );
+    assert_eq!(names(&d), ["cart", "shop"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

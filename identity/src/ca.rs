@@ -18,6 +18,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -115,6 +116,8 @@ pub struct CertificateAuthority {
     roots: Vec<CertificateDer<'static>>,
     not_after: SystemTime,
     policy: IssuancePolicy,
+    /// Certificates signed with the CA key since it was loaded.
+    signatures: AtomicU64,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -210,6 +213,7 @@ impl CertificateAuthority {
             roots,
             not_after,
             policy,
+            signatures: AtomicU64::new(0),
         })
     }
 
@@ -223,13 +227,17 @@ impl CertificateAuthority {
         &self.roots
     }
 
+    /// How many certificates this CA has signed since it was loaded: each one cost the CA key a
+    /// signature, so this is what a refused request must never raise.
+    pub fn signatures(&self) -> u64 {
+        self.signatures.load(Ordering::Relaxed)
+    }
+
     /// The issuance policy in force.
     pub fn policy(&self) -> &IssuancePolicy {
         &self.policy
     }
 
-    /// Validates `csr` as a request for `id` and signs it for the TTL the policy grants (and
-    /// never past the CA's own expiry).
     /// Issues an SVID for `id` with a fresh key, right here (offline issuance for hosts that run
     /// without a control plane; see `trellis identity issue`).
     pub fn issue_svid(&self, id: &SpiffeId, requested_ttl: Duration) -> Result<crate::svid::Svid, CaError> {
@@ -243,6 +251,8 @@ impl CertificateAuthority {
         })
     }
 
+    /// Validates `csr` as a request for `id` and signs it for the TTL the policy grants (and
+    /// never past the CA's own expiry).
     pub fn sign(&self, csr: &[u8], id: &SpiffeId, requested_ttl: Duration) -> Result<IssuedChain, CaError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignTrustDomain {
@@ -262,11 +272,9 @@ impl CertificateAuthority {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ];
+        // The X.509-SVID standard (section 4.3): a leaf has digitalSignature, and must not have
+        // keyCertSign or cRLSign; ECDSA keys neither encipher keys nor agree on them in TLS 1.3.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = (now - BACKDATE.min(ttl / 10)).into();
         params.not_after = not_after.into();
@@ -274,6 +282,7 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
 
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(&valid.public_key_der)?;
+        self.signatures.fetch_add(1, Ordering::Relaxed);
         let leaf = params.signed_by(&public_key, &self.issuer)?;
         let chain = std::iter::once(leaf.der().clone())
             .chain(self.chain_tail.iter().cloned())
@@ -442,11 +451,8 @@ fn create_root(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
         .push(DnType::CommonName, format!("Trellis root CA for {trust_domain}"));
     params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    // A signing certificate signs certificates (and CRLs), nothing else (X.509-SVID 4.3).
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + ROOT_VALIDITY).into();

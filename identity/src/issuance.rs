@@ -20,7 +20,7 @@ use crate::id::{check_name, IdKind, SpiffeId};
 use crate::manager::CertManager;
 use crate::svid::to_unix;
 use crate::tls::{server_config, tls_incoming, PeerInfo};
-use crate::token::JoinTokens;
+use crate::token::{JoinTokens, TokenError};
 use crate::verify::{ExpectedPeer, SpiffeClientVerifier};
 
 /// Decides whether a node may receive a workload identity. The control plane supplies "the
@@ -63,6 +63,20 @@ impl CaService {
         }
     }
 
+    /// Runs a token operation (check or redeem) for `node` on the blocking pool.
+    async fn with_tokens(
+        &self,
+        token: &str,
+        node: &str,
+        op: fn(&JoinTokens, &str, &str, SystemTime) -> Result<(), TokenError>,
+    ) -> Result<Result<(), TokenError>, Status> {
+        let tokens = self.tokens.clone();
+        let (token, node) = (token.to_string(), node.to_string());
+        tokio::task::spawn_blocking(move || op(&tokens, &token, &node, SystemTime::now()))
+            .await
+            .map_err(|e| Status::internal(format!("token check failed: {e}")))
+    }
+
     /// Signs, mapping CA errors to gRPC statuses and logging the outcome.
     fn sign_logged(&self, node: &str, id: &SpiffeId, csr: &[u8], ttl: Duration) -> Result<CertificateResponse, Status> {
         match self.ca.sign(csr, id, ttl) {
@@ -92,8 +106,17 @@ impl CertificateService for CaService {
             Status::invalid_argument(e.to_string())
         })?;
         let id = SpiffeId::node(self.ca.trust_domain(), node).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Check the CSR and sign before spending the token, so neither a typo nor a CA fault
-        // burns it; the chain is handed out only once the token is spent.
+        // The token is checked before anything costs the CA (a forged one never reaches the
+        // signing key), and spent last, so that neither a typo in the CSR nor a CA fault burns
+        // it; the chain is handed out only once it is spent. The token file is read and
+        // written under a file lock: keep it off the async workers.
+        let refused = |e: TokenError| {
+            tracing::warn!(node, identity = %id, reason = %e, "refused join token");
+            Status::unauthenticated(e.to_string())
+        };
+        self.with_tokens(&req.token, node, JoinTokens::check)
+            .await?
+            .map_err(refused)?;
         validate_csr(&req.csr, &id).map_err(|e| {
             tracing::warn!(node, identity = %id, reason = %e, "refused join CSR");
             Status::invalid_argument(e.to_string())
@@ -102,16 +125,9 @@ impl CertificateService for CaService {
             tracing::error!(node, identity = %id, reason = %e, "signing failed");
             Status::internal(e.to_string())
         })?;
-        let tokens = self.tokens.clone();
-        let (token, node_name) = (req.token.clone(), node.to_string());
-        // The token file is read and written under a file lock: keep it off the async workers.
-        let redeemed = tokio::task::spawn_blocking(move || tokens.redeem(&token, &node_name, SystemTime::now()))
-            .await
-            .map_err(|e| Status::internal(format!("token check failed: {e}")))?;
-        redeemed.map_err(|e| {
-            tracing::warn!(node, identity = %id, reason = %e, "refused join token");
-            Status::unauthenticated(e.to_string())
-        })?;
+        self.with_tokens(&req.token, node, JoinTokens::redeem)
+            .await?
+            .map_err(refused)?;
         tracing::info!(node, identity = %id, not_after = to_unix(signed.not_after), "issued node SVID on join");
         Ok(Response::new(self.response(signed)))
     }

@@ -19,6 +19,7 @@ pub mod caclient;
 pub mod csr;
 pub mod id;
 pub mod issuance;
+pub mod limits;
 pub mod manager;
 pub mod principal;
 pub mod renewal;

@@ -21,10 +21,15 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::id::SpiffeId;
+use crate::limits::{first_bytes, nofile_limit, Admitted, FdReserve, Gate, Limits};
 use crate::verify::{peer_id, peer_not_after};
 
-/// How long a peer may take to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take to finish the TLS handshake, a wait for a handshake permit included.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a peer that finished its TLS handshake may take to start its first request (the
+/// HTTP/2 preface): longer, and it is closed.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The one crypto provider of the tree: aws-lc-rs.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -88,8 +93,7 @@ impl PeerInfo {
     }
 }
 
-/// Most TLS handshakes in flight at once on one listener; more connections wait in the
-/// kernel's backlog instead of costing a task and a socket each.
+/// Most TLS handshakes in flight at once on one listener (see [`Limits::max_handshakes`]).
 pub const MAX_PENDING_HANDSHAKES: usize = 512;
 
 /// A server-side TLS connection that tells tonic who the peer is, and that ends when the peer's
@@ -152,19 +156,28 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections on `listener`, runs the TLS handshake of each in its own task
-/// (bounded by [`HANDSHAKE_TIMEOUT`]), and yields the finished ones for
-/// `tonic::transport::Server::serve_with_incoming`. Failed handshakes are logged and dropped;
-/// they never stop the listener.
-pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<io::Result<TlsConn>> {
+/// Accepts TCP connections on `listener` within [`Limits::CONTROL`] (fitted to the descriptor
+/// limit), runs the TLS handshake of each in its own task (bounded by [`HANDSHAKE_TIMEOUT`],
+/// waiting for a handshake permit included), and yields for
+/// `tonic::transport::Server::serve_with_incoming` the connections whose peer then starts its
+/// request within [`FIRST_REQUEST_TIMEOUT`]. Refused, failed and silent connections are logged
+/// and closed; they never stop the listener.
+pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<io::Result<Admitted<TlsConn>>> {
+    let limits = Limits::CONTROL.fitted(nofile_limit(), 1);
+    tls_incoming_limited(listener, config, Gate::new(limits))
+}
+
+/// [`tls_incoming`] with the admission limits of `gate`.
+pub fn tls_incoming_limited(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    gate: Gate,
+) -> ReceiverStream<io::Result<Admitted<TlsConn>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
+        let mut reserve = FdReserve::new();
         loop {
-            let Ok(permit) = pending.clone().acquire_owned().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 // The server went away: stop listening so the port is freed.
@@ -174,34 +187,46 @@ pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> Receive
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    reserve.on_accept_error(&listener, &e).await;
                     continue;
+                }
+            };
+            let mut slot = match gate.admit(remote_addr.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    tracing::debug!(peer = %remote_addr, error = %why, "connection refused");
+                    continue; // dropping `tcp` closes it
                 }
             };
             // Small config updates and RPC replies must not wait on Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let (acceptor, gate, tx) = (acceptor.clone(), gate.clone(), tx.clone());
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
-                match handshake {
-                    Ok(Ok(tls)) => {
-                        let id = peer_id(tls.get_ref().1);
-                        let not_after = peer_not_after(tls.get_ref().1);
-                        let conn = TlsConn::new(
-                            tls,
-                            PeerInfo {
-                                remote_addr,
-                                id,
-                                not_after,
-                            },
-                        );
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(peer = %remote_addr, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(peer = %remote_addr, "TLS handshake timed out"),
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                    let _permit = gate.handshake_permit().await;
+                    acceptor.accept(tcp).await
+                })
+                .await;
+                slot.established();
+                let mut tls = match handshake {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::info!(peer = %remote_addr, error = %e, "TLS handshake refused"),
+                    Err(_) => return tracing::info!(peer = %remote_addr, "TLS handshake timed out"),
+                };
+                if !first_bytes(&mut tls, FIRST_REQUEST_TIMEOUT).await {
+                    return tracing::info!(peer = %remote_addr, "no request after the TLS handshake: closed");
                 }
+                let id = peer_id(tls.get_ref().1);
+                let not_after = peer_not_after(tls.get_ref().1);
+                let conn = TlsConn::new(
+                    tls,
+                    PeerInfo {
+                        remote_addr,
+                        id,
+                        not_after,
+                    },
+                );
+                let _ = tx.send(Ok(Admitted::new(conn, slot))).await;
             });
         }
     });

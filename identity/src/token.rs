@@ -101,34 +101,53 @@ impl JoinTokens {
         Ok(format!("{id}.{secret}"))
     }
 
+    /// Checks `token` for `node` at `now` without spending it: `Ok` when [`Self::redeem`] would
+    /// succeed right now. Nothing is written, so a forged token costs a read and a hash.
+    pub fn check(&self, token: &str, node: &str, now: SystemTime) -> Result<(), TokenError> {
+        let (id, secret) = split(token)?;
+        self.read_records(|records| valid(records, id, secret, node, now).map(|_| ()))
+    }
+
     /// Redeems `token` for `node` at `now`: succeeds once, and only for the node it was
     /// issued for, before it expires. The token is marked used (on disk) before this returns.
     pub fn redeem(&self, token: &str, node: &str, now: SystemTime) -> Result<(), TokenError> {
-        let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
-        let hexish = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hexish(id) || !hexish(secret) {
-            return Err(TokenError::Malformed);
-        }
+        let (id, secret) = split(token)?;
         self.with_records(|records| {
-            let record = records.get_mut(id).ok_or(TokenError::Unknown)?;
-            if record.secret_sha256 != hash(secret) {
-                return Err(TokenError::Unknown);
+            valid(records, id, secret, node, now)?;
+            if let Some(record) = records.get_mut(id) {
+                record.used = true;
             }
-            if record.used {
-                return Err(TokenError::Used);
-            }
-            if to_unix(now) >= record.expires_unix {
-                return Err(TokenError::Expired);
-            }
-            if record.node != node {
-                return Err(TokenError::WrongNode {
-                    issued_for: record.node.clone(),
-                    presented: node.to_string(),
-                });
-            }
-            record.used = true;
             Ok(())
         })
+    }
+
+    /// Runs `f` on the current records without changing them. With a file: under a shared lock.
+    fn read_records<R>(
+        &self,
+        f: impl FnOnce(&BTreeMap<String, Record>) -> Result<R, TokenError>,
+    ) -> Result<R, TokenError> {
+        let memory = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else {
+            return f(&memory);
+        };
+        let store_err = |why: String| TokenError::Store {
+            path: path.clone(),
+            why,
+        };
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path.with_extension("lock"))
+            .map_err(|e| store_err(e.to_string()))?;
+        lock.lock_shared().map_err(|e| store_err(format!("cannot lock: {e}")))?;
+        let records: BTreeMap<String, Record> = match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| store_err(format!("not a token file: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(store_err(e.to_string())),
+        };
+        f(&records)
     }
 
     /// Runs `f` on the current records and saves them if it succeeds. With a file: under the
@@ -162,6 +181,43 @@ impl JoinTokens {
         persist(path, &records).map_err(|e| store_err(e.to_string()))?;
         Ok(result)
     }
+}
+
+/// The id and secret of a token's text, if it has the shape of one.
+fn split(token: &str) -> Result<(&str, &str), TokenError> {
+    let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+    let hexish = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hexish(id) || !hexish(secret) {
+        return Err(TokenError::Malformed);
+    }
+    Ok((id, secret))
+}
+
+/// The record of token `id` if `secret` matches it and it may be redeemed by `node` at `now`.
+fn valid<'r>(
+    records: &'r BTreeMap<String, Record>,
+    id: &str,
+    secret: &str,
+    node: &str,
+    now: SystemTime,
+) -> Result<&'r Record, TokenError> {
+    let record = records.get(id).ok_or(TokenError::Unknown)?;
+    if record.secret_sha256 != hash(secret) {
+        return Err(TokenError::Unknown);
+    }
+    if record.used {
+        return Err(TokenError::Used);
+    }
+    if to_unix(now) >= record.expires_unix {
+        return Err(TokenError::Expired);
+    }
+    if record.node != node {
+        return Err(TokenError::WrongNode {
+            issued_for: record.node.clone(),
+            presented: node.to_string(),
+        });
+    }
+    Ok(record)
 }
 
 /// Writes the records atomically (temp file + rename), owner-only.
@@ -201,6 +257,27 @@ mod tests {
         ));
         tokens.redeem(&t, "node-1", now).unwrap();
         assert!(matches!(tokens.redeem(&t, "node-1", now), Err(TokenError::Used)));
+    }
+
+    #[test]
+    fn checking_a_token_does_not_spend_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = JoinTokens::open(&dir.path().join("join-tokens.json")).unwrap();
+        let t = tokens.create("node-1", Duration::from_secs(60)).unwrap();
+        let now = SystemTime::now();
+        tokens.check(&t, "node-1", now).unwrap();
+        tokens.check(&t, "node-1", now).unwrap();
+        assert!(matches!(
+            tokens.check(&t, "node-2", now),
+            Err(TokenError::WrongNode { .. })
+        ));
+        assert!(matches!(tokens.check("ab.cd", "node-1", now), Err(TokenError::Unknown)));
+        assert!(matches!(
+            tokens.check("nope", "node-1", now),
+            Err(TokenError::Malformed)
+        ));
+        tokens.redeem(&t, "node-1", now).unwrap();
+        assert!(matches!(tokens.check(&t, "node-1", now), Err(TokenError::Used)));
     }
 
     #[test]

@@ -185,3 +185,34 @@ fn leaves_never_outlive_the_intermediate_that_signed_them() {
     let issued = ca.sign(csr.as_bytes(), &web, Duration::from_secs(24 * 3600)).unwrap();
     assert!(issued.not_after <= soon, "asked 24 h under a CA that expires in 1 h");
 }
+
+#[test]
+fn an_svid_may_sign_only_and_the_ca_certificate_may_sign_certificates_only() {
+    use trellis_identity::svid::parse_cert;
+    let dir = tempfile::tempdir().unwrap();
+    let td = td("east.trellis.local");
+    let ca = CertificateAuthority::load_or_create(dir.path(), &td, IssuancePolicy::default()).unwrap();
+    let svid = ca
+        .issue_svid(&id("spiffe://east.trellis.local/ns/shop/sa/web"), Duration::ZERO)
+        .unwrap();
+    let leaf = parse_cert(&svid.chain[0]).unwrap();
+    let usage = leaf.key_usage().unwrap().expect("a leaf states its key usage");
+    assert!(usage.critical, "keyUsage is critical in an X.509-SVID");
+    assert!(usage.value.digital_signature());
+    assert_eq!(
+        usage.value.flags, 1,
+        "digitalSignature only (no keyEncipherment, keyAgreement, keyCertSign, cRLSign): {}",
+        usage.value
+    );
+    assert!(!leaf.is_ca());
+
+    let root = parse_cert(&ca.roots()[0]).unwrap();
+    let usage = root.key_usage().unwrap().expect("the CA states its key usage");
+    assert!(usage.value.key_cert_sign() && usage.value.crl_sign(), "{}", usage.value);
+    assert_eq!(
+        usage.value.flags,
+        (1 << 5) | (1 << 6),
+        "keyCertSign and cRLSign only: {}",
+        usage.value
+    );
+}

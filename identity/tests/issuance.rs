@@ -231,3 +231,35 @@ async fn a_node_the_hook_retires_cannot_renew_its_node_svid() {
         .unwrap_err();
     assert_eq!(code(err), tonic::Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn a_forged_join_token_never_reaches_the_signing_key() {
+    let cluster = Cluster::start("east.trellis.local", Default::default(), allow_all()).await;
+    let client = cluster.anonymous_client();
+    let real = cluster.tokens.create("node-1", Duration::from_secs(60)).unwrap();
+    let (real_id, _) = real.split_once('.').unwrap();
+    let for_node_2 = cluster.tokens.create("node-2", Duration::from_secs(60)).unwrap();
+    let expired = cluster.tokens.create("node-1", Duration::ZERO).unwrap();
+    let before = cluster.ca.signatures();
+    let forged = [
+        "deadbeef.0000".to_string(),
+        format!("{real_id}.{}", "0".repeat(32)),
+        for_node_2.clone(),
+        expired,
+    ];
+    for token in &forged {
+        let err = client.join(token, "node-1", &cluster.td).await.unwrap_err();
+        assert_eq!(code(err), tonic::Code::Unauthenticated, "{token}");
+    }
+    assert_eq!(
+        cluster.ca.signatures(),
+        before,
+        "no refused token cost the CA a signature"
+    );
+    // The real token still works, for one signature, and is spent.
+    client.join(&real, "node-1", &cluster.td).await.expect("the real token");
+    assert_eq!(cluster.ca.signatures(), before + 1);
+    let err = client.join(&real, "node-1", &cluster.td).await.unwrap_err();
+    assert_eq!(code(err), tonic::Code::Unauthenticated);
+    assert_eq!(cluster.ca.signatures(), before + 1, "a spent token signs nothing");
+}

@@ -56,6 +56,9 @@ pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NsModel {
     pub workloads: BTreeMap<ObjectKey, Arc<Entry>>,
+    /// Where every workload of the namespace lives and who it is, one entry shared by every
+    /// node (`None` for a namespace without workloads).
+    pub addresses: Option<Arc<Entry>>,
     pub services: BTreeMap<ObjectKey, Arc<Entry>>,
     pub policies: BTreeMap<ObjectKey, Arc<Entry>>,
     pub waypoints: BTreeMap<ObjectKey, Arc<Entry>>,
@@ -305,6 +308,36 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
         let entry = intern(previous.map(|p| &p.workloads), pb::Kind::Workload, key, resource);
         model.workloads.insert(key.clone(), entry);
     }
+    let book: Vec<pb::WorkloadAddress> = in_namespace(&inv.workloads, ns)
+        .map(|(key, (w, _))| pb::WorkloadAddress {
+            name: key.name.clone(),
+            node: w.node.clone(),
+            address: addr::to_bytes(w.ip),
+            node_address: node_address(w),
+            service_account: w.service_account.clone(),
+            enrolled: is_enrolled(w, labels),
+            ready: w.ready,
+            waypoint: waypoint_for(&w.labels, &key.namespace, labels),
+            locality: locality(&w.region, &w.zone),
+        })
+        .collect();
+    if !book.is_empty() {
+        let resource = pb::Resource {
+            kind: Some(Variant::WorkloadAddresses(pb::WorkloadAddresses {
+                namespace: ns.to_string(),
+                cluster: cluster.name.clone(),
+                trust_domain: cluster.trust_domain.as_str().to_string(),
+                workloads: book,
+            })),
+        };
+        model.addresses = Some(match previous.and_then(|p| p.addresses.as_ref()) {
+            Some(old) if old.resource == resource => old.clone(),
+            _ => Arc::new(Entry::new(
+                ResKey::new(pb::Kind::WorkloadAddresses, &format!("{ns}/")),
+                resource,
+            )),
+        });
+    }
     for (key, (s, _)) in in_namespace(&inv.services, ns) {
         // A service without a selector has no discovered endpoints (as in Kubernetes).
         let endpoints = if s.selector.is_empty() {
@@ -454,11 +487,14 @@ pub enum Role {
 /// node's workloads in that namespace. This is the one rule of what a node gets:
 /// [`node_slice`] applies it to every namespace, [`advance`] to the namespaces that changed.
 ///
-/// A ztunnel gets its own workloads, every service with its endpoints, every waypoint, and the
-/// policies that select one of its workloads; a waypoint also gets every policy and HTTPRoute.
-/// Never another node's workloads.
+/// A ztunnel gets its own workloads in full, the namespace's address book (where every workload
+/// lives and who it is: so that every enrolled destination is tunnelled, even one that backs no
+/// service), every service with its endpoints, every waypoint, and the policies that select one
+/// of its workloads; a waypoint also gets every policy and HTTPRoute. Never another node's
+/// workloads' labels.
 fn ns_part(n: &NsModel, own: &[&Arc<Entry>], role: Role, out: &mut impl FnMut(&Arc<Entry>)) {
     own.iter().for_each(|e| out(e));
+    n.addresses.iter().for_each(&mut *out);
     n.services.values().for_each(&mut *out);
     for e in n.policies.values() {
         let applies = role == Role::Waypoint
@@ -506,8 +542,9 @@ pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
 }
 
 /// The kinds a node slice holds.
-const SLICE_KINDS: [pb::Kind; 5] = [
+const SLICE_KINDS: [pb::Kind; 6] = [
     pb::Kind::Workload,
+    pb::Kind::WorkloadAddresses,
     pb::Kind::Service,
     pb::Kind::AuthorizationPolicy,
     pb::Kind::Waypoint,
@@ -702,8 +739,21 @@ spec: {selector: {matchLabels: {app: payments}}}
         assert!(names.contains(&(pb::Kind::Workload, "legacy/old")));
         assert!(
             !names.contains(&(pb::Kind::Workload, "shop/cart-2")),
-            "another node's workload"
+            "another node's workload in full"
         );
+        let book = slice
+            .values()
+            .find(|e| e.key.kind == pb::Kind::WorkloadAddresses && &*e.key.name == "shop/");
+        let Some(Variant::WorkloadAddresses(book)) = &book.expect("the namespace's address book").resource.kind else {
+            panic!()
+        };
+        let cart2 = book
+            .workloads
+            .iter()
+            .find(|w| w.name == "cart-2")
+            .expect("every workload is known");
+        assert_eq!((cart2.node.as_str(), cart2.enrolled), ("node-2", false));
+        assert_eq!(book.trust_domain, "east.trellis.local");
         assert!(names.contains(&(pb::Kind::Service, "shop/cart")));
         assert!(names.contains(&(pb::Kind::AuthorizationPolicy, "shop/only-web")));
         assert!(
@@ -731,14 +781,18 @@ spec: {selector: {matchLabels: {app: payments}}}
         let mut advanced = node_slice(&before, "node-1", Role::Ztunnel);
         let (adv_up, adv_rm) = advance(&after, "node-1", Role::Ztunnel, &mut advanced, &changed);
         assert_eq!(advanced, node_slice(&after, "node-1", Role::Ztunnel));
-        assert_eq!(adv_up.len(), 1);
+        assert_eq!(adv_up.len(), 2, "the workload and its namespace's address book");
         assert!(adv_rm.is_empty());
         let old = node_slice(&before, "node-1", Role::Ztunnel);
         let new = node_slice(&after, "node-1", Role::Ztunnel);
         let (upserts, removals) = diff(&old, &new);
         assert!(removals.is_empty());
         let keys: Vec<_> = upserts.iter().map(|e| e.key.name.to_string()).collect();
-        assert_eq!(keys, vec!["legacy/old"], "only the legacy workload changed");
+        assert_eq!(
+            keys,
+            vec!["legacy/old", "legacy/"],
+            "only the legacy workload (and its address book) changed"
+        );
         assert!(
             Arc::ptr_eq(&before.namespaces["shop"], &after.namespaces["shop"]),
             "an unchanged namespace is carried over"

@@ -344,7 +344,12 @@ fn byte_counters_match_what_the_client_sent() {
     let body = lab.call(&alpha, SRV_VIP, sent).expect("alpha → srv");
     assert!(body.contains(&format!("received {sent} bytes")), "{body}");
 
-    let from_alpha = [("source_workload", "alpha"), ("destination_workload", "srv")];
+    // The destination names alpha from its verified identity and its namespace's address book.
+    let from_alpha = [
+        ("source_workload", "alpha"),
+        ("source_principal", ALPHA),
+        ("destination_workload", "srv"),
+    ];
     let counted = |node: &str, metric: &str, reporter: &str| {
         let mut with = from_alpha.to_vec();
         with.push(("reporter", reporter));

@@ -22,6 +22,7 @@ use crate::admin::{self, query_param, Readiness, Reply, Route};
 use crate::capture::{self, Nft, Plan, Ports, Table, Timing};
 use crate::config::{CaptureMode, Config};
 use crate::hbone::server::{self as hbone_server, LocalCerts};
+use crate::limits::Limited;
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::proxy::{inbound::Inbound, inbound_plain, outbound, Proxy};
 use crate::state::ProxyState;
@@ -61,11 +62,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let metrics_route: Route = {
         let metrics = metrics.clone();
         Arc::new(move |_: &Method, path: &str, _: Option<&str>| match path {
-            "/metrics" | "/stats/prometheus" => (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(),
-            ),
+            "/metrics" | "/stats/prometheus" => (StatusCode::OK, trellis_admin::PROMETHEUS_TEXT, metrics.render()),
             _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into()),
         })
     };
@@ -161,7 +158,9 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     tokio::spawn(export_expiry(certs.clone(), metrics.clone()));
 
     let server_tls = hbone_server::tls_config(local.clone(), bundles.clone());
-    let inbound = Arc::new(Inbound { proxy: proxy.clone() });
+    let tunnel_limits = config.tunnel_limits().fitted(trellis_identity::limits::nofile_limit());
+    tracing::info!(?tunnel_limits, "inbound tunnel limits");
+    let inbound = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), tunnel_limits));
     tokio::spawn(hbone_server::serve(
         hbone_listener,
         server_tls,
@@ -284,7 +283,10 @@ async fn apply_config(
         let (version, state) = {
             let a = applied.borrow_and_update();
             metrics.config_connected.set(i64::from(a.connected));
-            (a.version, ProxyState::from_slice(&config.node, a.version, &a.slice))
+            (
+                a.version,
+                ProxyState::from_slice(&config.node, a.version, &a.slice).with_mesh_networks(&config.mesh_cidrs),
+            )
         };
         if version > 0 {
             for problem in &state.problems {

@@ -49,6 +49,13 @@ pub struct Config {
     /// key), e.g. from `trellis identity issue`; repeatable. With it, no join and no CA.
     #[arg(long = "identity-file", env = "TRELLIS_IDENTITY_FILES", value_delimiter = ',')]
     pub identity_files: Vec<PathBuf>,
+    /// The mesh's pod networks (repeatable, e.g. 10.1.0.0/16): a captured connection to an
+    /// address there that no known workload holds is refused instead of passed through, since
+    /// it may be an enrolled pod this node has not heard of yet. Empty: unknown addresses pass
+    /// through (as outside the mesh).
+    #[arg(long = "mesh-cidr", env = "TRELLIS_MESH_CIDRS", value_delimiter = ',')]
+    #[serde(serialize_with = "display_all")]
+    pub mesh_cidrs: Vec<crate::state::Cidr>,
     /// What to capture.
     #[arg(long, env = "TRELLIS_CAPTURE", value_enum, default_value = "pod")]
     pub capture: CaptureMode,
@@ -82,12 +89,27 @@ pub struct Config {
     /// Data-plane worker threads.
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+    /// Most inbound tunnels (15008 CONNECTs) this node carries at once; beyond, 503. Lowered
+    /// at start to fit the file descriptor limit.
+    #[arg(long, env = "TRELLIS_MAX_TUNNELS", default_value_t = 16_384)]
+    pub max_tunnels: usize,
+    /// Most inbound tunnels one source identity holds on this node at once; beyond, 503.
+    #[arg(long, env = "TRELLIS_MAX_TUNNELS_PER_IDENTITY", default_value_t = 4096)]
+    pub max_tunnels_per_identity: usize,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
 }
 
 impl Config {
+    /// The inbound tunnel limits from the flags (before fitting to the descriptor limit).
+    pub fn tunnel_limits(&self) -> crate::limits::TunnelLimits {
+        crate::limits::TunnelLimits {
+            per_node: self.max_tunnels,
+            per_identity: self.max_tunnels_per_identity,
+        }
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
         if !self.identity_files.is_empty() && self.config_file.is_none() {
@@ -101,6 +123,9 @@ impl Config {
                     .into(),
             );
         }
+        if self.max_tunnels == 0 || self.max_tunnels_per_identity == 0 {
+            return Err("--max-tunnels and --max-tunnels-per-identity must be at least 1".into());
+        }
         if self.nft_timeout_ms == 0 || self.capture_check_ms == 0 {
             return Err("--nft-timeout-ms and --capture-check-ms must be at least 1".into());
         }
@@ -112,4 +137,9 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Serializes a list by each item's `Display` (for the config dump).
+fn display_all<S: serde::Serializer, T: std::fmt::Display>(items: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(items.iter().map(ToString::to_string))
 }

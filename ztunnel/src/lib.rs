@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod hbone;
 pub mod lb;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -36,6 +36,11 @@ fn main() -> anyhow::Result<()> {
     });
     let config = trellis_ztunnel::config::Config::parse();
     tracing::info!(?config, "ztunnel starting");
+    // Every socket costs a descriptor: take all the kernel allows before listening.
+    match trellis_identity::limits::raise_nofile_limit() {
+        Ok(nofile) => tracing::info!(nofile, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()

@@ -12,7 +12,7 @@ use trellis_api::addr;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::Slice;
-use trellis_identity::SpiffeId;
+use trellis_identity::{SpiffeId, TrustDomain};
 
 use crate::policy::Policy;
 
@@ -71,6 +71,58 @@ pub enum Destination {
     },
     /// Outside the mesh as far as this node knows: connect directly.
     Passthrough,
+    /// Inside the mesh's pod networks, but no workload is known there (not propagated yet, or
+    /// gone): refused, because it may be an enrolled pod that must not be called in plaintext.
+    Unknown,
+}
+
+/// An IP network (`10.1.0.0/16`), for the pod networks of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a network like 10.1.0.0/16"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} in {s:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix {prefix:?} in {s:?} is not a number from 0 to {max}"))?;
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// This node's view of the mesh at one config version.
@@ -82,6 +134,10 @@ pub struct ProxyState {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
     by_endpoint: HashMap<IpAddr, (Endpoint, Arc<Service>)>,
+    /// Every workload of the mesh on another node, by address.
+    remote: HashMap<IpAddr, Endpoint>,
+    /// The mesh's pod networks: an address there that no workload holds is refused.
+    mesh_networks: Vec<Cidr>,
     /// Policies by namespace.
     policies: HashMap<String, Vec<Arc<Policy>>>,
     /// Resources that could not be used, with the reason (shown in the config dump).
@@ -104,6 +160,18 @@ impl ProxyState {
                     }
                     Err(e) => state.problems.push(format!("workload {}/{}: {e}", w.namespace, w.name)),
                 },
+                Some(Variant::WorkloadAddresses(book)) => {
+                    for w in book.workloads.iter().filter(|w| w.node != node) {
+                        match remote_workload(book, w) {
+                            Ok(remote) => {
+                                state.remote.insert(remote.ip, remote);
+                            }
+                            Err(e) => state
+                                .problems
+                                .push(format!("workload {}/{}: {e}", book.namespace, w.name)),
+                        }
+                    }
+                }
                 Some(Variant::Service(s)) => match service(s) {
                     Ok((svc, problems)) => {
                         state.problems.extend(problems);
@@ -147,6 +215,12 @@ impl ProxyState {
         self.services.push(svc);
     }
 
+    /// The same state, refusing unknown addresses inside `networks` (the mesh's pod networks).
+    pub fn with_mesh_networks(mut self, networks: &[Cidr]) -> Self {
+        self.mesh_networks = networks.to_vec();
+        self
+    }
+
     /// Classifies an intercepted connection's original destination.
     pub fn destination(&self, dst: SocketAddr) -> Destination {
         if let Some((service, target_port)) = self.by_vip.get(&dst) {
@@ -176,6 +250,15 @@ impl ProxyState {
                 service: None,
             };
         }
+        if let Some(endpoint) = self.remote.get(&dst.ip()) {
+            return Destination::Workload {
+                endpoint: endpoint.clone(),
+                service: None,
+            };
+        }
+        if self.mesh_networks.iter().any(|n| n.contains(dst.ip())) {
+            return Destination::Unknown;
+        }
         Destination::Passthrough
     }
 
@@ -187,6 +270,11 @@ impl ProxyState {
     /// Policies of `namespace`.
     pub fn policies(&self, namespace: &str) -> &[Arc<Policy>] {
         self.policies.get(namespace).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Every workload of the mesh on another node (from the namespaces' address books).
+    pub fn remote_workloads(&self) -> impl Iterator<Item = &Endpoint> {
+        self.remote.values()
     }
 
     /// Every service, for the config dump.
@@ -209,6 +297,33 @@ fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
         labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         enrolled: w.enrolled,
         node_address,
+    })
+}
+
+/// A workload on another node, from its namespace's address book, as an endpoint to dial
+/// (tunnelled through its node when enrolled).
+fn remote_workload(book: &pb::WorkloadAddresses, w: &pb::WorkloadAddress) -> Result<Endpoint, String> {
+    let ip = addr::from_bytes(&w.address).map_err(|e| format!("bad address: {e}"))?;
+    let node_address = addr::optional(&w.node_address).map_err(|e| format!("bad node address: {e}"))?;
+    let identity = match w.service_account.as_str() {
+        "" => None,
+        sa => {
+            let td = TrustDomain::new(&book.trust_domain).map_err(|e| format!("bad trust domain: {e}"))?;
+            Some(SpiffeId::workload(&td, &book.namespace, sa).map_err(|e| format!("bad identity: {e}"))?)
+        }
+    };
+    if w.enrolled && (identity.is_none() || node_address.is_none()) {
+        return Err("enrolled, but without an identity or a node address to tunnel to".into());
+    }
+    Ok(Endpoint {
+        name: w.name.clone(),
+        cluster: book.cluster.clone(),
+        ip,
+        node: w.node.clone(),
+        node_address,
+        identity,
+        enrolled: w.enrolled,
+        healthy: w.ready,
     })
 }
 
@@ -305,6 +420,87 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn book(entries: &[(&str, &str, &str, bool)]) -> pb::Resource {
+        pb::Resource {
+            kind: Some(Variant::WorkloadAddresses(pb::WorkloadAddresses {
+                namespace: "shop".into(),
+                cluster: "east".into(),
+                trust_domain: "east.trellis.local".into(),
+                workloads: entries
+                    .iter()
+                    .map(|(name, node, ip, enrolled)| pb::WorkloadAddress {
+                        name: name.to_string(),
+                        node: node.to_string(),
+                        address: addr::to_bytes(ip.parse().unwrap()),
+                        node_address: addr::to_bytes("10.1.0.12".parse().unwrap()),
+                        service_account: name.to_string(),
+                        enrolled: *enrolled,
+                        ready: true,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn an_enrolled_workload_on_another_node_backing_no_service_is_tunnelled() {
+        let book = book(&[
+            ("lone", "node-2", "10.1.2.13", true),
+            ("plain", "node-2", "10.1.2.14", false),
+        ]);
+        let slice: Slice = [(key_of(&book).unwrap(), Arc::new(book))].into();
+        let net: Cidr = "10.1.2.0/24".parse().unwrap();
+        let state = ProxyState::from_slice("node-1", 1, &slice).with_mesh_networks(&[net]);
+        match state.destination("10.1.2.13:8080".parse().unwrap()) {
+            Destination::Workload {
+                endpoint,
+                service: None,
+            } => {
+                assert!(endpoint.enrolled);
+                assert_eq!(endpoint.node_address, Some("10.1.0.12".parse().unwrap()));
+                assert_eq!(
+                    endpoint.identity.unwrap().to_string(),
+                    "spiffe://east.trellis.local/ns/shop/sa/lone"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match state.destination("10.1.2.14:8080".parse().unwrap()) {
+            Destination::Workload { endpoint, .. } => {
+                assert!(!endpoint.enrolled, "a known non-mesh pod is dialled as is")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            state.destination("10.1.2.99:8080".parse().unwrap()),
+            Destination::Unknown,
+            "unknown inside the pod network"
+        );
+        assert_eq!(
+            state.destination("192.0.2.1:443".parse().unwrap()),
+            Destination::Passthrough,
+            "outside the mesh"
+        );
+    }
+
+    #[test]
+    fn networks_parse_strictly_and_match_by_prefix() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.255.3".parse().unwrap()) && !net.contains("10.2.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        for bad in ["10.1.0.0", "10.1.0.0/33", "x/8", "10.1.0.0/-1", "fd00::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(net.to_string(), "10.1.0.0/16");
     }
 
     #[test]

@@ -23,7 +23,14 @@ pub fn load(path: &Path, node: &str, cluster: &ClusterInfo) -> Result<Slice, Str
     let inventory = parse_file(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let (model, _) = build(&inventory, cluster, None);
     let slice = to_client(&node_slice(&model, node, Role::Ztunnel));
-    if slice.is_empty() {
+    // Every node learns every workload's address; what concerns this one is its own workloads
+    // and the services it may call.
+    let concerns = slice.values().any(|r| match &r.kind {
+        Some(trellis_api::config::v1::resource::Kind::Workload(w)) => w.node == node,
+        Some(trellis_api::config::v1::resource::Kind::Service(_)) => true,
+        _ => false,
+    });
+    if !concerns {
         return Err(format!(
             "{}: nothing in it concerns node {node:?} (give its Workload `node: {node}`, or a Service)",
             path.display()

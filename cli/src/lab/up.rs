@@ -216,6 +216,12 @@ fn start_ztunnel(
         "--join-token-file".into(),
         path(&token_file),
     ];
+    // Every node's pod network: an address there that no known workload holds is refused.
+    let mut argv = argv;
+    for node in &c.nodes {
+        argv.push("--mesh-cidr".into());
+        argv.push(format!("{}/24", node.pod_cidr));
+    }
     let launch = Launch {
         name: ztunnel_name(c, n),
         netns: n.host.netns.clone(),

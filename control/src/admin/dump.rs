@@ -17,6 +17,7 @@ pub fn resource(r: &pb::Resource) -> Value {
         Some(Variant::HttpRoute(r)) => route(r),
         Some(Variant::RemoteCluster(c)) => remote_cluster(c),
         Some(Variant::TrustBundle(b)) => trust_bundle(b),
+        Some(Variant::WorkloadAddresses(a)) => workload_addresses(a),
         None => Value::Null,
     }
 }
@@ -38,6 +39,32 @@ fn workload(w: &pb::Workload) -> Value {
         "waypoint": w.waypoint,
         "locality": locality(w.locality.as_ref()),
         "node_address": address(&w.node_address),
+    })
+}
+
+fn workload_addresses(a: &pb::WorkloadAddresses) -> Value {
+    let workloads: Vec<Value> = a
+        .workloads
+        .iter()
+        .map(|w| {
+            json!({
+                "name": w.name,
+                "node": w.node,
+                "address": address(&w.address),
+                "node_address": address(&w.node_address),
+                "service_account": w.service_account,
+                "enrolled": w.enrolled,
+                "ready": w.ready,
+                "waypoint": w.waypoint,
+                "locality": locality(w.locality.as_ref()),
+            })
+        })
+        .collect();
+    json!({
+        "namespace": a.namespace,
+        "cluster": a.cluster,
+        "trust_domain": a.trust_domain,
+        "workloads": workloads,
     })
 }
 

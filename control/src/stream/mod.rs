@@ -1,10 +1,11 @@
 //! The node-scoped config stream (`trellis.config.v1.ConfigService/Stream`).
 //!
-//! A node authenticates with its node SVID over mTLS, sends `Subscribe{node, role,
-//! resume_from}`, and receives a full snapshot (or, when it resumes from the version the server
-//! last sent it, only what changed since), then versioned upserts and removals as the model
-//! changes. It acknowledges or rejects every update. Versions are the model's: monotonic,
-//! possibly skipping numbers for changes that do not concern the node.
+//! A node authenticates with its node SVID over mTLS (a waypoint with its own SVID: see
+//! [`auth`]), sends `Subscribe{node, role, resume_from}`, and receives a full snapshot (or, when
+//! it resumes from the version the server last sent it, only what changed since), then
+//! versioned upserts and removals as the model changes. It acknowledges or rejects every update.
+//! Versions are the model's: monotonic, across trellisd restarts too (`hub::Versions`), possibly
+//! skipping numbers for changes that do not concern the node.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,12 +17,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::config::v1 as pb;
 use trellis_identity::tls::PeerInfo;
-use trellis_identity::{IdKind, TrustDomain};
+use trellis_identity::TrustDomain;
 
 use crate::metrics::Metrics;
 use crate::wire::{RawUpdate, StreamHandler, UpdateStream};
 
+pub mod auth;
 mod session;
+pub use auth::Subscriber;
 pub use session::{Acked, Session, SNAPSHOT_ACK_TIMEOUT};
 use trellis_mesh::model::{MeshModel, Role, ServerSlice};
 
@@ -109,23 +112,8 @@ impl StreamHandler for ConfigStream {
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.current_id().cloned());
-        let caller_node = match &caller {
-            Some(id) if id.trust_domain() == &self.trust_domain => match id.kind() {
-                IdKind::Node(n) => n.to_string(),
-                _ => return Err(Status::unauthenticated(format!("{id} is not a node identity"))),
-            },
-            Some(id) => {
-                return Err(Status::unauthenticated(format!(
-                    "{id} is not a node of {}",
-                    self.trust_domain
-                )))
-            }
-            None => {
-                return Err(Status::unauthenticated(
-                    "the config stream needs mTLS with a valid node SVID",
-                ))
-            }
-        };
+        // Refuse what cannot be anybody before reading a byte of the stream.
+        auth::identify(&self.trust_domain, caller.as_ref())?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message())
             .await
@@ -134,23 +122,15 @@ impl StreamHandler for ConfigStream {
             Some(pb::stream_request::Kind::Subscribe(s)) => s,
             _ => return Err(Status::invalid_argument("the first message must be Subscribe")),
         };
-        if subscribe.node != caller_node {
-            tracing::warn!(caller = %caller_node, asked = %subscribe.node, "refused subscription for another node");
-            return Err(Status::permission_denied(format!(
-                "node {caller_node} may not subscribe as {}",
-                subscribe.node
-            )));
-        }
-        let role = match pb::Role::try_from(subscribe.role) {
-            Ok(pb::Role::Ztunnel) => Role::Ztunnel,
-            Ok(pb::Role::Waypoint) => Role::Waypoint,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "role {} is not ROLE_ZTUNNEL or ROLE_WAYPOINT",
-                    subscribe.role
-                )))
-            }
-        };
+        let model = self.model.borrow().model.clone();
+        let subscriber = auth::authorize(&self.trust_domain, caller.as_ref(), &subscribe, &model).inspect_err(|e| {
+            let caller = caller.as_ref().map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(%caller, asked = %subscribe.node, role = subscribe.role, reason = %e.message(), "refused subscription");
+        })?;
+        let Subscriber {
+            name: caller_node,
+            role,
+        } = subscriber.clone();
 
         let session_id = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,15 +156,8 @@ impl StreamHandler for ConfigStream {
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            this.serve_node(
-                caller_node.clone(),
-                role,
-                subscribe.resume_from,
-                session_id,
-                inbound,
-                tx,
-            )
-            .await;
+            this.serve_node(subscriber, subscribe.resume_from, session_id, inbound, tx)
+                .await;
             let mut sessions = this.sessions.lock().unwrap_or_else(|p| p.into_inner());
             sessions.connected.remove(&session_id);
             this.metrics.connected_nodes.dec();
@@ -199,13 +172,13 @@ impl ConfigStream {
     /// sends what it answers, and remembers what the node holds when the stream ends.
     async fn serve_node(
         &self,
-        node: String,
-        role: Role,
+        subscriber: Subscriber,
         resume_from: u64,
         session_id: u64,
         mut inbound: Streaming<pb::StreamRequest>,
         tx: mpsc::Sender<Result<RawUpdate, Status>>,
     ) {
+        let Subscriber { name: node, role } = subscriber.clone();
         let mut model = self.model.clone();
         let published = model.borrow_and_update().clone();
         let resumable = {
@@ -228,7 +201,7 @@ impl ConfigStream {
             .await
         {
             self.run(
-                &node,
+                &subscriber,
                 session_id,
                 &mut session,
                 &mut slot,
@@ -248,7 +221,7 @@ impl ConfigStream {
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
-        node: &str,
+        subscriber: &Subscriber,
         session_id: u64,
         session: &mut Session,
         slot: &mut Option<OwnedSemaphorePermit>,
@@ -256,6 +229,7 @@ impl ConfigStream {
         inbound: &mut Streaming<pb::StreamRequest>,
         tx: &mpsc::Sender<Result<RawUpdate, Status>>,
     ) {
+        let node = subscriber.name.as_str();
         loop {
             let slot_deadline = slot.as_ref().and(session.slot_deadline());
             tokio::select! {
@@ -264,6 +238,11 @@ impl ConfigStream {
                         return;
                     }
                     let published = model.borrow_and_update().clone();
+                    if !auth::still_allowed(subscriber, &published.model) {
+                        tracing::warn!(%node, "its Waypoint resource is gone; closing its stream");
+                        let _ = tx.send(Err(Status::permission_denied(format!("{node} is no waypoint's identity any more")))).await;
+                        return;
+                    }
                     if let Some(update) = session.on_model(&published) {
                         if !self.send(session_id, tx, update, session, published.at, "delta").await {
                             return;

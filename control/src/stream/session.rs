@@ -216,8 +216,12 @@ mod tests {
         }
     }
 
+    /// The workloads an update upserts.
     fn names(update: &RawUpdate) -> BTreeSet<String> {
-        update.upserts.iter().map(|e| e.key.name.to_string()).collect()
+        (update.upserts.iter())
+            .filter(|e| e.key.kind == pb::Kind::Workload)
+            .map(|e| e.key.name.to_string())
+            .collect()
     }
 
     #[test]
@@ -284,9 +288,15 @@ mod tests {
         let (mut s, _) = Session::start("node-1", Role::Ztunnel, 0, None, &v1, now);
         s.on_sent(1, None);
 
-        let inv2 = mesh(&[("a", "node-1"), ("b", "node-2")]);
+        // A policy that selects none of node-1's workloads does not concern it.
+        let mut inv2 = inv1.clone();
+        inv2.policies = parse_file(
+            "apiVersion: trellis.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: payments, namespace: shop}\nspec: {selector: {matchLabels: {app: payments}}}\n",
+        )
+        .unwrap()
+        .policies;
         let v2 = publish(2, &inv2, Some((&inv1, &v1)));
-        assert!(s.on_model(&v2).is_none(), "another node's workload is not sent");
+        assert!(s.on_model(&v2).is_none(), "another workload's policy is not sent");
 
         let inv3 = mesh(&[("b", "node-2")]);
         let v3 = publish(3, &inv3, Some((&inv2, &v2)));

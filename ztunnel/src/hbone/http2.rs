@@ -95,9 +95,14 @@ impl Connection for Http2Connection {
             } else {
                 send.send_data(early.clone(), false).err()
             };
-            let response = response
-                .await
-                .map_err(|e| StreamFailure::Failed(failed_after_send(node, e, early)))?;
+            let response = response.await.map_err(|e| {
+                if unprocessed(&e) {
+                    // Refused before processing (the server's GOAWAY crossed it): as if never sent.
+                    StreamFailure::ConnectionGone(OpenError::Protocol(node, h2_io(e)))
+                } else {
+                    StreamFailure::Failed(failed_after_send(node, e, early))
+                }
+            })?;
             match (response.status(), unsent) {
                 (StatusCode::OK, Some(e)) => Err(StreamFailure::Failed(OpenError::Protocol(node, h2_io(e)))),
                 (StatusCode::OK, None) => Ok(Answer::Open(Box::new(send), Box::new(response.into_body()))),
@@ -107,16 +112,31 @@ impl Connection for Http2Connection {
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        // A GOAWAY received (the server drains, or our certificate expired there) fails every
+        // new request from now on: h2 reports it on readiness without sending anything.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Err(_)) = self.send.clone().poll_ready(&mut cx) {
+            self.closed.store(true, Ordering::Release);
+            return true;
+        }
+        false
     }
+}
+
+/// Whether the server refused the stream before processing it (RFC 9113 §8.7): the request may
+/// go to another connection, early bytes and all.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// The error of a CONNECT whose answer never came. Early bytes were surely not delivered only
 /// if the server refused the stream (REFUSED_STREAM: RFC 9113 §8.7 says it was not processed);
 /// a connection that broke, or a GOAWAY, proves nothing about them.
 fn failed_after_send(node: SocketAddr, e: h2::Error, early: &Bytes) -> OpenError {
-    let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM);
-    if early.is_empty() || unprocessed {
+    if early.is_empty() || unprocessed(&e) {
         OpenError::Protocol(node, h2_io(e))
     } else {
         OpenError::Interrupted(node, h2_io(e))

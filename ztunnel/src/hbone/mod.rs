@@ -11,6 +11,7 @@
 //! ClientHello.
 
 pub mod copy;
+pub mod expiry;
 pub mod http2;
 pub mod pool;
 pub mod server;

@@ -12,13 +12,19 @@
 //! Each joined open is promised one stream of the connection to come. The dial runs in a task
 //! of its own, so it completes for the others when the open that started it gives up; a failed
 //! dial is reported to every open waiting on it and then forgotten, so the next open dials again.
+//!
+//! **Rotation.** A connection takes new tunnels only while the SVID it was dialled with is still
+//! the source's current one ([`super::expiry`]): once renewed, new tunnels go to a connection
+//! dialled with the new SVID, while the old one carries its open tunnels to their end and is
+//! closed when it carries none. An open refused by a connection that heard GOAWAY (or had its
+//! stream refused unprocessed) goes once more to a fresh connection.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -26,8 +32,9 @@ use rustls::ClientConfig;
 use tokio::sync::watch;
 use trellis_identity::tls::client_config;
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
-use trellis_identity::{BundleSet, CertManager, SpiffeId};
+use trellis_identity::{BundleSet, CertManager, HeldSvid, SpiffeId};
 
+use super::expiry::{self, PooledConn};
 use super::http2::Http2;
 use super::tunnel::{self, Answer, Connection, Protocol, RecvHalf, SendHalf, StreamFailure, Transport};
 use super::{sni_for, IDLE_TIMEOUT, MAX_STREAMS};
@@ -149,15 +156,29 @@ impl Drop for InFlight {
 
 struct Pooled {
     conn: Arc<dyn Connection>,
+    /// The source's SVID when the connection was dialled: the one it presented, or an older
+    /// one if a renewal raced the handshake (then the connection retires early, which is safe).
+    presented: Arc<HeldSvid>,
     /// Tunnels in flight, including those promised to opens that waited on its dial.
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
 }
 
 impl Pooled {
-    /// Takes a free stream slot, if there is one.
-    fn claim(self: &Arc<Self>) -> Option<InFlight> {
-        if self.conn.is_closed() {
+    /// Whether the connection may carry a new tunnel, `current` being the source's SVID now
+    /// (see [`expiry::takes_new_tunnels`]).
+    fn takes_new_tunnels(&self, current: Option<&Arc<HeldSvid>>, now: SystemTime) -> bool {
+        let facts = PooledConn {
+            gone: self.conn.is_closed(),
+            presented_until: self.presented.svid.not_after,
+            presented_is_current: current.is_some_and(|c| Arc::ptr_eq(c, &self.presented)),
+        };
+        expiry::takes_new_tunnels(facts, now)
+    }
+
+    /// Takes a free stream slot, if there is one and the connection takes new tunnels.
+    fn claim(self: &Arc<Self>, current: Option<&Arc<HeldSvid>>, now: SystemTime) -> Option<InFlight> {
+        if !self.takes_new_tunnels(current, now) {
             return None;
         }
         let mut active = self.active.load(Ordering::Acquire);
@@ -335,15 +356,16 @@ impl Pool {
         }
     }
 
-    /// A stream slot on a connection of `key`: on a pooled one with room (unless `fresh`), else
-    /// on a dial in flight, else on a new dial.
+    /// A stream slot on a connection of `key`: on a pooled one with room that still presents the
+    /// source's current SVID (unless `fresh`), else on a dial in flight, else on a new dial.
     async fn connection(&self, key: &Key, fresh: bool) -> Result<InFlight, OpenError> {
+        let (current, now) = (self.certs.current(&key.source), SystemTime::now());
         let ticket = {
             let mut entries = lock(&self.entries);
             let joined = match entries.get(key) {
                 Some(entry) => {
                     if !fresh {
-                        if let Some(slot) = entry.conns.iter().find_map(Pooled::claim) {
+                        if let Some(slot) = entry.conns.iter().find_map(|c| c.claim(current.as_ref(), now)) {
                             return Ok(slot);
                         }
                     }
@@ -379,12 +401,12 @@ impl Pool {
         tokio::spawn(async move {
             let key = &outcome.key;
             let connected = async move {
-                if certs.wait_for(&key.source, Duration::from_secs(5)).await.is_none() {
+                let Some(presented) = certs.wait_for(&key.source, Duration::from_secs(5)).await else {
                     return Err(OpenError::NoCertificate(key.source.clone()));
-                }
+                };
                 let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
                     .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-                transport.connect(key.node, name, tls).await
+                Ok((transport.connect(key.node, name, tls).await?, presented))
             }
             .await;
             match &connected {
@@ -438,14 +460,19 @@ impl Pool {
             .map_or(0, |entry| entry.dials.iter().map(|d| d.waiting()).sum())
     }
 
-    /// Drops closed connections and those idle too long (which closes them).
-    fn reap_once(&self, now: Instant) {
+    /// Drops connections without tunnels that were idle too long or take no new ones (closed,
+    /// told to go away, or presenting an old SVID), which closes them. One that takes no new
+    /// tunnels stays listed until its last tunnel has ended. `wall_now` is for certificates,
+    /// `now` for idleness.
+    fn reap_once(&self, now: Instant, wall_now: SystemTime) {
         let mut entries = lock(&self.entries);
-        entries.retain(|_, entry| {
+        entries.retain(|key, entry| {
+            let current = self.certs.current(&key.source);
             entry.conns.retain(|c| {
-                let idle =
-                    c.active.load(Ordering::Acquire) == 0 && now.duration_since(*lock(&c.idle_since)) > IDLE_TIMEOUT;
-                !c.conn.is_closed() && !idle
+                let unused = c.active.load(Ordering::Acquire) == 0
+                    && (now.duration_since(*lock(&c.idle_since)) > IDLE_TIMEOUT
+                        || !c.takes_new_tunnels(current.as_ref(), wall_now));
+                !unused
             });
             !entry.is_empty()
         });
@@ -458,6 +485,9 @@ impl Pool {
     }
 }
 
+/// A dialled connection and the SVID it was dialled with.
+type Dialled = (Arc<dyn Connection>, Arc<HeldSvid>);
+
 /// Where a dial's outcome goes. Dropped before publishing (the task panicked, or the runtime is
 /// shutting down), it fails the dial, so that no open waits forever.
 struct Outcome {
@@ -469,11 +499,11 @@ struct Outcome {
 impl Outcome {
     /// Pools the connection with the promised streams counted, or records the failure without
     /// caching it; then wakes the waiters.
-    fn publish(mut self, connected: Result<Arc<dyn Connection>, OpenError>) {
+    fn publish(mut self, connected: Result<Dialled, OpenError>) {
         self.settle(connected);
     }
 
-    fn settle(&mut self, connected: Result<Arc<dyn Connection>, OpenError>) {
+    fn settle(&mut self, connected: Result<Dialled, OpenError>) {
         let Some(dial) = self.dial.take() else { return };
         {
             let mut entries = lock(&self.entries);
@@ -485,9 +515,10 @@ impl Outcome {
             let entry = entries.entry(self.key.clone()).or_default();
             entry.dials.retain(|d| !Arc::ptr_eq(d, &dial));
             *state = match connected {
-                Ok(conn) => {
+                Ok((conn, presented)) => {
                     let pooled = Arc::new(Pooled {
                         conn,
+                        presented,
                         active: AtomicUsize::new(promised),
                         idle_since: Mutex::new(Instant::now()),
                     });
@@ -515,7 +546,7 @@ async fn reap(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let Some(pool) = pool.upgrade() else { return };
-        pool.reap_once(Instant::now());
+        pool.reap_once(Instant::now(), SystemTime::now());
     }
 }
 

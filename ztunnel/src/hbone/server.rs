@@ -2,10 +2,13 @@
 //! destination workload's certificate chosen by SNI, then HTTP/2 with bounded streams.
 //! What each CONNECT means is the [`Handler`]'s business (see `proxy::inbound`).
 //!
-//! Hostile peers cost little: a handshake (TLS and HTTP/2 preface together) must finish within
-//! [`HANDSHAKE_TIMEOUT`], at most [`MAX_PENDING_HANDSHAKES`] run at once, a connection carries
-//! at most [`MAX_STREAMS`] tunnels, one with no tunnel for [`IDLE_TIMEOUT`] is closed, and a
-//! connection ends when its client's certificate expires.
+//! Hostile peers cost little: connections are admitted within [`Limits::HBONE`] per listener and
+//! per source address (excess is closed at accept), a handshake (TLS and HTTP/2 preface
+//! together, a wait for one of the listener's handshake permits included) must finish within
+//! [`SERVER_HANDSHAKE_TIMEOUT`], one source runs at most its share of handshakes, a connection
+//! carries at most [`MAX_STREAMS`] tunnels, one with no tunnel for [`IDLE_TIMEOUT`] is closed,
+//! and a connection whose client's certificate expires takes no new tunnel (GOAWAY) while its
+//! open ones run to their end ([`super::expiry`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,15 +25,19 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use trellis_identity::tls::{server_config, MAX_PENDING_HANDSHAKES};
+use trellis_identity::limits::{nofile_limit, FdReserve, Gate, Limits};
+use trellis_identity::tls::server_config;
 use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier};
 use trellis_identity::{BundleSet, CertManager, IdKind, SpiffeId};
 
-use super::{
-    sni_for, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW,
-};
+use super::{expiry, sni_for, CONNECTION_WINDOW, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
+
+/// How long a client may take to finish TLS and send its HTTP/2 preface, a wait for a handshake
+/// permit included. Node-to-node handshakes take milliseconds; the pool's own dial allows
+/// [`super::HANDSHAKE_TIMEOUT`].
+pub const SERVER_HANDSHAKE_TIMEOUT: std::time::Duration = trellis_identity::tls::HANDSHAKE_TIMEOUT;
 
 /// The certificates this node serves on 15008: one per identity of its enrolled workloads,
 /// found by the SNI a client sends ([`sni_for`]).
@@ -116,12 +123,10 @@ pub async fn serve<H: Handler>(
     drain: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let gate = Gate::new(Limits::HBONE.fitted(nofile_limit(), 2));
+    let mut reserve = FdReserve::new();
     let mut stop = drain.clone();
     loop {
-        let Ok(permit) = pending.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|d| *d) => return,
@@ -130,14 +135,23 @@ pub async fn serve<H: Handler>(
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "HBONE accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                reserve.on_accept_error(&listener, &e).await;
                 continue;
+            }
+        };
+        let mut slot = match gate.admit(peer_addr.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(peer = %peer_addr, error = %why, "HBONE connection refused");
+                continue; // dropping `tcp` closes it
             }
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, local, handler, drain) = (acceptor.clone(), local.clone(), handler.clone(), drain.clone());
+        let gate = gate.clone();
         tokio::spawn(async move {
             let handshake = async {
+                let _permit = gate.handshake_permit().await;
                 let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
                 tls.get_mut().1.set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
                 let (_, session) = tls.get_ref();
@@ -168,8 +182,10 @@ pub async fn serve<H: Handler>(
                     not_after,
                 ))
             };
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
-            drop(permit);
+            let handshake = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake).await;
+            slot.established();
+            // The slot counts the connection against its listener and source until it closes.
+            let _slot = slot;
             match handshake {
                 Ok(Ok((connection, info, not_after))) => {
                     run(connection, Arc::new(info), not_after, handler, drain).await
@@ -190,17 +206,26 @@ async fn run<H: Handler>(
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
 ) {
-    let lifetime = not_after
-        .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
-        .unwrap_or(std::time::Duration::from_secs(365 * 24 * 3600));
-    let expiry = tokio::time::sleep(lifetime);
+    // Expiry stops new tunnels, never open ones (see `expiry`): checked on tokio's clock by
+    // this timer and on the wall clock at each CONNECT.
+    let expiry = tokio::time::sleep(expiry::admits_for(not_after, SystemTime::now()));
     tokio::pin!(expiry);
+    let mut expired = false;
     let tunnels = Arc::new(());
     let mut draining = false;
     loop {
         let idle = tokio::time::sleep(IDLE_TIMEOUT);
         tokio::select! {
             next = connection.accept() => match next {
+                Some(Ok((_, mut respond))) if expired || !expiry::admits_tunnels(not_after, SystemTime::now()) => {
+                    // Crossed our GOAWAY on the wire (or the wall clock got there first):
+                    // refused unprocessed, the client retries with its renewed SVID.
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    if !expired {
+                        expired = true;
+                        connection.graceful_shutdown();
+                    }
+                }
                 Some(Ok((request, respond))) => {
                     let handler = handler.clone();
                     let info = info.clone();
@@ -216,9 +241,10 @@ async fn run<H: Handler>(
                 }
                 None => return,
             },
-            _ = &mut expiry => {
-                tracing::info!(peer = %info.peer_addr, identity = %info.peer_id, "client certificate expired: closing");
-                return;
+            _ = &mut expiry, if !expired => {
+                expired = true;
+                tracing::info!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = Arc::strong_count(&tunnels) - 1, "client certificate expired: no new tunnels (GOAWAY), open ones run on");
+                connection.graceful_shutdown();
             }
             _ = drain.wait_for(|d| *d), if !draining => {
                 draining = true;

@@ -140,7 +140,8 @@ pub enum Answer {
 #[derive(Debug)]
 pub enum StreamFailure {
     /// The connection was already unusable (closed, or told to go away) when the request was to
-    /// leave: nothing was sent, so another connection may be dialled for it.
+    /// leave, or the server refused the stream unprocessed (REFUSED_STREAM): nothing reached the
+    /// destination, so another connection may be dialled for it.
     ConnectionGone(OpenError),
     /// The tunnel itself failed.
     Failed(OpenError),

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
-use trellis_identity::IdKind;
 
 use super::Proxy;
 use crate::hbone::copy::splice;
@@ -87,7 +86,9 @@ impl Inbound {
                 return;
             }
         };
-        let (src_cluster, _, src_workload) = request
+        // What the peer says about itself (`baggage`, `forwarded`) is only logged; the labels
+        // come from its verified identity and this node's state (metrics.rs).
+        let claimed = request
             .headers()
             .get("baggage")
             .and_then(|v| v.to_str().ok())
@@ -99,16 +100,13 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let src_namespace = match conn.peer_id.kind() {
-            IdKind::Workload { namespace, .. } => namespace.to_string(),
-            _ => String::new(),
-        };
+        let src = self.proxy.metrics.peers(&state).source(&conn.peer_id, &workload);
         let labels = ConnLabels {
             reporter: "destination",
-            source_workload: src_workload,
-            source_workload_namespace: src_namespace,
-            source_principal: conn.peer_id.to_string(),
-            source_cluster: src_cluster,
+            source_workload: src.workload,
+            source_workload_namespace: src.namespace,
+            source_principal: src.principal,
+            source_cluster: src.cluster,
             destination_workload: workload.name.clone(),
             destination_workload_namespace: workload.namespace.clone(),
             destination_principal: workload.identity.to_string(),
@@ -121,19 +119,15 @@ impl Inbound {
             port: addr.port(),
         };
         let decision = authorize(state.policies(&workload.namespace), &workload.labels, &source);
-        self.proxy
-            .metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                decision: if decision == Decision::Allow { "allow" } else { "deny" }.into(),
-                destination_workload: workload.name.clone(),
-                destination_workload_namespace: workload.namespace.clone(),
-                source_principal: conn.peer_id.to_string(),
-            })
-            .inc();
+        self.proxy.metrics.decision(DecisionLabels {
+            decision: if decision == Decision::Allow { "allow" } else { "deny" }.into(),
+            destination_workload: workload.name.clone(),
+            destination_workload_namespace: workload.namespace.clone(),
+            source_principal: labels.source_principal.clone(),
+        });
         if let Decision::Deny(why) = decision {
             tracing::warn!(source = %conn.peer_id, destination = %addr, workload = %workload.name, reason = %why, "tunnel denied (401)");
-            self.proxy.metrics.failures.get_or_create(&labels).inc();
+            self.proxy.metrics.failure(&labels);
             let _ = respond.send_response(status_only(StatusCode::UNAUTHORIZED), true);
             return;
         }
@@ -141,7 +135,7 @@ impl Inbound {
             Ok(tcp) => tcp,
             Err(e) => {
                 tracing::warn!(source = %conn.peer_id, destination = %addr, error = %e, "workload unreachable (503)");
-                self.proxy.metrics.failures.get_or_create(&labels).inc();
+                self.proxy.metrics.failure(&labels);
                 let _ = respond.send_response(status_only(StatusCode::SERVICE_UNAVAILABLE), true);
                 return;
             }
@@ -159,7 +153,8 @@ impl Inbound {
             target: "access",
             reporter = "destination",
             src = %conn.peer_addr,
-            forwarded = %forwarded,
+            forwarded = ?forwarded,
+            claimed_source = ?claimed,
             src_identity = %conn.peer_id,
             dst = %addr,
             dst_workload = %workload.name,

@@ -47,14 +47,14 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     };
     if let Decision::Deny(why) = authorize(state.policies(&workload.namespace), &workload.labels, &source) {
         tracing::warn!(src = %peer, %dst, reason = %why, "plaintext connection denied");
-        proxy.metrics.failures.get_or_create(&labels).inc();
+        proxy.metrics.failure(&labels);
         return reset(tcp);
     }
     let upstream = match dial(dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::warn!(src = %peer, %dst, error = %e, "workload unreachable");
-            proxy.metrics.failures.get_or_create(&labels).inc();
+            proxy.metrics.failure(&labels);
             return reset(tcp);
         }
     };

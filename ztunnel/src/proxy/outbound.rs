@@ -70,6 +70,12 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
         Destination::Workload { endpoint, service } => (service, vec![endpoint], dst.port()),
         Destination::Passthrough => return passthrough(&proxy, tcp, peer, dst, &source, started).await,
+        Destination::Unknown => {
+            // It may be an enrolled pod this node has not heard of yet: never plaintext.
+            tracing::warn!(src = %peer, %dst, "no workload known at this address of the mesh's pod networks; refused rather than sent in plaintext");
+            proxy.metrics.failure(&source_labels(&source));
+            return reset(tcp);
+        }
     };
     let mut labels = ConnLabels {
         destination_service: service
@@ -80,7 +86,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     };
     if candidates.is_empty() {
         tracing::warn!(src = %peer, %dst, service = %labels.destination_service, "no healthy endpoint; connection reset");
-        proxy.metrics.failures.get_or_create(&labels).inc();
+        proxy.metrics.failure(&labels);
         return reset(tcp);
     }
     let early = match first_bytes(&tcp) {
@@ -114,11 +120,11 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             }
             Err(e) if !e.endpoint_failed() => {
                 tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "connection refused; reset");
-                proxy.metrics.failures.get_or_create(&labels).inc();
+                proxy.metrics.failure(&labels);
                 return reset(tcp);
             }
             Err(e) => {
-                proxy.metrics.failures.get_or_create(&labels).inc();
+                proxy.metrics.failure(&labels);
                 if let Some(b) = &balancer {
                     b.failed(endpoint.ip);
                 }
@@ -198,7 +204,7 @@ async fn passthrough(
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(src = %peer, %dst, error = %e, "passthrough destination unreachable");
-            proxy.metrics.failures.get_or_create(&labels).inc();
+            proxy.metrics.failure(&labels);
             return reset(tcp);
         }
     };

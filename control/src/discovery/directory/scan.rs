@@ -1,7 +1,13 @@
 //! Reading the manifest directory: the I/O edge. [`read`] lists every directory under the root
 //! and reads the manifest files that changed since they were last absorbed; every failure is
-//! returned as data ([`Scan::unlisted`], [`Entry::Unreadable`]) for the state to decide on, never
-//! turned into "no such file".
+//! returned as data ([`Scan::unlisted`], [`Entry::Unreadable`], [`Entry::Refused`]) for the state
+//! to decide on, never turned into "no such file".
+//!
+//! trellisd runs as root, so what it opens is narrow: regular files, and symbolic links whose
+//! target (resolved in full) is a regular file inside the manifest directory. Anything else (a
+//! FIFO, a device, a socket, a link leading out) is reported by name and never opened. A file's
+//! size is checked from its metadata before it is read, and the read stops one byte past the
+//! limit whatever the metadata said.
 
 use std::collections::BTreeMap;
 use std::fs::{File, Metadata, OpenOptions};
@@ -51,11 +57,15 @@ pub enum Entry {
     Unchanged,
     /// The file's text now.
     Read { stamp: Stamp, text: String },
-    /// Larger than [`MAX_FILE_BYTES`]: not read.
+    /// Larger than [`MAX_FILE_BYTES`] (`stamp.len` is its size; at most the limit only if it
+    /// grew while being read): not read.
     TooLarge { stamp: Stamp },
-    /// Listed but not readable now (vanished since the listing, not a regular file, out of file
-    /// descriptors, ...), with why.
+    /// Listed but not readable now (vanished since the listing, a symlink loop, out of file
+    /// descriptors, ...), with why: may work on the next try.
     Unreadable(String),
+    /// Not a manifest file and never read as one until it changes (a FIFO, a device, a socket, a
+    /// directory, a symbolic link leading outside the manifest directory), with why.
+    Refused(String),
 }
 
 /// Whether `path` names a manifest: `*.yaml` or `*.yml`, not hidden.
@@ -73,6 +83,8 @@ fn is_hidden(path: &Path) -> bool {
 /// reads every manifest file whose stamp differs from `seen`.
 pub fn read(root: &Path, seen: &Seen) -> Scan {
     let mut scan = Scan::default();
+    // Symbolic links are followed only to files under this.
+    let inside = std::fs::canonicalize(root).ok();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -97,7 +109,7 @@ pub fn read(root: &Path, seen: &Seen) -> Scan {
             match entry.file_type() {
                 Ok(t) if t.is_dir() => pending.push(path),
                 Ok(_) if is_manifest(&path) => {
-                    let read = read_file(&path, seen.get(&path));
+                    let read = read_file(&path, inside.as_deref(), seen.get(&path));
                     scan.files.insert(path, read);
                 }
                 Ok(_) => {}
@@ -128,17 +140,50 @@ fn not_regular(meta: &Metadata) -> String {
     } else {
         "not a regular file"
     };
-    format!("{what}, not a regular file")
+    format!("{what}, not a regular file; only regular files are read")
 }
 
-/// Reads one manifest file (following a symlink), unless its stamp is `seen`.
-fn read_file(path: &Path, seen: Option<&Stamp>) -> Entry {
-    let meta = match std::fs::metadata(path) {
+/// Where the text of a listed manifest `path` is to be read from: the path itself, or the
+/// target of a symbolic link that stays inside `root` (canonical). `Err` is the entry to report.
+fn source_of(path: &Path, root: Option<&Path>) -> Result<PathBuf, Entry> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Entry::Unreadable(e.to_string()))?;
+    if !meta.file_type().is_symlink() {
+        return Ok(path.to_path_buf());
+    }
+    // A loop or a dangling link may be mid-edit: unreadable (tried again), not refused.
+    let target = std::fs::canonicalize(path).map_err(|e| Entry::Unreadable(e.to_string()))?;
+    match root {
+        Some(root) if target.starts_with(root) => Ok(target),
+        Some(_) => Err(Entry::Refused(format!(
+            "a symbolic link to {}, outside the manifest directory; not followed",
+            target.display()
+        ))),
+        None => Err(Entry::Unreadable(
+            "the manifest directory cannot be resolved, so neither can this symbolic link".into(),
+        )),
+    }
+}
+
+/// Where the open file `file` really is, when the kernel says (`/proc/self/fd`).
+fn opened_path(file: &File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()
+}
+
+/// Reads one manifest file, unless its stamp is `seen`: a regular file, or a symbolic link to a
+/// regular file inside `root` (the canonical manifest directory). Its size is checked from its
+/// metadata before a byte is read, and the read is bounded all the same.
+fn read_file(path: &Path, root: Option<&Path>, seen: Option<&Stamp>) -> Entry {
+    let source = match source_of(path, root) {
+        Ok(source) => source,
+        Err(entry) => return entry,
+    };
+    let meta = match std::fs::symlink_metadata(&source) {
         Ok(meta) => meta,
         Err(e) => return Entry::Unreadable(e.to_string()),
     };
     if !meta.is_file() {
-        return Entry::Unreadable(not_regular(&meta));
+        return Entry::Refused(not_regular(&meta));
     }
     if seen == Some(&Stamp::of(&meta)) {
         return Entry::Unchanged;
@@ -148,22 +193,35 @@ fn read_file(path: &Path, seen: Option<&Stamp>) -> Entry {
             stamp: Stamp::of(&meta),
         };
     }
-    // Non-blocking, so that a FIFO swapped in after the check cannot hang the scan.
+    // Non-blocking, so that a FIFO swapped in after the check cannot hang the scan; no
+    // following, so that a symbolic link swapped in cannot lead outside the directory.
     let opened = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(&source)
         .and_then(|f| f.metadata().map(|m| (f, m)));
     let (file, meta): (File, Metadata) = match opened {
         Ok(opened) => opened,
         Err(e) => return Entry::Unreadable(e.to_string()),
     };
     if !meta.is_file() {
-        return Entry::Unreadable(not_regular(&meta));
+        return Entry::Refused(not_regular(&meta));
+    }
+    // A directory on the way swapped for a symbolic link after the listing.
+    if let (Some(root), Some(real)) = (root, opened_path(&file)) {
+        if !real.starts_with(root) {
+            return Entry::Refused(format!(
+                "resolves to {}, outside the manifest directory; not read",
+                real.display()
+            ));
+        }
     }
     // The stamp of the open file is the stamp of the text read.
     let stamp = Stamp::of(&meta);
-    let mut text = String::new();
+    if stamp.len > MAX_FILE_BYTES as u64 {
+        return Entry::TooLarge { stamp };
+    }
+    let mut text = String::with_capacity(stamp.len as usize);
     if let Err(e) = file.take(MAX_FILE_BYTES as u64 + 1).read_to_string(&mut text) {
         return Entry::Unreadable(e.to_string());
     }

@@ -2,8 +2,10 @@
 //! it. Pure: no I/O, no clock.
 //!
 //! - A file is applied whole or not at all. When it is malformed, defines what another file
-//!   already defines, claims a VIP or workload IP already in use, cannot be read, or crashes the
-//!   parser, the problem is recorded and the file's last good version stays in force.
+//!   already defines, claims a VIP or workload IP already in use, cannot be read, is too large,
+//!   is no file to read at all (a FIFO, a device, a symbolic link leading out of the directory),
+//!   or crashes the parser, the problem is recorded and the file's last good version stays in
+//!   force.
 //! - A file's objects go only when a complete listing of its directory no longer names it: a
 //!   directory that could not be listed (gone, out of file descriptors, ...) keeps every file
 //!   last seen under it.
@@ -271,13 +273,23 @@ impl DirectoryState {
                     seen.insert(path, stamp);
                 }
                 Entry::TooLarge { stamp } => {
-                    let problem = ManifestError {
-                        line: 0,
-                        message: format!("the file is {} bytes; the limit is {MAX_FILE_BYTES}", stamp.len),
+                    let message = if stamp.len > MAX_FILE_BYTES as u64 {
+                        format!("the file is {} bytes; the limit is {MAX_FILE_BYTES}", stamp.len)
+                    } else {
+                        format!("the file grew past the limit of {MAX_FILE_BYTES} bytes while being read")
                     };
+                    let problem = ManifestError { line: 0, message };
                     self.blocked.remove(&path);
                     self.refuse(&path, problem.to_string());
                     seen.insert(path, stamp);
+                }
+                // Not a file we read (a FIFO, a device, a link leading out): reported, never
+                // retried until it changes, and never holding back the first publication.
+                Entry::Refused(why) => {
+                    self.unread.remove(&path);
+                    self.blocked.remove(&path);
+                    self.refuse(&path, format!("not read: {why}"));
+                    seen.remove(&path);
                 }
                 Entry::Unreadable(why) => {
                     if !self.files.contains_key(&path) {
@@ -693,6 +705,45 @@ mod tests {
             stuck.discovered().problems.iter().any(|p| p.contains("fifo.yaml")),
             "and it says why"
         );
+    }
+
+    #[test]
+    fn a_refused_file_is_reported_but_neither_retried_nor_holding_back_the_first_publication() {
+        let mut state = DirectoryState::default();
+        let mut seen = Seen::new();
+        let fifo = || Entry::Refused("a FIFO, not a regular file; only regular files are read".into());
+        let absorbed = state.absorb(
+            &mut seen,
+            scan([("/m/a.yaml", read(1, &ns("shop", "ambient"))), ("/m/pipe.yaml", fifo())]),
+        );
+        assert_eq!(
+            absorbed,
+            Absorbed {
+                changed: true,
+                retry: false
+            }
+        );
+        let d = state.discovered();
+        assert!(d.synced, "a FIFO never becomes readable: nothing to wait for");
+        assert_eq!(
+            d.problems,
+            ["/m/pipe.yaml: not read: a FIFO, not a regular file; only regular files are read"]
+        );
+        // Removed: the problem goes with it.
+        state.absorb(&mut seen, scan([("/m/a.yaml", Entry::Unchanged)]));
+        assert!(state.discovered().problems.is_empty());
+    }
+
+    #[test]
+    fn a_file_that_grew_past_the_limit_while_being_read_says_so() {
+        let (mut state, mut seen) = two_files();
+        let s = scan([
+            ("/m/a.yaml", Entry::TooLarge { stamp: stamp(10) }),
+            ("/m/sub/b.yaml", Entry::Unchanged),
+        ]);
+        state.absorb(&mut seen, s);
+        let problems = state.discovered().problems;
+        assert!(problems[0].contains("grew past the limit"), "{problems:?}");
     }
 
     #[test]
