@@ -226,8 +226,11 @@ async fn silent_unauthenticated_connections_neither_slow_join_nor_stay_open() {
     let flooded = p99(flooded);
     eprintln!("Join + GetTrustBundle p99: {undisturbed:?} undisturbed, {flooded:?} under the flood ({rounds} rounds)");
     assert!(
-        flooded <= undisturbed * 2,
-        "p99 under the flood {flooded:?} is more than twice the undisturbed {undisturbed:?}"
+        // Twice the undisturbed p99, plus 50 ms of slack: the flood's own client shares this
+        // machine's two cores with the server, while the failure guarded against (starved
+        // accepts and handshakes) costs seconds or fails the call outright.
+        flooded <= undisturbed * 2 + std::time::Duration::from_millis(50),
+        "p99 under the flood {flooded:?} is more than twice the undisturbed {undisturbed:?} plus 50 ms"
     );
 
     // Every silent connection is closed by the server once its timeout has run.

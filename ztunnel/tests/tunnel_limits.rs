@@ -199,8 +199,11 @@ async fn a_flood_of_silent_tunnels_from_one_identity_gets_503_and_spares_the_oth
         "every CONNECT beyond it gets 503"
     );
     assert!(
-        flooded <= undisturbed * 2,
-        "web's p99 under the flood {flooded:?} is more than twice the undisturbed {undisturbed:?}"
+        // Twice the undisturbed p99, plus 50 ms of slack: the flood's own client shares this
+        // machine's two cores with the server, while the failure guarded against (starved
+        // accepts and handshakes) costs seconds or fails the call outright.
+        flooded <= undisturbed * 2 + std::time::Duration::from_millis(50),
+        "web's p99 under the flood {flooded:?} is more than twice the undisturbed {undisturbed:?} plus 50 ms"
     );
 
     // The flood's tunnels end; its identity gets tunnels again.
