@@ -144,6 +144,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         certs.clone(),
         bundles.clone(),
         metrics.clone(),
+        config.idle_timeouts(),
     );
     tokio::spawn(apply_config(
         config.clone(),

@@ -96,6 +96,14 @@ pub struct Config {
     /// Most inbound tunnels one source identity holds on this node at once; beyond, 503.
     #[arg(long, env = "TRELLIS_MAX_TUNNELS_PER_IDENTITY", default_value_t = 4096)]
     pub max_tunnels_per_identity: usize,
+    /// A tunnel that moves no byte either way this long after it opened is closed (reset both
+    /// ways): a CONNECT nobody uses holds a pod socket for nothing.
+    #[arg(long, env = "TRELLIS_TUNNEL_UNUSED_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub tunnel_unused_timeout_seconds: u64,
+    /// A tunnel that moves no byte either way for this long is closed, as Envoy's TCP proxy does
+    /// (its default is one hour too); 0: never.
+    #[arg(long, env = "TRELLIS_TUNNEL_IDLE_TIMEOUT_SECONDS", default_value_t = 3600)]
+    pub tunnel_idle_timeout_seconds: u64,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -107,6 +115,15 @@ impl Config {
         crate::limits::TunnelLimits {
             per_node: self.max_tunnels,
             per_identity: self.max_tunnels_per_identity,
+        }
+    }
+
+    /// When silent tunnels close, from the flags.
+    pub fn idle_timeouts(&self) -> crate::hbone::idle::IdleTimeouts {
+        use std::time::Duration;
+        crate::hbone::idle::IdleTimeouts {
+            unused: Duration::from_secs(self.tunnel_unused_timeout_seconds.max(1)),
+            idle: (self.tunnel_idle_timeout_seconds > 0).then(|| Duration::from_secs(self.tunnel_idle_timeout_seconds)),
         }
     }
 

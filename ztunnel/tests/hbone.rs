@@ -19,6 +19,7 @@ use trellis_api::slice::{key_of, Slice};
 use trellis_identity::{
     BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
 };
+use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
 use trellis_ztunnel::hbone::tunnel::Protocol;
@@ -137,6 +138,7 @@ async fn node() -> Node {
         certs.clone(),
         bundles.clone(),
         metrics.clone(),
+        IdleTimeouts::default(),
     );
     let local = LocalCerts::new(certs);
     local.set([id(CART)]);

@@ -23,6 +23,7 @@ use trellis_identity::{
     BundleSet, CertManager, CertificateAuthority, HeldSvid, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle,
     TrustDomain,
 };
+use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
 use trellis_ztunnel::hbone::sni_for;
@@ -90,6 +91,7 @@ async fn node() -> Node {
         certs.clone(),
         bundles.clone(),
         Arc::new(Metrics::default()),
+        IdleTimeouts::default(),
     );
     let local = LocalCerts::new(certs);
     local.set([id(CART)]);

@@ -15,6 +15,7 @@ use trellis_api::slice::{key_of, Slice};
 use trellis_identity::{
     BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
 };
+use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
 use trellis_ztunnel::hbone::tunnel::Protocol;
@@ -103,49 +104,94 @@ fn p99(mut took: Vec<Duration>) -> Duration {
     took[(took.len() * 99).div_ceil(100) - 1]
 }
 
+/// A node serving cart-1 (an echo server on loopback) on an HBONE port of its own, with
+/// `limits` and `idle`; the CA that issues every identity of the test.
+struct Node {
+    ca: Arc<CertificateAuthority>,
+    bundles: BundleSet,
+    limited: Arc<Limited<Inbound>>,
+    hbone: SocketAddr,
+    workload: SocketAddr,
+    _state: watch::Sender<Arc<ProxyState>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(limits: TunnelLimits, idle: IdleTimeouts) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(
+            CertificateAuthority::load_or_create(
+                dir.path(),
+                &TrustDomain::new("east.trellis.local").unwrap(),
+                IssuancePolicy::default(),
+            )
+            .unwrap(),
+        );
+        let bundles = BundleSet::with(TrustBundle::new(ca.trust_domain().clone(), ca.roots().to_vec()));
+        let certs = certs_for(&ca, &[CART]).await;
+        let (state_tx, state) = watch::channel(Arc::new(ProxyState::from_slice("node-1", 1, &slice())));
+        let proxy = Proxy::new(
+            "node-1".into(),
+            "east".into(),
+            state,
+            certs.clone(),
+            bundles.clone(),
+            Arc::new(Metrics::default()),
+            idle,
+        );
+        let local = LocalCerts::new(certs);
+        local.set([id(CART)]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hbone = listener.local_addr().unwrap();
+        let limited = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), limits));
+        tokio::spawn(server::serve(
+            listener,
+            server::tls_config(local.clone(), bundles.clone()),
+            local,
+            limited.clone(),
+            proxy.drain.watch(),
+        ));
+        Node {
+            ca,
+            bundles,
+            limited,
+            hbone,
+            workload: echo().await,
+            _state: state_tx,
+            _dir: dir,
+        }
+    }
+
+    fn key(&self, source: &str) -> Key {
+        Key {
+            source: id(source),
+            node: self.hbone,
+            destination: id(CART),
+            protocol: Protocol::Http2,
+        }
+    }
+
+    /// A pool holding `source`'s SVID.
+    async fn client(&self, source: &str) -> Arc<Pool> {
+        Pool::new(certs_for(&self.ca, &[source]).await, self.bundles.clone())
+    }
+
+    /// Waits until the node holds no tunnel.
+    async fn wait_no_tunnels(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.limited.open() > 0 {
+            assert!(Instant::now() < deadline, "{} tunnels still open", self.limited.open());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_silent_tunnels_from_one_identity_gets_503_and_spares_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(
-            dir.path(),
-            &TrustDomain::new("east.trellis.local").unwrap(),
-            IssuancePolicy::default(),
-        )
-        .unwrap(),
-    );
-    let bundles = BundleSet::with(TrustBundle::new(ca.trust_domain().clone(), ca.roots().to_vec()));
-    let certs = certs_for(&ca, &[CART]).await;
-    let (state_tx, state) = watch::channel(Arc::new(ProxyState::from_slice("node-1", 1, &slice())));
-    let proxy = Proxy::new(
-        "node-1".into(),
-        "east".into(),
-        state,
-        certs.clone(),
-        bundles.clone(),
-        Arc::new(Metrics::default()),
-    );
-    let local = LocalCerts::new(certs);
-    local.set([id(CART)]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hbone = listener.local_addr().unwrap();
-    let limited = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), LIMITS));
-    tokio::spawn(server::serve(
-        listener,
-        server::tls_config(local.clone(), bundles.clone()),
-        local,
-        limited.clone(),
-        proxy.drain.watch(),
-    ));
-    let workload = echo().await;
-    let key = |source: &str| Key {
-        source: id(source),
-        node: hbone,
-        destination: id(CART),
-        protocol: Protocol::Http2,
-    };
+    let node = Node::start(LIMITS, IdleTimeouts::default()).await;
+    let (workload, key) = (node.workload, |source: &str| node.key(source));
 
-    let web = Pool::new(certs_for(&ca, &[WEB]).await, bundles.clone());
+    let web = node.client(WEB).await;
     let rounds = |first: usize| {
         let (web, key) = (web.clone(), key(WEB));
         async move {
@@ -166,7 +212,7 @@ async fn a_flood_of_silent_tunnels_from_one_identity_gets_503_and_spares_the_oth
     let undisturbed = p99(rounds(0).await);
 
     // The flood: CONNECTs from one identity that never send a byte, all held open.
-    let flood = Pool::new(certs_for(&ca, &[FLOOD]).await, bundles.clone());
+    let flood = node.client(FLOOD).await;
     let opens: Vec<_> = (0..FLOOD_TUNNELS)
         .map(|_| {
             let (flood, key) = (flood.clone(), key(FLOOD));
@@ -208,15 +254,75 @@ async fn a_flood_of_silent_tunnels_from_one_identity_gets_503_and_spares_the_oth
 
     // The flood's tunnels end; its identity gets tunnels again.
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while limited.open() > 0 {
-        assert!(Instant::now() < deadline, "{} tunnels still open", limited.open());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    node.wait_no_tunnels(Duration::from_secs(10)).await;
     let mut again = flood
         .open(&key(FLOOD), workload, &[], &Bytes::new())
         .await
         .expect("flood identity after the flood");
     round_trip(&mut again).await;
-    drop(state_tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tunnels_are_closed_after_the_unused_timeout_and_used_ones_stay() {
+    let unused = Duration::from_secs(2);
+    let limits = TunnelLimits {
+        per_node: 2000,
+        per_identity: 50,
+    };
+    let node = Node::start(
+        limits,
+        IdleTimeouts {
+            unused,
+            idle: Some(Duration::from_secs(3600)),
+        },
+    )
+    .await;
+    let web = node.client(WEB).await;
+    let mut used = web
+        .open(&node.key(WEB), node.workload, &[], &Bytes::new())
+        .await
+        .expect("web → cart");
+    round_trip(&mut used).await;
+
+    // The flood takes its identity's whole share with tunnels that never carry a byte...
+    let flood = node.client(FLOOD).await;
+    let mut held = Vec::new();
+    for n in 0..limits.per_identity {
+        let tunnel = flood.open(&node.key(FLOOD), node.workload, &[], &Bytes::new()).await;
+        held.push(tunnel.unwrap_or_else(|e| panic!("flood tunnel {n}: {e:?}")));
+    }
+    assert!(
+        matches!(
+            flood.open(&node.key(FLOOD), node.workload, &[], &Bytes::new()).await,
+            Err(OpenError::Unreachable)
+        ),
+        "the share is full: 503"
+    );
+    let opened = Instant::now();
+    // ...and loses them once they have been silent for the unused timeout, while it still holds
+    // every one of them: the node closed them, not the client.
+    let deadline = opened + unused * 5;
+    while node.limited.open() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} silent tunnels still open {:?} after the last opened",
+            node.limited.open() - 1,
+            opened.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(opened.elapsed() >= unused / 2, "closed before the timeout fell due");
+    for tunnel in &mut held {
+        let end = tokio::time::timeout(Duration::from_secs(5), tunnel.next_chunk())
+            .await
+            .expect("the closed tunnel ends");
+        assert!(!matches!(end, Some(Ok(_))), "a closed tunnel carries no data: {end:?}");
+    }
+    // The identity's share is free again, and the tunnel that carried bytes is still open.
+    let mut again = flood
+        .open(&node.key(FLOOD), node.workload, &[], &Bytes::new())
+        .await
+        .expect("flood identity after its silent tunnels closed");
+    round_trip(&mut again).await;
+    round_trip(&mut used).await;
 }

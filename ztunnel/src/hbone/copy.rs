@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::idle::{self, Activity, IdleTimeouts};
 use super::tunnel::{recv, send_all, RecvHalf, SendHalf};
 
 /// Read buffer of a new tunnel: small, so that thousands of quiet connections cost little.
@@ -39,25 +40,42 @@ pub struct Moved {
     pub downstream: u64,
 }
 
-/// Runs the tunnel until both directions are closed, or one fails (then the other is reset).
+/// Runs the tunnel until both directions are closed, or one fails (then the other is reset),
+/// or the tunnel stays silent past `timeouts` (then both are reset: [`idle`]). `early` counts
+/// bytes that already crossed before the pump started (the client's first bytes, sent with the
+/// `CONNECT`): they count as activity, not in the returned [`Moved`].
 pub async fn splice<S: SendHalf, R: RecvHalf>(
     tcp: TcpStream,
-    send: S,
-    recv: R,
+    mut send: S,
+    mut recv: R,
     counters: &dyn OnBytes,
+    timeouts: IdleTimeouts,
+    early: u64,
 ) -> (Moved, io::Result<()>) {
-    let (rd, wr) = tcp.into_split();
+    let (rd, mut wr) = tcp.into_split();
     let mut moved = Moved::default();
-    let up = tcp_to_tunnel(rd, send, counters, &mut moved.upstream);
-    let down = tunnel_to_tcp(recv, wr, counters, &mut moved.downstream);
-    let result = tokio::try_join!(up, down).map(|_| ());
+    let activity = Activity::default();
+    activity.add(early);
+    let result = {
+        let up = tcp_to_tunnel(rd, &mut send, counters, &activity, &mut moved.upstream);
+        let down = tunnel_to_tcp(&mut recv, &mut wr, counters, &activity, &mut moved.downstream);
+        tokio::select! {
+            result = async { tokio::try_join!(up, down) } => result.map(|_| ()),
+            silent = idle::watch(timeouts, &activity) => Err(io::Error::new(io::ErrorKind::TimedOut, silent)),
+        }
+    };
+    if result.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::TimedOut) {
+        send.reset();
+        let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+    }
     (moved, result)
 }
 
 async fn tcp_to_tunnel<S: SendHalf>(
     mut rd: OwnedReadHalf,
-    mut send: S,
+    send: &mut S,
     counters: &dyn OnBytes,
+    activity: &Activity,
     total: &mut u64,
 ) -> io::Result<()> {
     let mut chunk_size = FIRST_CHUNK;
@@ -82,8 +100,9 @@ async fn tcp_to_tunnel<S: SendHalf>(
             chunk_size = (chunk_size * 4).min(LARGEST_CHUNK);
         }
         let chunk = buf.split().freeze();
-        send_all(&mut send, chunk, |len| {
+        send_all(send, chunk, |len| {
             *total += len;
+            activity.add(len);
             counters.upstream(len);
         })
         .await?;
@@ -91,12 +110,13 @@ async fn tcp_to_tunnel<S: SendHalf>(
 }
 
 async fn tunnel_to_tcp<R: RecvHalf>(
-    mut from: R,
-    mut wr: OwnedWriteHalf,
+    from: &mut R,
+    wr: &mut OwnedWriteHalf,
     counters: &dyn OnBytes,
+    activity: &Activity,
     total: &mut u64,
 ) -> io::Result<()> {
-    while let Some(data) = recv(&mut from).await {
+    while let Some(data) = recv(from).await {
         let data = match data {
             Ok(data) => data,
             Err(e) => {
@@ -109,6 +129,7 @@ async fn tunnel_to_tcp<R: RecvHalf>(
         let len = data.len();
         from.release(len);
         *total += len as u64;
+        activity.add(len as u64);
         counters.downstream(len as u64);
     }
     wr.shutdown().await

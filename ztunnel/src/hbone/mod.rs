@@ -13,6 +13,7 @@
 pub mod copy;
 pub mod expiry;
 pub mod http2;
+pub mod idle;
 pub mod pool;
 pub mod server;
 pub mod tunnel;

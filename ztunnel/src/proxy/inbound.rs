@@ -148,7 +148,7 @@ impl Inbound {
             }
         };
         let counters = self.proxy.metrics.connection(labels, false);
-        let (moved, result) = splice(tcp, send, request.into_body(), &counters).await;
+        let (moved, result) = splice(tcp, send, request.into_body(), &counters, self.proxy.idle, 0).await;
         tracing::info!(
             target: "access",
             reporter = "destination",

@@ -17,8 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use trellis_identity::limits::FdReserve;
 use trellis_identity::{BundleSet, CertManager};
 
+use crate::hbone::idle::IdleTimeouts;
 use crate::hbone::pool::Pool;
 use crate::lb::Balancer;
 use crate::metrics::Metrics;
@@ -34,6 +36,8 @@ pub struct Proxy {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    /// When silent tunnels close.
+    pub idle: IdleTimeouts,
     balancers: Mutex<HashMap<(String, String), Arc<Balancer>>>,
 }
 
@@ -45,6 +49,7 @@ impl Proxy {
         certs: CertManager,
         bundles: BundleSet,
         metrics: Arc<Metrics>,
+        idle: IdleTimeouts,
     ) -> Arc<Self> {
         let pool = Pool::new(certs.clone(), bundles.clone());
         Arc::new(Self {
@@ -56,6 +61,7 @@ impl Proxy {
             pool,
             metrics,
             drain: Drain::default(),
+            idle,
             balancers: Mutex::new(HashMap::new()),
         })
     }
@@ -130,13 +136,16 @@ impl Drain {
 }
 
 /// Accepts on `listener` until the drain starts, running `handle` for each connection in its
-/// own task; accept errors (out of descriptors, say) are logged and retried.
+/// own task. Accept errors are logged and retried; when the process is out of descriptors a
+/// spare one is given up to accept-and-close the waiting connection, so the backlog drains and
+/// the listener keeps answering once descriptors free up ([`FdReserve`]).
 pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, what: &'static str, handle: F)
 where
     F: Fn(Arc<Proxy>, tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut drain = proxy.drain.watch();
+    let mut reserve = FdReserve::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -148,7 +157,7 @@ where
             }
             Err(e) => {
                 tracing::warn!(error = %e, listener = what, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                reserve.on_accept_error(&listener, &e).await;
             }
         }
     }

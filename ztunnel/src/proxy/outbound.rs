@@ -112,7 +112,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                 let counters = proxy.metrics.connection(labels.clone(), true);
                 counters.upstream(early.len() as u64);
                 let (mut moved, result) = match opened {
-                    Attempt::Tunnel(t) => splice(tcp, t.send, t.recv, &counters).await,
+                    Attempt::Tunnel(t) => splice(tcp, t.send, t.recv, &counters, proxy.idle, early.len() as u64).await,
                     Attempt::Direct(upstream) => copy_plain(tcp, upstream, &counters).await,
                 };
                 moved.upstream += early.len() as u64;
