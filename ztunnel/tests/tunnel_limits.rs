@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::{key_of, Slice};
+use trellis_e2e::flood::{p99, within_twice};
 use trellis_identity::{
     BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
 };
@@ -97,11 +98,6 @@ async fn round_trip(tunnel: &mut Tunnel) {
             .expect("data");
         got += chunk.len();
     }
-}
-
-fn p99(mut took: Vec<Duration>) -> Duration {
-    took.sort();
-    took[(took.len() * 99).div_ceil(100) - 1]
 }
 
 /// A node serving cart-1 (an echo server on loopback) on an HBONE port of its own, with
@@ -245,10 +241,7 @@ async fn a_flood_of_silent_tunnels_from_one_identity_gets_503_and_spares_the_oth
         "every CONNECT beyond it gets 503"
     );
     assert!(
-        // Twice the undisturbed p99, plus 50 ms of slack: the flood's own client shares this
-        // machine's two cores with the server, while the failure guarded against (starved
-        // accepts and handshakes) costs seconds or fails the call outright.
-        flooded <= undisturbed * 2 + std::time::Duration::from_millis(50),
+        within_twice(flooded, undisturbed),
         "web's p99 under the flood {flooded:?} is more than twice the undisturbed {undisturbed:?} plus 50 ms"
     );
 

@@ -50,6 +50,9 @@ pub struct ClusterPlan {
     pub cp: Host,
     pub nodes: Vec<NodePlan>,
     pub services: Vec<ServicePlan>,
+    /// Flags appended to trellisd's and each ztunnel's command line (the topology's).
+    pub trellisd_args: Vec<String>,
+    pub ztunnel_args: Vec<String>,
 }
 
 /// A namespace on the cluster network: `eth0` with `ip`/24, and the veth end `uplink` in the
@@ -186,6 +189,8 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
             },
             nodes,
             services: Vec::new(),
+            trellisd_args: c.trellisd_args.clone(),
+            ztunnel_args: c.ztunnel_args.clone(),
         });
     }
     let mut service_cluster = Vec::new();

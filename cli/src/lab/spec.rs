@@ -28,12 +28,18 @@ pub struct Topology {
     pub pods: Vec<Pod>,
 }
 
-/// One cluster: a control plane and `nodes` nodes named `node-1`..`node-N`.
+/// One cluster: a control plane and `nodes` nodes named `node-1`..`node-N`, optionally with
+/// flags appended to its processes' command lines (`trellisdArgs: [--svid-ttl-seconds, "60"]`,
+/// `ztunnelArgs: [...]`: the lab's own way to try a setting, as a test or a user would).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Cluster {
     pub name: String,
     pub nodes: u32,
+    #[serde(default)]
+    pub trellisd_args: Vec<String>,
+    #[serde(default)]
+    pub ztunnel_args: Vec<String>,
 }
 
 /// A namespace; `ambient: true` enrols its pods (label `trellis.io/dataplane-mode=ambient`).

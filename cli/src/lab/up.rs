@@ -161,6 +161,7 @@ fn start_trellisd(c: &ClusterPlan, state: &State, bins: &Bins, env: &[(String, S
         "--admin-listen".into(),
         format!("127.0.0.1:{}", plan::ADMIN_PORT),
     ];
+    let argv = [argv, c.trellisd_args.clone()].concat();
     let launch = Launch {
         name: name.clone(),
         netns: c.cp.netns.clone(),
@@ -222,6 +223,7 @@ fn start_ztunnel(
         argv.push("--mesh-cidr".into());
         argv.push(format!("{}/24", node.pod_cidr));
     }
+    argv.extend(c.ztunnel_args.iter().cloned());
     let launch = Launch {
         name: ztunnel_name(c, n),
         netns: n.host.netns.clone(),

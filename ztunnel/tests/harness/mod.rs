@@ -71,24 +71,7 @@ impl Drop for Netns {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns`; sockets it opens, and processes it
-/// spawns, stay in that namespace.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    use std::os::fd::AsRawFd;
-    let path = format!("/run/netns/{ns}");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: `file` is an open namespace file for the whole call; setns moves only this
-            // short-lived thread.
-            let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "entering {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| panic!("a thread in {ns} panicked"))
-    })
-}
+pub use trellis_e2e::in_netns;
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` with `what` and
 /// `context()` (e.g. ztunnel's log).
