@@ -30,9 +30,22 @@ pub struct Applied {
 /// Applies one update to `applied` if it can be applied, and returns the acknowledgement to
 /// send: an empty error for an applied update, the reason otherwise. A rejected update leaves
 /// `applied` untouched (its version too, so a resume asks for what was missed).
+///
+/// Versions never go back: trellisd's are wall-clock milliseconds that only grow, across its
+/// restarts too, so an update below the applied version is a replay (or a trellisd whose clock
+/// stepped back by more than its restart took) and is refused; the node keeps what it holds.
+/// The same version again is the same model (a resume's empty difference, a repeated snapshot).
 pub fn receive(applied: &mut Applied, update: pb::ConfigUpdate) -> pb::Ack {
     let version = update.version;
-    let error = match check(&update) {
+    let checked = if version < applied.version {
+        Err(format!(
+            "version {version} is below the applied version {}: a replayed update, or trellisd's clock went back; keeping version {}",
+            applied.version, applied.version
+        ))
+    } else {
+        check(&update)
+    };
+    let error = match checked {
         Ok(()) => {
             // `check` vetted every key and kind, so applying cannot stop half-way.
             let _ = apply(&mut applied.slice, update);
@@ -205,6 +218,26 @@ mod tests {
         assert_eq!(ack.version, 2);
         assert!(ack.error.contains("no kind"), "{}", ack.error);
         assert_eq!(applied, before, "a refused snapshot must not empty the slice");
+    }
+
+    #[test]
+    fn an_update_below_the_applied_version_is_refused_as_a_replay() {
+        let mut applied = Applied::default();
+        receive(&mut applied, update(1_700_000_000_500, true, vec![workload("a", "x")]));
+        let before = applied.clone();
+        // A snapshot from before (a replay) would empty the slice down to "a/old".
+        let ack = receive(&mut applied, update(1_700_000_000_400, true, vec![workload("a", "old")]));
+        assert_eq!(ack.version, 1_700_000_000_400);
+        assert!(ack.error.contains("below the applied version 1700000000500"), "{}", ack.error);
+        assert_eq!(applied, before);
+        let ack = receive(&mut applied, update(1_700_000_000_499, false, vec![workload("a", "old")]));
+        assert!(!ack.error.is_empty());
+        assert_eq!(applied, before);
+        // The same version again (a resume's empty difference) and any later one apply.
+        assert_eq!(receive(&mut applied, update(1_700_000_000_500, false, vec![])).error, "");
+        assert_eq!(receive(&mut applied, update(1_700_000_000_600, false, vec![workload("a", "y")])).error, "");
+        assert_eq!(applied.version, 1_700_000_000_600);
+        assert_eq!(applied.slice.len(), 2);
     }
 
     #[test]

@@ -143,6 +143,19 @@ pub async fn join_node(
 ) -> Result<CertManager, CaClientError> {
     let anonymous = CaClient::new(addr, trust_domain, bundles.clone(), None)?;
     let held = anonymous.join(token, node, trust_domain).await?;
+    node_manager(addr, trust_domain, bundles, held, config)
+}
+
+/// A manager for a node that already holds its node SVID (`held`: from Join, or saved by an
+/// earlier run): it keeps that SVID renewed and asks the CA at `addr`, authenticated by it, for
+/// any identity passed to [`CertManager::ensure`].
+pub fn node_manager(
+    addr: SocketAddr,
+    trust_domain: &TrustDomain,
+    bundles: BundleSet,
+    held: HeldSvid,
+    config: ManagerConfig,
+) -> Result<CertManager, CaClientError> {
     let node_id = held.svid.id.clone();
     let manager = CertManager::with_source_from(config, |resolver| {
         let client = CaClient::new(addr, trust_domain, bundles, Some(resolver(&node_id)))?;

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod manager;
 pub mod principal;
 pub mod renewal;
+pub mod saved;
 pub mod svid;
 pub mod tls;
 pub mod token;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{document_roots, parse_file};
+use crate::manifest::{document_roots, parse_file, MAX_FILE_BYTES};
 
 /// Why a label could not be changed.
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +118,44 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("manifest");
     // A hidden temporary name: the directory watcher skips dot files.
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).map_err(err)?;
+    // Never through whatever already sits at the temporary name (a link planted there).
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(err)?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// The text of manifest `path` if trellisd would read it too: a regular file, or a symbolic link
+/// to one inside `root` (canonical), of at most [`MAX_FILE_BYTES`]. Opened without blocking and
+/// read with a bound, so a FIFO, a device or a file swapped in meanwhile cannot hang or flood
+/// the CLI (which may run as root).
+fn read_manifest(root: &Path, path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let source = std::fs::canonicalize(path).ok().filter(|p| p.starts_with(root))?;
+    // Not even opened unless a regular file: opening a device can have effects of its own.
+    if !std::fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(&source)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_FILE_BYTES as u64 {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES as u64 + 1).read_to_string(&mut text).ok()?;
+    (text.len() <= MAX_FILE_BYTES).then_some(text)
 }
 
 /// Sets (`Some(value)`) or removes (`None`) a label on namespace `namespace` in the manifest
@@ -149,7 +185,8 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
             {
                 continue;
             }
-            if path.is_dir() {
+            // The entry's own type: a symbolic link to a directory is not walked into.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 pending.push(path);
             } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
                 files.push(path);
@@ -157,8 +194,13 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
         }
     }
     files.sort();
+    let root = dir.canonicalize().map_err(|e| EditError::File {
+        path: dir.to_path_buf(),
+        why: e.to_string(),
+    })?;
     for path in files {
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        // What trellisd would not read (it reports each by name) is not read here either.
+        let Some(text) = read_manifest(&root, &path) else {
             continue;
         };
         let Ok(inventory) = parse_file(&text) else { continue };
@@ -235,6 +277,27 @@ mod tests {
         assert!(inv.namespaces["shop"].0.labels.is_empty());
         let err = label_namespace(dir.path(), "shop", "trellis.io/dataplane-mode", None).unwrap_err();
         assert!(matches!(err, EditError::NoSuchLabel { .. }));
+    }
+
+    #[test]
+    fn a_fifo_a_device_link_or_a_link_out_of_the_directory_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shop.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n").unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("a-pipe.yaml").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("b-zero.yaml")).unwrap();
+        // A namespace "other" outside the directory: found only if the link were followed.
+        std::fs::write(outside.path().join("o.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("o.yaml"), dir.path().join("c-out.yaml")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("d-linked-dir")).unwrap();
+        // Would hang on the FIFO or fill memory from /dev/zero if either were read.
+        let path = label_namespace(dir.path(), "shop", "x", Some("y")).unwrap();
+        assert_eq!(path, dir.path().join("shop.yaml"));
+        let written = label_namespace(dir.path(), "other", "x", Some("y")).unwrap();
+        assert_eq!(written, dir.path().join("namespace-other.yaml"), "created inside, the outside file untouched");
+        assert!(!std::fs::read_to_string(outside.path().join("o.yaml")).unwrap().contains("x: y"));
     }
 
     #[test]

@@ -40,6 +40,21 @@ impl Lab {
         lab
     }
 
+    /// Runs `trellis lab up` again with the same topology (it restarts what died); its stdout.
+    /// Panics with trellis's output if it fails.
+    pub fn up_again(&self) -> String {
+        let out = self.trellis(&["lab", "up", "--file"], Some(&self._dir.path().join("topology.yaml")));
+        assert!(out.status.success(), "{}", describe("trellis lab up (again)", &out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `trellis lab status`'s report.
+    pub fn status(&self) -> String {
+        let out = self.trellis(&["lab", "status"], None);
+        assert!(out.status.success(), "{}", describe("trellis lab status", &out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn trellis(&self, verb: &[&str], file: Option<&Path>) -> Output {
         let mut cmd = binary("trellis");
         cmd.args(verb);

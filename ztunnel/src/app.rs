@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_api::stream::{follow, Applied};
 use trellis_identity::manager::{CertificateSource, HeldSvid, Issued};
+use trellis_identity::saved;
 use trellis_identity::tls::{client_config, tls_channel};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
@@ -225,32 +226,91 @@ fn static_identities(config: &Config, td: &TrustDomain, bundles: &BundleSet) -> 
     Ok(certs)
 }
 
+/// The node SVID and the manager that renews it: the one saved in `--state-dir` by an earlier
+/// run while it is still good (no token needed), otherwise a Join with the one-time token. The
+/// SVID is saved again after every renewal.
 async fn join(config: &Config, td: &TrustDomain, bundles: BundleSet) -> anyhow::Result<CertManager> {
-    let token_file = config
-        .join_token_file
-        .as_ref()
-        .context("--join-token-file is needed to get certificates from trellisd")?;
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("reading the join token from {}", token_file.display()))?;
-    let certs = trellis_identity::caclient::join_node(
-        config.ca_addr,
-        td,
-        bundles,
-        &config.node,
-        token.trim(),
-        ManagerConfig::default(),
-    )
-    .await
-    .with_context(|| format!("joining the cluster at {} as node {}", config.ca_addr, config.node))?;
     let node_id = SpiffeId::node(td, &config.node)?;
-    let held = certs
-        .wait_for(&node_id, Duration::from_secs(5))
-        .await
-        .context("the node SVID vanished right after joining")?;
-    let expires = trellis_identity::svid::to_unix(held.svid.not_after);
-    tracing::info!(identity = %node_id, not_after_unix = expires, "joined: holding the node SVID");
-    println!("ztunnel joined as {node_id} (SVID valid until unix time {expires})");
+    let saved = match &config.state_dir {
+        None => None,
+        Some(dir) => match saved::load(dir, &node_id, &bundles, SystemTime::now()) {
+            Ok(held) => held.map(|held| (held, saved::node_svid_path(dir))),
+            Err(why) => {
+                tracing::warn!(%why, "not using the saved node SVID; joining with the token");
+                None
+            }
+        },
+    };
+    let certs = match saved {
+        Some((held, path)) => {
+            let expires = trellis_identity::svid::to_unix(held.svid.not_after);
+            let certs = trellis_identity::caclient::node_manager(
+                config.ca_addr,
+                td,
+                bundles,
+                held,
+                ManagerConfig::default(),
+            )
+            .context("setting up the CA client")?;
+            tracing::info!(identity = %node_id, not_after_unix = expires, file = %path.display(), "resumed with the saved node SVID");
+            println!("ztunnel resumed as {node_id} with the SVID saved in {} (valid until unix time {expires})", path.display());
+            certs
+        }
+        None => {
+            let token_file = config.join_token_file.as_ref().context(
+                "no usable node SVID in --state-dir, and no --join-token-file: create a token (trellisd token create --node <node>) and pass it",
+            )?;
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading the join token from {}", token_file.display()))?;
+            let certs = trellis_identity::caclient::join_node(
+                config.ca_addr,
+                td,
+                bundles,
+                &config.node,
+                token.trim(),
+                ManagerConfig::default(),
+            )
+            .await
+            .with_context(|| format!("joining the cluster at {} as node {}", config.ca_addr, config.node))?;
+            let held = certs
+                .wait_for(&node_id, Duration::from_secs(5))
+                .await
+                .context("the node SVID vanished right after joining")?;
+            let expires = trellis_identity::svid::to_unix(held.svid.not_after);
+            tracing::info!(identity = %node_id, not_after_unix = expires, "joined: holding the node SVID");
+            println!("ztunnel joined as {node_id} (SVID valid until unix time {expires})");
+            certs
+        }
+    };
+    if let Some(dir) = &config.state_dir {
+        tokio::spawn(save_node_svid(certs.clone(), node_id, dir.clone()));
+    }
     Ok(certs)
+}
+
+/// Saves the node SVID to `dir` now and after every renewal, until the manager is gone. A failed
+/// write is logged and retried at the next change; the SVID in memory is unaffected.
+async fn save_node_svid(certs: CertManager, node_id: SpiffeId, dir: std::path::PathBuf) {
+    let mut changes = certs.changes();
+    let mut last: Option<Arc<HeldSvid>> = None;
+    loop {
+        if let Some(held) = certs.current(&node_id) {
+            if !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &held)) {
+                let (dir, saving) = (dir.clone(), held.clone());
+                match tokio::task::spawn_blocking(move || saved::save(&dir, &saving.svid)).await {
+                    Ok(Ok(())) => tracing::debug!("node SVID saved"),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "could not save the node SVID; a restart will need a new join token")
+                    }
+                    Err(error) => tracing::warn!(%error, "could not save the node SVID"),
+                }
+                last = Some(held);
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Follows applied config versions: rebuilds the state, keeps workload SVIDs and the served

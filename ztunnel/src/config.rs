@@ -41,6 +41,10 @@ pub struct Config {
     /// File holding the one-time join token (not needed with --config-file and --identity-file).
     #[arg(long, env = "TRELLIS_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// Keep the node SVID here (0600, rewritten after every renewal), so that a restart resumes
+    /// with it instead of a new join token while it is still valid. Empty: nothing is kept.
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Read the config from this manifest file (the YAML trellisd reads) instead of trellisd's
     /// config stream: hosts without a control plane. Reloaded when it changes.
     #[arg(long, env = "TRELLIS_CONFIG_FILE")]
@@ -134,9 +138,9 @@ impl Config {
                 "--identity-file needs --config-file: without a control plane the config comes from a file too".into(),
             );
         }
-        if self.join_token_file.is_none() && self.identity_files.is_empty() {
+        if self.join_token_file.is_none() && self.identity_files.is_empty() && self.state_dir.is_none() {
             return Err(
-                "give --join-token-file (to join trellisd), or --config-file with --identity-file (no control plane)"
+                "give --join-token-file (to join trellisd; with --state-dir, a restart needs no new token), or --config-file with --identity-file (no control plane)"
                     .into(),
             );
         }

@@ -130,6 +130,11 @@ fn lab_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             println!("lab {name} is already up (trellis lab status --name {name})");
             return Ok(ExitCode::SUCCESS);
         }
+        if up::is_intact(&state, name, &topo, &plan) {
+            let restarted = up::restart_dead(&plan, &state)?;
+            println!("lab {name} was up with processes dead; restarted {}", restarted.join(", "));
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("lab {name} exists but is broken or was built from another topology: rebuilding it");
         teardown(&state)?;
     }

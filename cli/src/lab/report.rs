@@ -86,7 +86,15 @@ fn lab_flag(plan: &Plan, state: &State) -> String {
 pub fn status(plan: &Plan, state: &State) -> String {
     let mut out = format!("lab {} (state {})\nprocesses:\n", plan.lab, state.dir.display());
     for p in state.recorded_processes() {
-        let alive = if procs::is_ours(&p) { "alive" } else { "dead" };
+        let alive = if procs::is_ours(&p) {
+            "alive".to_string()
+        } else {
+            format!(
+                "dead (restart: trellis lab up --file {}{})",
+                state.spec().display(),
+                lab_flag(plan, state)
+            )
+        };
         out.push_str(&format!("  {:<36} pid {:<8} {alive}\n", p.name, p.pid));
     }
     for c in &plan.clusters {

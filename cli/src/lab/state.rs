@@ -83,6 +83,11 @@ impl State {
         self.dir.join(cluster).join("tokens").join(node)
     }
 
+    /// A node's ztunnel state directory (its saved node SVID).
+    pub fn node_state(&self, cluster: &str, node: &str) -> PathBuf {
+        self.dir.join(cluster).join("nodes").join(node)
+    }
+
     pub fn log(&self, process: &str) -> PathBuf {
         self.dir.join("logs").join(format!("{process}.log"))
     }

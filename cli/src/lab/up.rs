@@ -89,6 +89,12 @@ pub fn process_names(plan: &Plan) -> Vec<String> {
 
 /// Whether the lab in `state` was built from `topo` and everything it recorded is alive.
 pub fn is_up(state: &State, lab: &str, topo: &Topology, plan: &Plan) -> bool {
+    is_intact(state, lab, topo, plan) && state.recorded_processes().iter().all(procs::is_ours)
+}
+
+/// Whether the lab in `state` was built, completely, from `topo`: its namespaces are all there
+/// and every process it runs was recorded, though some may have died since.
+pub fn is_intact(state: &State, lab: &str, topo: &Topology, plan: &Plan) -> bool {
     let same_spec = std::fs::read_to_string(state.spec())
         .ok()
         .and_then(|t| spec::parse("spec.yaml", &t).ok())
@@ -99,10 +105,82 @@ pub fn is_up(state: &State, lab: &str, topo: &Topology, plan: &Plan) -> bool {
     netns.sort();
     planned.sort();
     let all_netns = netns == planned && netns.iter().all(|n| net::netns_exists(n));
-    let processes = state.recorded_processes();
-    let names: Vec<String> = processes.iter().map(|p| p.name.clone()).collect();
-    let all_alive = names == process_names(plan) && processes.iter().all(procs::is_ours);
-    state.ready().exists() && same_spec && same_lab && all_netns && all_alive
+    let names: Vec<String> = state.recorded_processes().into_iter().map(|p| p.name).collect();
+    state.ready().exists() && same_spec && same_lab && all_netns && names == process_names(plan)
+}
+
+/// Starts again, with the command line recorded, every process of an intact lab that died, in
+/// the order `up` starts them (trellisd, ztunnels, pods), each waited for as `up` does. A
+/// ztunnel resumes with the node SVID it saved in its state directory (its join token is
+/// spent). Returns the names restarted.
+pub fn restart_dead(plan: &Plan, state: &State) -> anyhow::Result<Vec<String>> {
+    let recorded = state.recorded_processes();
+    let dead = |name: &str| {
+        recorded
+            .iter()
+            .find(|p| p.name == name)
+            .filter(|p| !procs::is_ours(p))
+            .map(|p| p.argv.clone())
+    };
+    let log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let env = vec![("RUST_LOG".to_string(), log_level)];
+    let relaunch = |name: &str, netns: &str, argv: Vec<String>, env: Vec<(String, String)>| {
+        procs::start(
+            state,
+            &Launch {
+                name: name.to_string(),
+                netns: netns.to_string(),
+                argv,
+                env,
+            },
+        )
+    };
+    let mut restarted = Vec::new();
+    for c in &plan.clusters {
+        let name = trellisd_name(c);
+        if let Some(argv) = dead(&name) {
+            let pid = relaunch(&name, &c.cp.netns, argv, env.clone())?;
+            let listen = SocketAddr::from((c.cp.ip, plan::CA_PORT));
+            wait_until(&name, pid, &state.log(&name), READY_TIMEOUT, || {
+                in_netns(&c.cp.netns, || accepts(listen)).unwrap_or(false)
+            })
+            .with_context(|| format!("waiting for {name} to listen on {listen}"))?;
+            restarted.push(name);
+        }
+    }
+    for c in &plan.clusters {
+        for n in &c.nodes {
+            let name = ztunnel_name(c, n);
+            if let Some(argv) = dead(&name) {
+                let pid = relaunch(&name, &n.host.netns, argv, env.clone())?;
+                wait_ztunnel(n, &name, pid, state)?;
+                restarted.push(name);
+            }
+        }
+    }
+    for c in &plan.clusters {
+        for n in &c.nodes {
+            for p in n.pods.iter().filter(|p| p.run.is_some()) {
+                let name = pod_process_name(plan, p);
+                if let Some(argv) = dead(&name) {
+                    relaunch(&name, &p.netns, argv, Vec::new())?;
+                    restarted.push(name);
+                }
+            }
+        }
+    }
+    Ok(restarted)
+}
+
+fn wait_ztunnel(n: &NodePlan, name: &str, pid: u32, state: &State) -> anyhow::Result<()> {
+    let ready = SocketAddr::from((n.host.ip, plan::READY_PORT));
+    wait_until(name, pid, &state.log(name), READY_TIMEOUT, || {
+        in_netns(&n.host.netns, || {
+            get_blocking(ready, "/healthz/ready", Duration::from_secs(1))
+        })
+        .is_ok_and(|r| r.is_ok_and(|(status, _)| status == 200))
+    })
+    .with_context(|| format!("waiting for {name} to answer 200 on http://{ready}/healthz/ready"))
 }
 
 /// Builds the lab; on failure the caller tears down what was recorded.
@@ -125,14 +203,7 @@ pub fn build(plan: &Plan, state: &State, bins: &Bins) -> anyhow::Result<()> {
     }
     // Started together, waited for in turn: the waits overlap.
     for (n, pid, name) in ztunnels {
-        let ready = SocketAddr::from((n.host.ip, plan::READY_PORT));
-        wait_until(&name, pid, &state.log(&name), READY_TIMEOUT, || {
-            in_netns(&n.host.netns, || {
-                get_blocking(ready, "/healthz/ready", Duration::from_secs(1))
-            })
-            .is_ok_and(|r| r.is_ok_and(|(status, _)| status == 200))
-        })
-        .with_context(|| format!("waiting for {name} to answer 200 on http://{ready}/healthz/ready"))?;
+        wait_ztunnel(n, &name, pid, state)?;
     }
     for c in &plan.clusters {
         for n in &c.nodes {
@@ -216,6 +287,8 @@ fn start_ztunnel(
         path(&ca.join("root-cert.pem")),
         "--join-token-file".into(),
         path(&token_file),
+        "--state-dir".into(),
+        path(&state.node_state(&c.name, &n.name)),
     ];
     // Every node's pod network: an address there that no known workload holds is refused.
     let mut argv = argv;
