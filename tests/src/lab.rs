@@ -205,13 +205,26 @@ impl Lab {
         std::thread::spawn(move || child.wait());
     }
 
-    /// Runs `trellis namespace label` against the lab's manifests.
+    /// Runs `trellis namespace label` against the lab's manifests; panics if it fails or takes
+    /// more than 30 s (it is killed then: a scan stuck on a file must fail the test, not hang it).
     pub fn label_namespace(&self, cluster: &str, namespace: &str, label: &str) {
-        let out = binary("trellis")
+        let mut child = binary("trellis")
             .args(["namespace", "label", namespace, label, "--manifests"])
             .arg(self.manifests(cluster))
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("trellis namespace label");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("waiting for trellis namespace label").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("trellis namespace label's output");
+                panic!("{}", describe("trellis namespace label did not finish within 30 s", &out));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("trellis namespace label's output");
         assert!(out.status.success(), "{}", describe("trellis namespace label", &out));
     }
 }

@@ -57,16 +57,16 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
     let manifests = lab.manifests("east");
     let before = trellisd_rss_kib(&lab);
 
-    mkfifo(&manifests.join("pipe.yaml"));
-    std::os::unix::fs::symlink("/dev/zero", manifests.join("zero.yaml")).expect("symlink to /dev/zero");
-    std::os::unix::fs::symlink("/etc/shadow", manifests.join("shadow.yaml")).expect("symlink to /etc/shadow");
-    let big = std::fs::File::create(manifests.join("big.yaml")).expect("big.yaml");
+    mkfifo(&manifests.join("a-pipe.yaml"));
+    std::os::unix::fs::symlink("/dev/zero", manifests.join("a-zero.yaml")).expect("symlink to /dev/zero");
+    std::os::unix::fs::symlink("/etc/shadow", manifests.join("a-shadow.yaml")).expect("symlink to /etc/shadow");
+    let big = std::fs::File::create(manifests.join("a-big.yaml")).expect("a-big.yaml");
     big.set_len(50 << 20).expect("a 50 MB file");
 
     let mut shown = String::new();
     wait_until("status reports all four files", Duration::from_secs(20), || {
         shown = status(&lab);
-        ["pipe.yaml", "zero.yaml", "shadow.yaml", "big.yaml"]
+        ["a-pipe.yaml", "a-zero.yaml", "a-shadow.yaml", "a-big.yaml"]
             .iter()
             .all(|f| shown.contains(f))
     });
@@ -77,14 +77,16 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
             .unwrap_or_else(|| panic!("no line for {file}:\n{shown}"))
             .to_string()
     };
-    assert!(line("pipe.yaml").contains("a FIFO, not a regular file"), "{shown}");
-    assert!(line("zero.yaml").contains("/dev/zero, outside the manifest directory"), "{shown}");
-    assert!(line("shadow.yaml").contains("/etc/shadow, outside the manifest directory"), "{shown}");
-    assert!(line("big.yaml").contains("52428800 bytes"), "the real size: {shown}");
+    assert!(line("a-pipe.yaml").contains("a FIFO, not a regular file"), "{shown}");
+    assert!(line("a-zero.yaml").contains("/dev/zero, outside the manifest directory"), "{shown}");
+    assert!(line("a-shadow.yaml").contains("/etc/shadow, outside the manifest directory"), "{shown}");
+    assert!(line("a-big.yaml").contains("52428800 bytes"), "the real size: {shown}");
     let grown = trellisd_rss_kib(&lab).saturating_sub(before);
     assert!(grown < 32 * 1024, "trellisd's resident memory grew by {grown} KiB: it read a file it refused");
 
-    // Discovery goes on beside them: enrolling `late` reaches trellisd, node-2 and node-1.
+    // Discovery goes on beside them: enrolling `late` reaches trellisd, node-2 and node-1. The
+    // odd files sort before ns-late.yaml, so the CLI's own scan meets them first (and must
+    // neither hang on the FIFO nor read /dev/zero).
     lab.label_namespace("east", "late", "trellis.io/dataplane-mode=ambient");
     wait_until("status shows late enrolled", Duration::from_secs(20), || {
         shown = status(&lab);
@@ -103,8 +105,8 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
         answered && metric_sum(&lab.metrics("east", "node-1"), "trellis_tcp_connections_opened_total", &tunnelled) >= 1.0
     });
     // The files are still reported while they are there.
-    assert!(status(&lab).contains("pipe.yaml"), "{shown}");
-    for f in ["pipe.yaml", "zero.yaml", "shadow.yaml", "big.yaml"] {
+    assert!(status(&lab).contains("a-pipe.yaml"), "{shown}");
+    for f in ["a-pipe.yaml", "a-zero.yaml", "a-shadow.yaml", "a-big.yaml"] {
         std::fs::remove_file(manifests.join(f)).expect("removing the odd file");
     }
     wait_until("the problems are cleared", Duration::from_secs(20), || {
