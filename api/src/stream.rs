@@ -226,16 +226,32 @@ mod tests {
         receive(&mut applied, update(1_700_000_000_500, true, vec![workload("a", "x")]));
         let before = applied.clone();
         // A snapshot from before (a replay) would empty the slice down to "a/old".
-        let ack = receive(&mut applied, update(1_700_000_000_400, true, vec![workload("a", "old")]));
+        let ack = receive(
+            &mut applied,
+            update(1_700_000_000_400, true, vec![workload("a", "old")]),
+        );
         assert_eq!(ack.version, 1_700_000_000_400);
-        assert!(ack.error.contains("below the applied version 1700000000500"), "{}", ack.error);
+        assert!(
+            ack.error.contains("below the applied version 1700000000500"),
+            "{}",
+            ack.error
+        );
         assert_eq!(applied, before);
-        let ack = receive(&mut applied, update(1_700_000_000_499, false, vec![workload("a", "old")]));
+        let ack = receive(
+            &mut applied,
+            update(1_700_000_000_499, false, vec![workload("a", "old")]),
+        );
         assert!(!ack.error.is_empty());
         assert_eq!(applied, before);
         // The same version again (a resume's empty difference) and any later one apply.
-        assert_eq!(receive(&mut applied, update(1_700_000_000_500, false, vec![])).error, "");
-        assert_eq!(receive(&mut applied, update(1_700_000_000_600, false, vec![workload("a", "y")])).error, "");
+        assert_eq!(
+            receive(&mut applied, update(1_700_000_000_500, false, vec![])).error,
+            ""
+        );
+        assert_eq!(
+            receive(&mut applied, update(1_700_000_000_600, false, vec![workload("a", "y")])).error,
+            ""
+        );
         assert_eq!(applied.version, 1_700_000_000_600);
         assert_eq!(applied.slice.len(), 2);
     }

@@ -91,7 +91,10 @@ fn read_private(path: &Path, meta: &fs::Metadata) -> Result<String, String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if meta.uid() != euid {
-        return Err(format!("{what} is owned by uid {}, not by us (uid {euid}); remove it", meta.uid()));
+        return Err(format!(
+            "{what} is owned by uid {}, not by us (uid {euid}); remove it",
+            meta.uid()
+        ));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -100,7 +103,10 @@ fn read_private(path: &Path, meta: &fs::Metadata) -> Result<String, String> {
         ));
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(format!("{what} is {} bytes, more than {MAX_FILE_BYTES}; remove it", meta.len()));
+        return Err(format!(
+            "{what} is {} bytes, more than {MAX_FILE_BYTES}; remove it",
+            meta.len()
+        ));
     }
     fs::read_to_string(path).map_err(|e| format!("reading {what}: {e}"))
 }
@@ -164,7 +170,10 @@ mod tests {
         let f = fixture();
         let state = f.dir.path().join("state");
         let now = SystemTime::now();
-        assert!(load(&state, &f.id, &bundles(&f), now).unwrap().is_none(), "nothing saved yet");
+        assert!(
+            load(&state, &f.id, &bundles(&f), now).unwrap().is_none(),
+            "nothing saved yet"
+        );
         save(&state, &issue(&f.ca, &f.id, Duration::from_secs(600))).unwrap();
         let second = issue(&f.ca, &f.id, Duration::from_secs(900));
         save(&state, &second).unwrap();
@@ -190,7 +199,8 @@ mod tests {
         assert!(e.contains("instead of"), "{e}");
 
         // A CA replaced since (new roots): the old chain no longer verifies.
-        let other_ca = CertificateAuthority::load_or_create(&f.dir.path().join("ca2"), &f.td, IssuancePolicy::default()).unwrap();
+        let other_ca =
+            CertificateAuthority::load_or_create(&f.dir.path().join("ca2"), &f.td, IssuancePolicy::default()).unwrap();
         let replaced = BundleSet::with(TrustBundle::new(f.td.clone(), other_ca.roots().to_vec()));
         let e = load(&state, &f.id, &replaced, SystemTime::now()).unwrap_err();
         assert!(e.contains("does not verify"), "{e}");

@@ -283,21 +283,36 @@ mod tests {
     fn a_fifo_a_device_link_or_a_link_out_of_the_directory_is_never_read() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("shop.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n").unwrap();
-        let fifo = std::ffi::CString::new(dir.path().join("a-pipe.yaml").into_os_string().into_encoded_bytes()).unwrap();
+        std::fs::write(
+            dir.path().join("shop.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+        )
+        .unwrap();
+        let fifo =
+            std::ffi::CString::new(dir.path().join("a-pipe.yaml").into_os_string().into_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         std::os::unix::fs::symlink("/dev/zero", dir.path().join("b-zero.yaml")).unwrap();
         // A namespace "other" outside the directory: found only if the link were followed.
-        std::fs::write(outside.path().join("o.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n").unwrap();
+        std::fs::write(
+            outside.path().join("o.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n",
+        )
+        .unwrap();
         std::os::unix::fs::symlink(outside.path().join("o.yaml"), dir.path().join("c-out.yaml")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("d-linked-dir")).unwrap();
         // Would hang on the FIFO or fill memory from /dev/zero if either were read.
         let path = label_namespace(dir.path(), "shop", "x", Some("y")).unwrap();
         assert_eq!(path, dir.path().join("shop.yaml"));
         let written = label_namespace(dir.path(), "other", "x", Some("y")).unwrap();
-        assert_eq!(written, dir.path().join("namespace-other.yaml"), "created inside, the outside file untouched");
-        assert!(!std::fs::read_to_string(outside.path().join("o.yaml")).unwrap().contains("x: y"));
+        assert_eq!(
+            written,
+            dir.path().join("namespace-other.yaml"),
+            "created inside, the outside file untouched"
+        );
+        assert!(!std::fs::read_to_string(outside.path().join("o.yaml"))
+            .unwrap()
+            .contains("x: y"));
     }
 
     #[test]

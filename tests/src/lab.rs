@@ -220,7 +220,10 @@ impl Lab {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("trellis namespace label's output");
-                panic!("{}", describe("trellis namespace label did not finish within 30 s", &out));
+                panic!(
+                    "{}",
+                    describe("trellis namespace label did not finish within 30 s", &out)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -30,14 +30,27 @@ pods:
 fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", path.display());
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
 }
 
 /// `trellis status` run next to trellisd (its admin endpoint is on the control namespace's
 /// loopback).
 fn status(lab: &Lab) -> String {
-    let out = lab.exec(&lab.control_ns("east"), "trellis", &["status", "--admin", "127.0.0.1:15014"]);
-    assert!(out.status.success(), "trellis status: {}", String::from_utf8_lossy(&out.stderr));
+    let out = lab.exec(
+        &lab.control_ns("east"),
+        "trellis",
+        &["status", "--admin", "127.0.0.1:15014"],
+    );
+    assert!(
+        out.status.success(),
+        "trellis status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -78,11 +91,20 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
             .to_string()
     };
     assert!(line("a-pipe.yaml").contains("a FIFO, not a regular file"), "{shown}");
-    assert!(line("a-zero.yaml").contains("/dev/zero, outside the manifest directory"), "{shown}");
-    assert!(line("a-shadow.yaml").contains("/etc/shadow, outside the manifest directory"), "{shown}");
+    assert!(
+        line("a-zero.yaml").contains("/dev/zero, outside the manifest directory"),
+        "{shown}"
+    );
+    assert!(
+        line("a-shadow.yaml").contains("/etc/shadow, outside the manifest directory"),
+        "{shown}"
+    );
     assert!(line("a-big.yaml").contains("52428800 bytes"), "the real size: {shown}");
     let grown = trellisd_rss_kib(&lab).saturating_sub(before);
-    assert!(grown < 32 * 1024, "trellisd's resident memory grew by {grown} KiB: it read a file it refused");
+    assert!(
+        grown < 32 * 1024,
+        "trellisd's resident memory grew by {grown} KiB: it read a file it refused"
+    );
 
     // Discovery goes on beside them: enrolling `late` reaches trellisd, node-2 and node-1. The
     // odd files sort before ns-late.yaml, so the CLI's own scan meets them first (and must
@@ -101,8 +123,15 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
         ("connection_security_policy", "mutual_tls"),
     ];
     wait_until("a call from cli is tunnelled", Duration::from_secs(20), || {
-        let answered = lab.call(&cli, "http://10.101.0.10/", 0).is_ok_and(|b| b.contains("hello from tgt"));
-        answered && metric_sum(&lab.metrics("east", "node-1"), "trellis_tcp_connections_opened_total", &tunnelled) >= 1.0
+        let answered = lab
+            .call(&cli, "http://10.101.0.10/", 0)
+            .is_ok_and(|b| b.contains("hello from tgt"));
+        answered
+            && metric_sum(
+                &lab.metrics("east", "node-1"),
+                "trellis_tcp_connections_opened_total",
+                &tunnelled,
+            ) >= 1.0
     });
     // The files are still reported while they are there.
     assert!(status(&lab).contains("a-pipe.yaml"), "{shown}");

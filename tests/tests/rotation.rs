@@ -123,9 +123,16 @@ fn a_long_lived_connection_outlives_its_svids_and_a_restarted_ztunnel_resumes_wi
         "resumed with the saved SVID, not the spent token:\n{log}"
     );
     let mut last = Err(String::new());
-    wait_until("cli's calls work through the restarted ztunnel", Duration::from_secs(20), || {
-        last = lab.call(&cli, "http://10.101.0.10/", 0);
-        last.as_ref().is_ok_and(|b| b.contains("hello from tgt"))
-    });
-    assert!(lab.status().lines().all(|l| !l.contains("dead")), "everything alive again");
+    wait_until(
+        "cli's calls work through the restarted ztunnel",
+        Duration::from_secs(20),
+        || {
+            last = lab.call(&cli, "http://10.101.0.10/", 0);
+            last.as_ref().is_ok_and(|b| b.contains("hello from tgt"))
+        },
+    );
+    assert!(
+        lab.status().lines().all(|l| !l.contains("dead")),
+        "everything alive again"
+    );
 }

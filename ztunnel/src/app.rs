@@ -244,16 +244,14 @@ async fn join(config: &Config, td: &TrustDomain, bundles: BundleSet) -> anyhow::
     let certs = match saved {
         Some((held, path)) => {
             let expires = trellis_identity::svid::to_unix(held.svid.not_after);
-            let certs = trellis_identity::caclient::node_manager(
-                config.ca_addr,
-                td,
-                bundles,
-                held,
-                ManagerConfig::default(),
-            )
-            .context("setting up the CA client")?;
+            let certs =
+                trellis_identity::caclient::node_manager(config.ca_addr, td, bundles, held, ManagerConfig::default())
+                    .context("setting up the CA client")?;
             tracing::info!(identity = %node_id, not_after_unix = expires, file = %path.display(), "resumed with the saved node SVID");
-            println!("ztunnel resumed as {node_id} with the SVID saved in {} (valid until unix time {expires})", path.display());
+            println!(
+                "ztunnel resumed as {node_id} with the SVID saved in {} (valid until unix time {expires})",
+                path.display()
+            );
             certs
         }
         None => {

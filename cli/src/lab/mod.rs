@@ -132,7 +132,10 @@ fn lab_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         }
         if up::is_intact(&state, name, &topo, &plan) {
             let restarted = up::restart_dead(&plan, &state)?;
-            println!("lab {name} was up with processes dead; restarted {}", restarted.join(", "));
+            println!(
+                "lab {name} was up with processes dead; restarted {}",
+                restarted.join(", ")
+            );
             return Ok(ExitCode::SUCCESS);
         }
         println!("lab {name} exists but is broken or was built from another topology: rebuilding it");
