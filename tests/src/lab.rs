@@ -48,6 +48,18 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The resident set of lab process `process` (its record's name), in KiB.
+    pub fn rss_kib(&self, process: &str) -> u64 {
+        let pid_file = self.state_dir.join("pids").join(format!("{process}.pid"));
+        let pid = std::fs::read_to_string(&pid_file).expect("the process's pid file");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// `trellis lab status`'s report.
     pub fn status(&self) -> String {
         let out = self.trellis(&["lab", "status"], None);

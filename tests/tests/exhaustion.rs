@@ -114,18 +114,6 @@ fn calls_until(lab: &Lab, done: &AtomicBool, during: &str) -> Vec<Duration> {
     })
 }
 
-/// The resident set of a lab process, in KiB.
-fn rss_kib(lab: &Lab, process: &str) -> u64 {
-    let pid_file = lab.state_dir.join("pids").join(format!("{process}.pid"));
-    let pid = std::fs::read_to_string(&pid_file).expect("the process's pid file");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("/proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 fn lab_ca(lab: &Lab) -> (CertificateAuthority, BundleSet) {
     let td = TrustDomain::new(TD).expect("trust domain");
     let ca = CertificateAuthority::load(&lab.state_dir.join("east").join("ca"), &td, IssuancePolicy::default())
@@ -236,7 +224,7 @@ fn a_tunnel_flood_from_one_workload_spares_other_callers_and_gives_memory_back()
     calls(&lab, 20); // warm up
     let undisturbed = p99(calls(&lab, CALLS));
     let node1 = "ztunnel-east-node-1";
-    let rss_before = rss_kib(&lab, node1);
+    let rss_before = lab.rss_kib(node1);
 
     let done = AtomicBool::new(false);
     let (opened_tx, opened_rx) = mpsc::channel();
@@ -250,9 +238,9 @@ fn a_tunnel_flood_from_one_workload_spares_other_callers_and_gives_memory_back()
         // The peak: sampled while the flood's tunnels are all held.
         let (held, refused) = opened_rx.recv().expect("the flood's tunnels opened");
         eprintln!("tunnel flood: {held} held, {refused} refused");
-        let mut peak = rss_kib(&lab, node1);
+        let mut peak = lab.rss_kib(node1);
         while !done.load(Ordering::Acquire) {
-            peak = peak.max(rss_kib(&lab, node1));
+            peak = peak.max(lab.rss_kib(node1));
             std::thread::sleep(Duration::from_millis(100));
         }
         (
@@ -294,7 +282,7 @@ fn a_tunnel_flood_from_one_workload_spares_other_callers_and_gives_memory_back()
         "node-1's ztunnel gave back at least half of what the flood took",
         Duration::from_secs(30),
         || {
-            rss_after = rss_kib(&lab, node1);
+            rss_after = lab.rss_kib(node1);
             rss_after <= rss_before + grew / 2
         },
     );

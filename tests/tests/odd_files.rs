@@ -54,21 +54,11 @@ fn status(lab: &Lab) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn trellisd_rss_kib(lab: &Lab) -> u64 {
-    let pid = std::fs::read_to_string(lab.state_dir.join("pids").join("trellisd-east.pid")).expect("trellisd's pid");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("/proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_on() {
     let lab = Lab::up("e2efiles", TOPOLOGY);
     let manifests = lab.manifests("east");
-    let before = trellisd_rss_kib(&lab);
+    let before = lab.rss_kib("trellisd-east");
 
     mkfifo(&manifests.join("a-pipe.yaml"));
     std::os::unix::fs::symlink("/dev/zero", manifests.join("a-zero.yaml")).expect("symlink to /dev/zero");
@@ -100,7 +90,7 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
         "{shown}"
     );
     assert!(line("a-big.yaml").contains("52428800 bytes"), "the real size: {shown}");
-    let grown = trellisd_rss_kib(&lab).saturating_sub(before);
+    let grown = lab.rss_kib("trellisd-east").saturating_sub(before);
     assert!(
         grown < 32 * 1024,
         "trellisd's resident memory grew by {grown} KiB: it read a file it refused"
