@@ -90,7 +90,9 @@ fn a_fifo_device_links_and_a_huge_file_are_reported_by_name_and_discovery_goes_o
         "{shown}"
     );
     assert!(line("a-big.yaml").contains("52428800 bytes"), "the real size: {shown}");
-    let grown = lab.rss_kib("trellisd-east").saturating_sub(before);
+    let after = lab.rss_kib("trellisd-east");
+    eprintln!("trellisd RSS {before} KiB before the odd files, {after} KiB once all four were reported");
+    let grown = after.saturating_sub(before);
     assert!(
         grown < 32 * 1024,
         "trellisd's resident memory grew by {grown} KiB: it read a file it refused"

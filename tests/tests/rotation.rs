@@ -100,6 +100,11 @@ fn a_long_lived_connection_outlives_its_svids_and_a_restarted_ztunnel_resumes_wi
         std::thread::sleep(Duration::from_secs(5));
     }
     assert!(i >= 15, "{i} requests on the long-lived connection");
+    eprintln!(
+        "{i} requests on one keep-alive connection over {:.1} s (SVIDs live {} s), each beside a new call",
+        opened.elapsed().as_secs_f64(),
+        SVID_TTL.as_secs()
+    );
     let node1 = lab.log("ztunnel-east-node-1");
     assert!(
         node1.contains(EXPIRED),
