@@ -1,8 +1,16 @@
 //! Federation: keeps trust bundles and endpoints in sync across clusters through etcd (keys
 //! under `/trellis/v1/`, see DESIGN.md "Federation through etcd").
 //!
-//! Not built yet; this crate holds the key layout so that every part names keys the same way.
-//! Read [`keys`] first.
+//! Read [`keys`] first (the layout), then [`records`] (the values, checked), [`view`] (what is
+//! read, as pure state: refusals named, last good values kept, cross-checks between clusters),
+//! [`sync`] (the etcd I/O: lease, writes, list and watch) and [`access`] (etcd users and roles).
+//!
+//! Not wired into trellisd yet: nothing runs the sync outside its tests.
+
+pub mod access;
+pub mod records;
+pub mod sync;
+pub mod view;
 
 /// The etcd key layout of the federation.
 pub mod keys {

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end suites in `tests/tests/`: find the workspace's binaries and run
 //! them as child processes that are killed when the test ends, pass or fail.
 
+pub mod etcd;
 pub mod flood;
 pub mod lab;
 pub mod sniff;

@@ -1,0 +1,452 @@
+//! What this cluster knows of the federation, built from etcd's keys and nothing else: a pure
+//! state fed a list (the whole prefix at one revision) and then watch events, no I/O.
+//!
+//! Every key and value is untrusted. A key outside the layout, or a value that does not parse
+//! or check, is refused and named in [`View::problems`]; the key keeps its last good value, so
+//! garbage never erases good state. Then [`View::federation`] cross-checks the records against
+//! each other: a trust domain belongs to the first cluster that claimed it (lowest create
+//! revision); a bundle counts only for a trust domain a member cluster names; services and
+//! endpoints count only under a member cluster.
+
+use std::collections::BTreeMap;
+
+use trellis_identity::{TrustBundle, TrustDomain};
+
+use crate::keys::PREFIX;
+use crate::records::{decode, ClusterRecord, EndpointsRecord, ServiceRecord, TrafficRecord, MAX_VALUE_BYTES};
+
+/// A key of the layout, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Cluster(String),
+    Bundle(String),
+    Service {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
+    Endpoints {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
+    Traffic {
+        namespace: String,
+        name: String,
+    },
+}
+
+impl Key {
+    /// Parses an etcd key; the error says how it strays from the layout.
+    pub fn parse(raw: &[u8]) -> Result<Key, String> {
+        let text = std::str::from_utf8(raw).map_err(|_| "not UTF-8".to_string())?;
+        let rest = text.strip_prefix(PREFIX).ok_or_else(|| format!("outside {PREFIX}"))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let names = |parts: &[&str]| {
+            parts
+                .iter()
+                .try_for_each(|p| trellis_identity::id::check_name(p).map_err(|e| format!("segment {p:?}: {e}")))
+        };
+        match parts.as_slice() {
+            ["clusters", c] => names(&[c]).map(|_| Key::Cluster(c.to_string())),
+            ["bundles", td] => TrustDomain::new(td)
+                .map(|_| Key::Bundle(td.to_string()))
+                .map_err(|e| format!("trust domain {td:?}: {e}")),
+            ["services", c, ns, n] => names(&[c, ns, n]).map(|_| Key::Service {
+                cluster: c.to_string(),
+                namespace: ns.to_string(),
+                name: n.to_string(),
+            }),
+            ["endpoints", c, ns, n] => names(&[c, ns, n]).map(|_| Key::Endpoints {
+                cluster: c.to_string(),
+                namespace: ns.to_string(),
+                name: n.to_string(),
+            }),
+            ["traffic", ns, n] => names(&[ns, n]).map(|_| Key::Traffic {
+                namespace: ns.to_string(),
+                name: n.to_string(),
+            }),
+            _ => Err("not a key of the layout (clusters/, bundles/, services/, endpoints/, traffic/)".into()),
+        }
+    }
+}
+
+/// One key-value pair as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+/// A value that parsed and passed its own checks (cross-checks come in [`View::federation`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Cluster {
+        record: ClusterRecord,
+        trust_domain: TrustDomain,
+    },
+    /// The raw JSON; parsed against the trust domain of its key.
+    Bundle(TrustBundle),
+    Service(ServiceRecord),
+    Endpoints(EndpointsRecord),
+    Traffic(TrafficRecord),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Held {
+    value: Value,
+    create_revision: i64,
+}
+
+/// The federation as read from etcd.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    held: BTreeMap<Key, Held>,
+    /// Refusals by raw key (lossy UTF-8), with why.
+    problems: BTreeMap<String, String>,
+    revision: i64,
+}
+
+/// A member cluster, cross-checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub record: ClusterRecord,
+    pub trust_domain: TrustDomain,
+    pub bundle: Option<TrustBundle>,
+    /// (namespace, name) → service.
+    pub services: BTreeMap<(String, String), ServiceRecord>,
+    pub endpoints: BTreeMap<(String, String), EndpointsRecord>,
+}
+
+/// Everything [`View::federation`] accepts, by cluster name, and what it refused.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Federation {
+    pub members: BTreeMap<String, Member>,
+    pub traffic: BTreeMap<(String, String), TrafficRecord>,
+    /// `(key, why)`, sorted by key: from the keys' own checks and from the cross-checks.
+    pub problems: Vec<(String, String)>,
+    /// The etcd revision this was read at.
+    pub revision: i64,
+}
+
+fn parse_value(key: &Key, value: &[u8]) -> Result<Value, String> {
+    Ok(match key {
+        Key::Cluster(c) => {
+            let record: ClusterRecord = decode(value)?;
+            let trust_domain = record.check(c)?;
+            Value::Cluster { record, trust_domain }
+        }
+        Key::Bundle(td) => {
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(format!(
+                    "the value is {} bytes; the limit is {MAX_VALUE_BYTES}",
+                    value.len()
+                ));
+            }
+            let td = TrustDomain::new(td).map_err(|e| e.to_string())?;
+            Value::Bundle(TrustBundle::from_json(td, value).map_err(|e| e.to_string())?)
+        }
+        Key::Service { .. } => {
+            let record: ServiceRecord = decode(value)?;
+            record.check()?;
+            Value::Service(record)
+        }
+        // The trust-domain check needs the cluster record: done in `federation`.
+        Key::Endpoints { .. } => Value::Endpoints(decode(value)?),
+        Key::Traffic { .. } => {
+            let record: TrafficRecord = decode(value)?;
+            record.check()?;
+            Value::Traffic(record)
+        }
+    })
+}
+
+impl View {
+    /// Replaces everything with a complete list of the prefix taken at `revision`.
+    pub fn reset(&mut self, kvs: Vec<Kv>, revision: i64) {
+        let before = std::mem::take(&mut self.held);
+        self.problems.clear();
+        for kv in kvs {
+            // A bad value keeps what the key held before the re-list, if anything.
+            let key = Key::parse(&kv.key).ok();
+            let kept = key.as_ref().and_then(|k| before.get(k).cloned());
+            if let (Some(k), Some(h)) = (key, kept) {
+                self.held.insert(k, h);
+            }
+            self.put(kv);
+        }
+        self.revision = revision;
+    }
+
+    /// A key was created or changed.
+    pub fn put(&mut self, kv: Kv) {
+        let name = String::from_utf8_lossy(&kv.key).into_owned();
+        self.revision = self.revision.max(kv.mod_revision);
+        let key = match Key::parse(&kv.key) {
+            Ok(key) => key,
+            Err(why) => {
+                self.problems.insert(name, why);
+                return;
+            }
+        };
+        match parse_value(&key, &kv.value) {
+            Ok(value) => {
+                self.problems.remove(&name);
+                self.held.insert(
+                    key,
+                    Held {
+                        value,
+                        create_revision: kv.create_revision,
+                    },
+                );
+            }
+            Err(why) => {
+                let why = match self.held.contains_key(&key) {
+                    true => format!("{why}; keeping its last good value"),
+                    false => why,
+                };
+                self.problems.insert(name, why);
+            }
+        }
+    }
+
+    /// A key was deleted (or its lease expired) at `revision`.
+    pub fn delete(&mut self, raw_key: &[u8], revision: i64) {
+        self.revision = self.revision.max(revision);
+        self.problems.remove(&String::from_utf8_lossy(raw_key).into_owned());
+        if let Ok(key) = Key::parse(raw_key) {
+            self.held.remove(&key);
+        }
+    }
+
+    /// The revision of the last list or event applied.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The refusals of the keys' own checks, by key.
+    pub fn problems(&self) -> &BTreeMap<String, String> {
+        &self.problems
+    }
+
+    /// The accepted federation, cross-checked.
+    pub fn federation(&self) -> Federation {
+        let mut out = Federation {
+            revision: self.revision,
+            problems: self.problems.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ..Federation::default()
+        };
+        // Clusters, the first claim of a trust domain winning.
+        let mut owner: BTreeMap<TrustDomain, (i64, String)> = BTreeMap::new();
+        for (key, held) in &self.held {
+            if let (Key::Cluster(name), Value::Cluster { trust_domain, .. }) = (key, &held.value) {
+                let claim = (held.create_revision, name.clone());
+                let entry = owner.entry(trust_domain.clone()).or_insert(claim.clone());
+                if claim < *entry {
+                    *entry = claim;
+                }
+            }
+        }
+        for (key, held) in &self.held {
+            let Key::Cluster(name) = key else { continue };
+            let Value::Cluster { record, trust_domain } = &held.value else {
+                continue;
+            };
+            if owner.get(trust_domain).is_some_and(|(_, o)| o != name) {
+                out.problems.push((
+                    crate::keys::cluster(name),
+                    format!(
+                        "claims trust domain {trust_domain}, which cluster {} holds",
+                        owner[trust_domain].1
+                    ),
+                ));
+                continue;
+            }
+            out.members.insert(
+                name.clone(),
+                Member {
+                    record: record.clone(),
+                    trust_domain: trust_domain.clone(),
+                    bundle: None,
+                    services: BTreeMap::new(),
+                    endpoints: BTreeMap::new(),
+                },
+            );
+        }
+        for (key, held) in &self.held {
+            match (key, &held.value) {
+                (Key::Bundle(td), Value::Bundle(bundle)) => {
+                    let member = out.members.values_mut().find(|m| m.trust_domain.as_str() == td);
+                    match member {
+                        Some(m) => m.bundle = Some(bundle.clone()),
+                        None => out.problems.push((
+                            crate::keys::bundle(td),
+                            format!("a bundle for trust domain {td}, which no member cluster names; not trusted"),
+                        )),
+                    }
+                }
+                (
+                    Key::Service {
+                        cluster,
+                        namespace,
+                        name,
+                    },
+                    Value::Service(s),
+                ) => match out.members.get_mut(cluster) {
+                    Some(m) => {
+                        m.services.insert((namespace.clone(), name.clone()), s.clone());
+                    }
+                    None => out.problems.push((
+                        crate::keys::service(cluster, namespace, name),
+                        format!("cluster {cluster} is not a member"),
+                    )),
+                },
+                (
+                    Key::Endpoints {
+                        cluster,
+                        namespace,
+                        name,
+                    },
+                    Value::Endpoints(e),
+                ) => {
+                    let raw = crate::keys::endpoints(cluster, namespace, name);
+                    match out.members.get_mut(cluster) {
+                        Some(m) => match e.check(&m.trust_domain) {
+                            Ok(()) => {
+                                m.endpoints.insert((namespace.clone(), name.clone()), e.clone());
+                            }
+                            Err(why) => out.problems.push((raw, why)),
+                        },
+                        None => out.problems.push((raw, format!("cluster {cluster} is not a member"))),
+                    }
+                }
+                (Key::Traffic { namespace, name }, Value::Traffic(t)) => {
+                    out.traffic.insert((namespace.clone(), name.clone()), t.clone());
+                }
+                _ => {}
+            }
+        }
+        out.problems.sort();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys;
+    use crate::records::{encode, EndpointRecord};
+
+    fn kv(key: &str, value: &str, create: i64) -> Kv {
+        Kv {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            create_revision: create,
+            mod_revision: create,
+        }
+    }
+
+    fn cluster(name: &str, td: &str) -> String {
+        encode(&ClusterRecord {
+            name: name.into(),
+            trust_domain: td.into(),
+            network: name.into(),
+            region: String::new(),
+            zone: String::new(),
+            gateway: None,
+        })
+    }
+
+    fn endpoints(identity: &str) -> String {
+        encode(&EndpointsRecord {
+            endpoints: vec![EndpointRecord {
+                address: "10.2.1.10".parse().unwrap(),
+                identity: identity.into(),
+                node: "node-1".into(),
+                zone: String::new(),
+            }],
+            behind_gateway: None,
+        })
+    }
+
+    #[test]
+    fn a_listed_member_with_its_endpoints_is_accepted() {
+        let mut v = View::default();
+        v.reset(
+            vec![
+                kv(&keys::cluster("west"), &cluster("west", "west.trellis.local"), 2),
+                kv(
+                    &keys::endpoints("west", "demo", "hello"),
+                    &endpoints("spiffe://west.trellis.local/ns/demo/sa/hello"),
+                    3,
+                ),
+            ],
+            3,
+        );
+        let f = v.federation();
+        assert!(f.problems.is_empty(), "{:?}", f.problems);
+        assert_eq!(f.members["west"].endpoints.len(), 1);
+        assert_eq!(f.revision, 3);
+    }
+
+    #[test]
+    fn garbage_is_named_and_the_last_good_value_stays() {
+        let mut v = View::default();
+        let key = keys::cluster("west");
+        v.put(kv(&key, &cluster("west", "west.trellis.local"), 2));
+        v.put(kv(&key, "{not json", 5));
+        v.put(kv("/trellis/v1/secrets/x", "{}", 6));
+        v.put(kv("/elsewhere", "{}", 7));
+        let f = v.federation();
+        assert!(f.members.contains_key("west"), "the good value stayed");
+        let named: Vec<&str> = f.problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            named,
+            ["/elsewhere", "/trellis/v1/clusters/west", "/trellis/v1/secrets/x"]
+        );
+        assert!(
+            f.problems[1].1.contains("keeping its last good value"),
+            "{:?}",
+            f.problems
+        );
+        // A re-list with the same garbage keeps it too; a fixed value clears the problem.
+        v.reset(vec![kv(&key, "{not json", 2)], 8);
+        assert!(v.federation().members.contains_key("west"));
+        v.put(kv(&key, &cluster("west", "west.trellis.local"), 2));
+        assert!(v.federation().problems.is_empty());
+    }
+
+    #[test]
+    fn a_trust_domain_belongs_to_its_first_claimant_and_a_bundle_needs_a_member() {
+        let mut v = View::default();
+        v.put(kv(&keys::cluster("west"), &cluster("west", "west.trellis.local"), 2));
+        v.put(kv(&keys::cluster("evil"), &cluster("evil", "west.trellis.local"), 9));
+        v.put(kv(
+            &keys::endpoints("west", "demo", "hello"),
+            &endpoints("spiffe://east.trellis.local/ns/demo/sa/hello"),
+            10,
+        ));
+        let f = v.federation();
+        assert_eq!(f.members.keys().collect::<Vec<_>>(), ["west"]);
+        let why = |key: &str| f.problems.iter().find(|(k, _)| k == key).map(|(_, w)| w.clone());
+        assert!(why(&keys::cluster("evil"))
+            .unwrap()
+            .contains("which cluster west holds"));
+        assert!(why(&keys::endpoints("west", "demo", "hello"))
+            .unwrap()
+            .contains("outside the cluster's trust domain"));
+        v.delete(keys::cluster("west").as_bytes(), 11);
+        let f = v.federation();
+        assert_eq!(
+            f.members.keys().collect::<Vec<_>>(),
+            ["evil"],
+            "the lease of west expired"
+        );
+        assert!(f
+            .problems
+            .iter()
+            .any(|(k, w)| k == &keys::endpoints("west", "demo", "hello") && w.contains("not a member")));
+    }
+}
