@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod federation;
 mod identity;
 mod lab;
 mod status;
@@ -79,21 +80,69 @@ enum Identity {
     },
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Federation {
-    /// Join the federation stored in etcd.
+    /// Join the federation stored in etcd: writes this cluster's membership into the manifest
+    /// directory; trellisd registers the cluster, its trust bundle and gateway, and follows the
+    /// others (the membership survives restarts like any manifest).
     Join {
-        /// This cluster's name.
+        /// This cluster's name (trellisd's --cluster).
         #[arg(long)]
         cluster: String,
-        /// etcd endpoint of the federation, e.g. https://etcd.example:2379.
+        /// etcd endpoint(s) of the federation, e.g. https://etcd.example:2379 (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// PEM file of the CA that signed etcd's server certificate.
         #[arg(long)]
-        etcd: String,
+        etcd_ca: Option<PathBuf>,
+        /// PEM certificate of this cluster's etcd user (its CN is the user).
+        #[arg(long)]
+        etcd_cert: Option<PathBuf>,
+        /// PEM key of that certificate.
+        #[arg(long)]
+        etcd_key: Option<PathBuf>,
+        /// The cluster's network (default: its name); clusters on one network reach pods directly.
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// The east-west gateway, IP or IP:port (port 15008 by default).
+        #[arg(long)]
+        gateway: Option<String>,
+        #[command(flatten)]
+        at: Where,
     },
-    /// Leave the federation: withdraw this cluster's keys.
-    Leave,
-    /// List federated clusters and their health.
-    Status,
+    /// Leave the federation: trellisd withdraws this cluster's keys.
+    Leave {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// List federated clusters and their sync state.
+    Status {
+        /// Wait until every member is synced (up to --wait-seconds), printing progress.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        wait_seconds: u64,
+        /// trellisd's loopback admin address.
+        #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: SocketAddr,
+    },
+}
+
+/// Where this cluster's trellisd is: its manifest directory and its admin endpoint.
+#[derive(Debug, clap::Args)]
+struct Where {
+    /// The manifest directory trellisd discovers from.
+    #[arg(long, env = "TRELLIS_MANIFESTS", default_value = "/etc/trellis/manifests")]
+    manifests: PathBuf,
+    /// trellisd's loopback admin address.
+    #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15014")]
+    admin: SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,17 +219,66 @@ fn namespace_label(manifests: &std::path::Path, namespace: &str, label: &str, re
     }
 }
 
+fn federation_verb(verb: Federation) -> ExitCode {
+    let (what, outcome) = match verb {
+        Federation::Join {
+            cluster,
+            etcd,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            network,
+            region,
+            zone,
+            gateway,
+            at,
+        } => {
+            let join = federation::Join {
+                cluster,
+                etcd,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
+                network,
+                region,
+                zone,
+                gateway,
+            };
+            ("join", federation::join(&at.manifests, at.admin, &join))
+        }
+        Federation::Leave { at } => ("leave", federation::leave(&at.manifests, at.admin)),
+        Federation::Status {
+            wait,
+            wait_seconds,
+            admin,
+        } => (
+            "status",
+            federation::status(admin, wait.then(|| std::time::Duration::from_secs(wait_seconds))),
+        ),
+    };
+    match outcome {
+        Ok(said) => {
+            print!(
+                "{}",
+                if said.ends_with('\n') {
+                    said
+                } else {
+                    format!("{said}\n")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis federation {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.verb {
-        Verb::Federation(Federation::Join { .. }) => not_yet(
-            "federation join",
-            "register this cluster, its trust bundle and its gateway in etcd",
-        ),
-        Verb::Federation(Federation::Leave) => not_yet("federation leave", "withdraw this cluster from etcd"),
-        Verb::Federation(Federation::Status) => {
-            not_yet("federation status", "list federated clusters and their health")
-        }
+        Verb::Federation(verb) => federation_verb(verb),
         Verb::Namespace(Namespace::Label {
             namespace,
             label,

@@ -83,6 +83,9 @@ pub fn render(v: &Value) -> String {
             error.map(|e| format!(", last rejection: {e}")).unwrap_or_default()
         ));
     }
+    if !v["federation"].is_null() {
+        out.push_str(&crate::federation::render(&v["federation"]));
+    }
     let problems = v["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {
         out.push_str("problems: none\n");

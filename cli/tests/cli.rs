@@ -18,10 +18,22 @@ fn help_names_every_verb() {
 
 #[test]
 fn verbs_not_yet_built_say_so_and_fail() {
-    let out = trellis(&["federation", "leave"]);
+    let out = trellis(&["waypoint", "apply", "-n", "shop"]);
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8(out.stderr).unwrap();
     assert!(text.contains("not available yet"), "{text}");
+}
+
+#[test]
+fn leaving_a_federation_never_joined_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = trellis(&["federation", "leave", "--manifests", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        text.contains("federation.yaml does not exist: this cluster has not joined"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use trellis_admin::{serve_routes, Route, PROMETHEUS_TEXT};
 use trellis_api::config::v1::resource::Kind as Variant;
 
+use crate::federate::FederationStatus;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::stream::ConfigStream;
@@ -23,6 +25,7 @@ pub struct Admin {
     pub stream: ConfigStream,
     pub metrics: Arc<Metrics>,
     pub cluster: ClusterInfo,
+    pub federation: watch::Receiver<FederationStatus>,
 }
 
 impl Admin {
@@ -66,6 +69,59 @@ impl Admin {
             "policies": published.model.policies().count(),
             "connected_nodes": self.stream.connected(),
             "problems": discovered.problems,
+            "federation": self.federation_status(),
+        })
+    }
+
+    /// The membership, the sync's state and every member as this cluster reads it (`trellis
+    /// federation status`); `null` before joining.
+    pub fn federation_status(&self) -> serde_json::Value {
+        let f = self.federation.borrow().clone();
+        let Some(m) = f.membership else {
+            return json!({"joined": false, "error": f.error});
+        };
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let sync = f.sync.unwrap_or_default();
+        let members: Vec<serde_json::Value> = sync
+            .federation
+            .members
+            .values()
+            .map(|member| {
+                json!({
+                    "cluster": member.record.name,
+                    "trust_domain": member.trust_domain.to_string(),
+                    "network": member.record.network,
+                    "region": member.record.region,
+                    "zone": member.record.zone,
+                    "gateway": member.record.gateway.as_ref().map(|g| format!("{}:{}", g.address, g.hbone_port)),
+                    "bundle": member.bundle.is_some(),
+                    "services": member.services.keys().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+                    "endpoints": member.endpoints.values().map(|e| e.endpoints.len()).sum::<usize>(),
+                })
+            })
+            .collect();
+        let problems: Vec<String> = sync
+            .federation
+            .problems
+            .iter()
+            .map(|(k, why)| format!("{k}: {why}"))
+            .collect();
+        json!({
+            "joined": true,
+            "error": f.error,
+            "etcd": m.etcd_endpoints,
+            "synced": sync.synced,
+            "published": sync.published,
+            "stale_since_unix": sync.stale_since.map(unix),
+            "last_error": sync.last_error,
+            "revision": sync.federation.revision,
+            "relists": sync.relists,
+            "members": members,
+            "problems": problems,
         })
     }
 

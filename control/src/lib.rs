@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod federate;
 pub mod hub;
 pub mod metrics;
 pub mod server;

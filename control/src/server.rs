@@ -93,6 +93,8 @@ impl ControlPlane {
             }
         });
 
+        let federation = crate::federate::spawn(opts.cluster.clone(), ca.roots().to_vec(), discovery_rx.clone());
+
         let admin_listener = TcpListener::bind(opts.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", opts.admin_listen))?;
@@ -104,6 +106,7 @@ impl ControlPlane {
                 stream: stream.clone(),
                 metrics: metrics.clone(),
                 cluster: opts.cluster.clone(),
+                federation,
             },
         ));
         tracing::info!(%grpc_addr, %admin_addr, manifests = %opts.manifests.display(), "trellisd serving");

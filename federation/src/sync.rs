@@ -151,7 +151,9 @@ pub struct SyncState {
     pub relists: u64,
 }
 
-/// Runs the writer and the reader until `publication`'s sender is dropped; the state follows.
+/// Runs the writer and the reader until `publication`'s sender is dropped (then this cluster's
+/// keys are removed and its lease revoked) or the task is aborted (then its live keys expire
+/// with the lease); the state follows.
 pub fn spawn(
     config: EtcdConfig,
     publication: watch::Receiver<Option<Publication>>,
@@ -176,8 +178,12 @@ pub fn spawn(
                 self.0.abort();
             }
         }
-        let _writer = AbortOnDrop(tokio::spawn(write_loop(client.clone(), publication, state_tx.clone())));
-        read_loop(client, state_tx).await;
+        let mut writer = AbortOnDrop(tokio::spawn(write_loop(client.clone(), publication, state_tx.clone())));
+        // The writer ends once the publication is gone (the cluster left, its keys removed).
+        tokio::select! {
+            _ = read_loop(client, state_tx) => {}
+            _ = &mut writer.0 => {}
+        }
     });
     (state_rx, task)
 }
@@ -388,7 +394,20 @@ async fn write_round(
             }
             changed = publication.changed() => {
                 if changed.is_err() {
+                    // Leaving: every key of ours goes, the unleased ones too.
+                    // The last publication stays readable after its sender is gone: its keys
+                    // are removed even when this is a retry on a fresh lease (`written` empty).
+                    let mut ours: std::collections::BTreeSet<String> = written.keys().cloned().collect();
+                    ours.extend(publication.borrow().as_ref().map(Publication::keys).unwrap_or_default().into_keys());
+                    let ops: Vec<TxnOp> = ours.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+                    for batch in ops.chunks(MAX_TXN_OPS) {
+                        client
+                            .txn(Txn::new().and_then(batch.to_vec()))
+                            .await
+                            .map_err(|e| format!("removing this cluster's keys: {e}"))?;
+                    }
                     let _ = client.lease_revoke(lease).await;
+                    tracing::info!(keys = ours.len(), "left the federation: this cluster's keys are removed");
                     return Ok(());
                 }
                 let wanted = publication.borrow_and_update().as_ref().map(Publication::keys).unwrap_or_default();

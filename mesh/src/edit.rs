@@ -110,7 +110,9 @@ fn splice(text: &str, range: Range<usize>, yaml: &str) -> String {
     format!("{before}{lead}{body}{after}")
 }
 
-fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
+/// Writes `text` to `path` through a hidden temporary file and a rename: trellisd never reads
+/// half a file.
+pub fn write_atomically(path: &Path, text: &str) -> Result<(), EditError> {
     let err = |e: std::io::Error| EditError::File {
         path: path.to_path_buf(),
         why: e.to_string(),

@@ -137,6 +137,24 @@ pub struct WaypointObj {
     pub service_account: String,
 }
 
+/// `kind: Federation` (cluster-scoped): this cluster's membership of the federation, written by
+/// `trellis federation join`. Paths are read by trellisd; the etcd endpoints are `https://` URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationObj {
+    pub name: String,
+    /// Must be the cluster trellisd runs (`--cluster`): a copied file never joins as another.
+    pub cluster: String,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_ca_file: String,
+    pub etcd_cert_file: String,
+    pub etcd_key_file: String,
+    pub network: String,
+    pub region: String,
+    pub zone: String,
+    /// The east-west gateway: address, HBONE (TCP) port, QUIC port.
+    pub gateway: Option<(IpAddr, u16, Option<u16>)>,
+}
+
 /// Everything a source knows, each object with the line it was defined at. Objects are shared
 /// (`Arc`): merging files and comparing snapshots touch pointers, not contents, for everything
 /// that did not change.
@@ -148,6 +166,7 @@ pub struct Inventory {
     pub routes: BTreeMap<ObjectKey, (Arc<RouteObj>, u64)>,
     pub policies: BTreeMap<ObjectKey, (Arc<PolicyObj>, u64)>,
     pub waypoints: BTreeMap<ObjectKey, (Arc<WaypointObj>, u64)>,
+    pub federations: BTreeMap<String, (Arc<FederationObj>, u64)>,
 }
 
 fn insert_once<K: Ord + fmt::Display + Clone, V>(
@@ -183,6 +202,9 @@ impl Inventory {
     pub fn add_waypoint(&mut self, obj: WaypointObj, line: u64) -> Result<(), String> {
         insert_once(&mut self.waypoints, "Waypoint", obj.key.clone(), obj, line)
     }
+    pub fn add_federation(&mut self, obj: FederationObj, line: u64) -> Result<(), String> {
+        insert_once(&mut self.federations, "Federation", obj.name.clone(), obj, line)
+    }
 
     /// Number of objects of every kind.
     pub fn len(&self) -> usize {
@@ -192,6 +214,7 @@ impl Inventory {
             + self.routes.len()
             + self.policies.len()
             + self.waypoints.len()
+            + self.federations.len()
     }
 
     pub fn is_empty(&self) -> bool {

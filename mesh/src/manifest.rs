@@ -14,8 +14,8 @@ use serde_saphyr::granit_parser::{Event, Parser};
 use trellis_identity::Principal;
 
 use crate::inventory::{
-    Inventory, NamespaceObj, ObjectKey, PolicyAction, PolicyObj, PolicyRuleObj, PortObj, Protocol, RouteBackendObj,
-    RouteMatchObj, RouteObj, RouteRuleObj, ServiceObj, WaypointObj, WorkloadObj,
+    FederationObj, Inventory, NamespaceObj, ObjectKey, PolicyAction, PolicyObj, PolicyRuleObj, PortObj, Protocol,
+    RouteBackendObj, RouteMatchObj, RouteObj, RouteRuleObj, ServiceObj, WaypointObj, WorkloadObj,
 };
 
 /// Largest manifest file read, in bytes.
@@ -114,6 +114,44 @@ struct WorkloadSpec {
     region: String,
     #[serde(default)]
     zone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FederationSpec {
+    cluster: String,
+    etcd: EtcdSpec,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    gateway: Option<GatewaySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EtcdSpec {
+    endpoints: Vec<String>,
+    ca_file: String,
+    cert_file: String,
+    key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GatewaySpec {
+    address: String,
+    #[serde(default = "default_hbone_port")]
+    hbone_port: u32,
+    #[serde(default)]
+    quic_port: Option<u32>,
+}
+
+fn default_hbone_port() -> u32 {
+    15008
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -576,12 +614,52 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
             };
             inv.add_waypoint(obj, line).map_err(at)
         }
+        "Federation" => {
+            let d = typed!(FederationSpec);
+            let spec = d
+                .spec
+                .ok_or_else(|| at(format!("Federation {:?} needs a spec", d.metadata.name)))?;
+            check_name("cluster", &spec.cluster).map_err(at)?;
+            if spec.etcd.endpoints.is_empty() {
+                return Err(at("Federation: spec.etcd.endpoints is empty".into()));
+            }
+            for e in &spec.etcd.endpoints {
+                if !e.starts_with("https://") {
+                    return Err(at(format!(
+                        "etcd endpoint \"{e}\" is not https://: the federation talks to etcd only over TLS"
+                    )));
+                }
+            }
+            let network = spec.network.unwrap_or_else(|| spec.cluster.clone());
+            check_name("network", &network).map_err(at)?;
+            let gateway = match spec.gateway {
+                None => None,
+                Some(g) => Some((
+                    parse_ip("gateway address", &g.address).map_err(at)?,
+                    check_port("gateway hbonePort", g.hbone_port).map_err(at)?,
+                    g.quic_port.map(|p| check_port("gateway quicPort", p)).transpose().map_err(at)?,
+                )),
+            };
+            let obj = FederationObj {
+                name: d.metadata.name,
+                cluster: spec.cluster,
+                etcd_endpoints: spec.etcd.endpoints,
+                etcd_ca_file: spec.etcd.ca_file,
+                etcd_cert_file: spec.etcd.cert_file,
+                etcd_key_file: spec.etcd.key_file,
+                network,
+                region: spec.region,
+                zone: spec.zone,
+                gateway,
+            };
+            inv.add_federation(obj, line).map_err(at)
+        }
         "" => Err(at(format!(
             "the document has no kind (apiVersion {:?})",
             header.api_version
         ))),
         other => Err(at(format!(
-            "unknown kind {other:?}; expected Namespace, Service, Workload, HTTPRoute, AuthorizationPolicy or Waypoint"
+            "unknown kind {other:?}; expected Namespace, Service, Workload, HTTPRoute, AuthorizationPolicy, Waypoint or Federation"
         ))),
     }
 }

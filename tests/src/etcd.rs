@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use trellis_federation::sync::EtcdConfig;
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
@@ -81,6 +83,51 @@ impl Etcd {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         }
+    }
+
+    /// How a client logs in as `user` (a fresh certificate with that CN).
+    pub fn config(&self, user: &str) -> EtcdConfig {
+        let creds = self.credentials(user);
+        EtcdConfig {
+            endpoints: vec![self.client_url.clone()],
+            ca_pem: self.ca_pem.clone().into_bytes(),
+            cert_pem: creds.cert_pem.into_bytes(),
+            key_pem: creds.key_pem.into_bytes(),
+        }
+    }
+
+    /// Writes etcd's CA and a certificate and key for `user` into `dir`: the files an operator
+    /// hands `trellis federation join` (`ca.pem`, `<user>.pem`, `<user>-key.pem`).
+    pub fn write_credentials(&self, user: &str, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let creds = self.credentials(user);
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join(format!("{user}.pem")),
+            dir.join(format!("{user}-key.pem")),
+        );
+        std::fs::write(&ca, &self.ca_pem).expect("ca.pem");
+        std::fs::write(&cert, creds.cert_pem).expect("certificate");
+        std::fs::write(&key, creds.key_pem).expect("key");
+        (ca, cert, key)
+    }
+
+    /// Provisions etcd as the federation runs it: a user and role per member `(cluster, trust
+    /// domain)` (trellis_federation::access), the operator's, root's, and authentication on.
+    pub async fn provision(&self, members: &[(&str, &str)]) {
+        let mut root = trellis_federation::sync::connect(&self.config("root"))
+            .await
+            .expect("root client");
+        for (cluster, td) in members {
+            trellis_federation::access::add_member(&mut root, cluster, td)
+                .await
+                .unwrap_or_else(|e| panic!("{cluster}'s role: {e}"));
+        }
+        trellis_federation::access::add_operator(&mut root)
+            .await
+            .expect("operator's role");
+        trellis_federation::access::enable(&mut root)
+            .await
+            .expect("auth enable");
     }
 
     fn path(&self, name: &str) -> PathBuf {

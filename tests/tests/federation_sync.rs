@@ -18,27 +18,14 @@ use trellis_federation::{access, keys};
 use trellis_identity::{CertificateAuthority, IssuancePolicy, TrustBundle, TrustDomain};
 
 fn config(etcd: &Etcd, user: &str) -> EtcdConfig {
-    let creds = etcd.credentials(user);
-    EtcdConfig {
-        endpoints: vec![etcd.client_url.clone()],
-        ca_pem: etcd.ca_pem.clone().into_bytes(),
-        cert_pem: creds.cert_pem.into_bytes(),
-        key_pem: creds.key_pem.into_bytes(),
-    }
+    etcd.config(user)
 }
 
 /// etcd with root, the operator and the two members provisioned, and auth on.
 async fn provisioned() -> Etcd {
     let etcd = Etcd::start();
-    let mut root = sync::connect(&config(&etcd, "root")).await.expect("root client");
-    access::add_member(&mut root, "east", "east.trellis.local")
-        .await
-        .expect("east's role");
-    access::add_member(&mut root, "west", "west.trellis.local")
-        .await
-        .expect("west's role");
-    access::add_operator(&mut root).await.expect("operator's role");
-    access::enable(&mut root).await.expect("auth enable");
+    etcd.provision(&[("east", "east.trellis.local"), ("west", "west.trellis.local")])
+        .await;
     etcd
 }
 

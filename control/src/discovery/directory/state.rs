@@ -328,6 +328,7 @@ impl DirectoryState {
             inventory.routes.extend(inv.routes.clone());
             inventory.policies.extend(inv.policies.clone());
             inventory.waypoints.extend(inv.waypoints.clone());
+            inventory.federations.extend(inv.federations.clone());
         }
         let crashed = self
             .crashed

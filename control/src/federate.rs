@@ -1,0 +1,341 @@
+//! trellisd's side of the federation: once the manifest directory holds this cluster's
+//! `Federation` (written by `trellis federation join`), run the etcd sync with what the cluster
+//! publishes (its record, its trust bundle, its global services and their ready endpoints), and
+//! stop it, removing the cluster's keys, when the membership goes (`trellis federation leave`).
+//!
+//! What to publish is a pure function of the inventory ([`publication`]); the loop here does the
+//! file reads and starts and stops the sync.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use trellis_federation::records::{
+    ClusterRecord, EndpointRecord, EndpointsRecord, Gateway, ServicePort, ServiceRecord,
+};
+use trellis_federation::sync::{self, EtcdConfig, Publication, SyncState};
+use trellis_identity::{SpiffeId, TrustBundle};
+use trellis_mesh::inventory::{FederationObj, Inventory, Protocol};
+use trellis_mesh::model::{is_enrolled, selects, ClusterInfo};
+
+use crate::discovery::Discovered;
+
+/// The label that exports a Service to the federation.
+pub const GLOBAL: &str = "trellis.io/global";
+/// The largest etcd credential file read.
+const MAX_CREDENTIAL_BYTES: u64 = 1024 * 1024;
+
+/// The federation as `/status` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct FederationStatus {
+    /// The membership in force, if the cluster joined.
+    pub membership: Option<Arc<FederationObj>>,
+    /// Why the membership in the manifests is not in force (bad credentials, two of them, ...).
+    pub error: Option<String>,
+    /// The sync's state while it runs.
+    pub sync: Option<SyncState>,
+}
+
+/// The membership for `cluster` in `inv`: none, the one, or why it cannot be used.
+pub fn membership(inv: &Inventory, cluster: &str) -> Result<Option<Arc<FederationObj>>, String> {
+    let mut all = inv.federations.values();
+    let Some((first, _)) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        let names: Vec<&String> = inv.federations.keys().collect();
+        return Err(format!(
+            "more than one Federation ({names:?}): remove all but one; not joining"
+        ));
+    }
+    if first.cluster != cluster {
+        return Err(format!(
+            "Federation {:?} is for cluster {:?}, and this trellisd runs cluster {cluster:?}; not joining",
+            first.name, first.cluster
+        ));
+    }
+    Ok(Some(first.clone()))
+}
+
+/// What this cluster publishes: its record, `bundle_json`, and every Service labelled
+/// `trellis.io/global=true` with its ready, enrolled endpoints.
+pub fn publication(
+    inv: &Inventory,
+    membership: &FederationObj,
+    cluster: &ClusterInfo,
+    bundle_json: &str,
+) -> Publication {
+    let record = ClusterRecord {
+        name: cluster.name.clone(),
+        trust_domain: cluster.trust_domain.to_string(),
+        network: membership.network.clone(),
+        region: membership.region.clone(),
+        zone: membership.zone.clone(),
+        gateway: membership.gateway.map(|(address, hbone_port, quic_port)| Gateway {
+            address,
+            hbone_port,
+            quic_port,
+        }),
+    };
+    let mut services = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    for (key, (svc, _)) in &inv.services {
+        if svc.labels.get(GLOBAL).map(String::as_str) != Some("true") || svc.selector.is_empty() {
+            continue;
+        }
+        let ports = svc
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                port: p.port,
+                target_port: p.target_port,
+                app_protocol: match p.protocol {
+                    Protocol::Tcp => String::new(),
+                    Protocol::Http => "http".into(),
+                    Protocol::Http2 => "http2".into(),
+                    Protocol::Grpc => "grpc".into(),
+                },
+            })
+            .collect();
+        let hostname = format!("{}.{}.svc.{}", key.name, key.namespace, cluster.domain);
+        let id = (key.namespace.clone(), key.name.clone());
+        services.insert(
+            id.clone(),
+            ServiceRecord {
+                ports,
+                hostnames: vec![hostname],
+            },
+        );
+        let ns_labels = inv.namespaces.get(&key.namespace).map(|(n, _)| &n.labels);
+        let ready = inv
+            .workloads
+            .values()
+            .map(|(w, _)| w)
+            .filter(|w| w.key.namespace == key.namespace && w.ready && is_enrolled(w, ns_labels))
+            .filter(|w| selects(&svc.selector, &w.labels))
+            .filter_map(|w| {
+                let identity = SpiffeId::workload(&cluster.trust_domain, &w.key.namespace, &w.service_account).ok()?;
+                Some(EndpointRecord {
+                    address: w.ip,
+                    identity: identity.to_string(),
+                    node: w.node.clone(),
+                    zone: w.zone.clone(),
+                })
+            })
+            .collect();
+        endpoints.insert(
+            id,
+            EndpointsRecord {
+                endpoints: ready,
+                behind_gateway: None,
+            },
+        );
+    }
+    Publication {
+        cluster: record,
+        bundle_json: bundle_json.to_string(),
+        services,
+        endpoints,
+    }
+}
+
+/// Reads a credential file named by the membership: a regular file of sane size.
+fn read_credential(what: &str, path: &str) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {path}: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_CREDENTIAL_BYTES {
+        return Err(format!(
+            "{what} {path}: not a regular file of at most {MAX_CREDENTIAL_BYTES} bytes"
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("{what} {path}: {e}"))
+}
+
+fn etcd_config(m: &FederationObj) -> Result<EtcdConfig, String> {
+    Ok(EtcdConfig {
+        endpoints: m.etcd_endpoints.clone(),
+        ca_pem: read_credential("etcd CA file", &m.etcd_ca_file)?,
+        cert_pem: read_credential("etcd certificate file", &m.etcd_cert_file)?,
+        key_pem: read_credential("etcd key file", &m.etcd_key_file)?,
+    })
+}
+
+/// Follows discovery until it stops: joins, follows and leaves as the membership comes and goes.
+pub fn spawn(
+    cluster: ClusterInfo,
+    roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    mut discovered: watch::Receiver<Arc<Discovered>>,
+) -> watch::Receiver<FederationStatus> {
+    let (status_tx, status_rx) = watch::channel(FederationStatus::default());
+    let bundle_json = TrustBundle::new(cluster.trust_domain.clone(), roots).to_json();
+    tokio::spawn(async move {
+        // The running sync: its membership, the publication it writes, its state, its task.
+        type Running = (
+            Arc<FederationObj>,
+            watch::Sender<Option<Publication>>,
+            watch::Receiver<SyncState>,
+        );
+        let mut running: Option<Running> = None;
+        loop {
+            let d = discovered.borrow_and_update().clone();
+            if d.synced {
+                let wanted = membership(&d.inventory, &cluster.name);
+                let keep = matches!((&running, &wanted), (Some((m, _, _)), Ok(Some(w))) if m == w);
+                if !keep {
+                    if let Some((m, publication, _)) = running.take() {
+                        // The sync removes this cluster's keys and ends once its publication goes.
+                        drop(publication);
+                        tracing::info!(federation = %m.name, "leaving the federation");
+                    }
+                    let error = match &wanted {
+                        Err(e) => Some(e.clone()),
+                        Ok(None) => None,
+                        Ok(Some(m)) => match etcd_config(m) {
+                            Err(e) => Some(e),
+                            Ok(config) => {
+                                let first = publication(&d.inventory, m, &cluster, &bundle_json);
+                                let (tx, rx) = watch::channel(Some(first));
+                                let (state, _task) = sync::spawn(config, rx);
+                                tracing::info!(etcd = ?m.etcd_endpoints, "joining the federation");
+                                running = Some((m.clone(), tx, state));
+                                None
+                            }
+                        },
+                    };
+                    if let Some(e) = &error {
+                        tracing::warn!(error = %e, "federation membership not in force");
+                    }
+                    status_tx.send_modify(|s| {
+                        s.error = error;
+                        s.membership = running.as_ref().map(|(m, _, _)| m.clone());
+                        s.sync = None;
+                    });
+                } else if let Some((m, publication, _)) = &running {
+                    let next = publication_for(&d, m, &cluster, &bundle_json);
+                    publication.send_if_modified(|p| {
+                        let changed = p.as_ref() != Some(&next);
+                        *p = Some(next);
+                        changed
+                    });
+                }
+            }
+            // Wake on a discovery change or a change of the sync's state.
+            let sync_changed = async {
+                match running.as_mut() {
+                    Some((_, _, state)) => state.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = discovered.changed() => if changed.is_err() { return },
+                alive = sync_changed => if !alive { running = None },
+            }
+            if let Some((_, _, state)) = &running {
+                let now = state.borrow().clone();
+                status_tx.send_modify(|s| s.sync = Some(now));
+            }
+        }
+    });
+    status_rx
+}
+
+fn publication_for(d: &Discovered, m: &FederationObj, cluster: &ClusterInfo, bundle_json: &str) -> Publication {
+    publication(&d.inventory, m, cluster, bundle_json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_mesh::manifest::parse_file;
+
+    const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {trellis.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: demo, labels: {trellis.io/global: "true"}}
+spec: {selector: {app: hello}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: demo}
+spec: {selector: {app: hello}, ports: [{port: 81, targetPort: 8080}]}
+---
+apiVersion: trellis.io/v1
+kind: Workload
+metadata: {name: hello-1, namespace: demo, labels: {app: hello}}
+spec: {serviceAccount: hello, node: node-1, ip: 10.1.1.10, ready: true, zone: a}
+---
+apiVersion: trellis.io/v1
+kind: Workload
+metadata: {name: hello-2, namespace: demo, labels: {app: hello}}
+spec: {serviceAccount: hello, node: node-2, ip: 10.1.2.10, ready: false}
+---
+apiVersion: trellis.io/v1
+kind: Federation
+metadata: {name: membership}
+spec:
+  cluster: east
+  etcd: {endpoints: ["https://127.0.0.1:2379"], caFile: /ca.pem, certFile: /c.pem, keyFile: /k.pem}
+  region: eu-1
+  gateway: {address: 10.1.0.20}
+"#;
+
+    fn cluster() -> ClusterInfo {
+        ClusterInfo {
+            name: "east".into(),
+            trust_domain: "east.trellis.local".parse().unwrap(),
+            network: "east".into(),
+            domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn only_global_services_are_published_with_their_ready_enrolled_endpoints() {
+        let inv = parse_file(MANIFESTS).unwrap();
+        let m = membership(&inv, "east").unwrap().unwrap();
+        assert_eq!(m.gateway.map(|g| g.1), Some(15008), "the HBONE port defaults to 15008");
+        let p = publication(&inv, &m, &cluster(), "{}");
+        let key = ("demo".to_string(), "hello".to_string());
+        assert_eq!(
+            p.services.keys().collect::<Vec<_>>(),
+            [&key],
+            "an unlabelled service stays home"
+        );
+        assert_eq!(p.services[&key].hostnames, ["hello.demo.svc.cluster.local"]);
+        let eps = &p.endpoints[&key].endpoints;
+        assert_eq!(eps.len(), 1, "the unready workload is left out");
+        assert_eq!(eps[0].identity, "spiffe://east.trellis.local/ns/demo/sa/hello");
+        assert_eq!(
+            (eps[0].address.to_string(), eps[0].zone.as_str()),
+            ("10.1.1.10".into(), "a")
+        );
+        assert_eq!(p.cluster.region, "eu-1");
+        assert_eq!(p.cluster.network, "east", "the network defaults to the cluster's name");
+    }
+
+    #[test]
+    fn a_membership_for_another_cluster_or_two_of_them_is_refused() {
+        let inv = parse_file(MANIFESTS).unwrap();
+        let e = membership(&inv, "west").unwrap_err();
+        assert!(e.contains("is for cluster \"east\""), "{e}");
+        let two = format!(
+            "{MANIFESTS}---\n{}",
+            &MANIFESTS[MANIFESTS.find("apiVersion: trellis.io/v1\nkind: Federation").unwrap()..]
+                .replace("name: membership", "name: other")
+        );
+        let inv = parse_file(&two).unwrap();
+        assert!(membership(&inv, "east")
+            .unwrap_err()
+            .contains("more than one Federation"));
+        let plain = parse_file("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n").unwrap();
+        assert_eq!(membership(&plain, "east"), Ok(None));
+    }
+
+    #[test]
+    fn a_membership_without_tls_is_refused_at_parse() {
+        let text = MANIFESTS.replace("https://127.0.0.1:2379", "http://127.0.0.1:2379");
+        let e = parse_file(&text).unwrap_err();
+        assert!(e.message.contains("is not https://"), "{e}");
+    }
+}
