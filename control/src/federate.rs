@@ -10,13 +10,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use trellis_api::config::v1 as pb;
+use trellis_api::config::v1::resource::Kind as Variant;
+use trellis_api::slice::key_of;
 use trellis_federation::records::{
     ClusterRecord, EndpointRecord, EndpointsRecord, Gateway, ServicePort, ServiceRecord,
 };
 use trellis_federation::sync::{self, EtcdConfig, Publication, SyncState};
+use trellis_federation::view::Federation;
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_mesh::inventory::{FederationObj, Inventory, Protocol};
-use trellis_mesh::model::{is_enrolled, selects, ClusterInfo};
+use trellis_mesh::model::{is_enrolled, selects, ClusterInfo, Entry, ServerSlice};
 
 use crate::discovery::Discovered;
 
@@ -138,6 +142,53 @@ pub fn publication(
     }
 }
 
+/// The cluster-scoped resources every node gets from the federation: a RemoteCluster for every
+/// other member, and its TrustBundle (a member's bundle is the only one trusted for its trust
+/// domain; this cluster's own comes from its CA, never from etcd).
+pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerSlice {
+    let mut out = ServerSlice::new();
+    for (name, m) in &federation.members {
+        if name == &cluster.name || m.trust_domain == cluster.trust_domain {
+            continue;
+        }
+        let gateway = m.record.gateway.as_ref();
+        let remote = pb::Resource {
+            kind: Some(Variant::RemoteCluster(pb::RemoteCluster {
+                name: name.clone(),
+                trust_domain: m.trust_domain.to_string(),
+                network: m.record.network.clone(),
+                locality: Some(pb::Locality {
+                    region: m.record.region.clone(),
+                    zone: m.record.zone.clone(),
+                }),
+                gateway_address: gateway
+                    .map(|g| trellis_api::addr::to_bytes(g.address))
+                    .unwrap_or_default(),
+                gateway_hbone_port: gateway.map_or(0, |g| u32::from(g.hbone_port)),
+                gateway_quic_port: gateway.and_then(|g| g.quic_port).map_or(0, u32::from),
+                healthy: true,
+            })),
+        };
+        let mut entries = vec![remote];
+        if let Some(b) = &m.bundle {
+            entries.push(pb::Resource {
+                kind: Some(Variant::TrustBundle(pb::TrustBundle {
+                    trust_domain: m.trust_domain.to_string(),
+                    x509_authorities: b.x509_authorities.iter().map(|c| c.to_vec()).collect(),
+                    sequence: b.sequence,
+                    refresh_hint_seconds: b.refresh_hint_secs,
+                })),
+            });
+        }
+        for resource in entries {
+            if let Some(key) = key_of(&resource) {
+                out.insert(key.clone(), Arc::new(Entry::new(key, resource)));
+            }
+        }
+    }
+    out
+}
+
 /// Reads a credential file named by the membership: a regular file of sane size.
 fn read_credential(what: &str, path: &str) -> Result<Vec<u8>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {path}: {e}"))?;
@@ -159,12 +210,14 @@ fn etcd_config(m: &FederationObj) -> Result<EtcdConfig, String> {
 }
 
 /// Follows discovery until it stops: joins, follows and leaves as the membership comes and goes.
+/// The status, and the cluster-scoped resources for the model ([`remote_entries`]).
 pub fn spawn(
     cluster: ClusterInfo,
     roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     mut discovered: watch::Receiver<Arc<Discovered>>,
-) -> watch::Receiver<FederationStatus> {
+) -> (watch::Receiver<FederationStatus>, watch::Receiver<Arc<ServerSlice>>) {
     let (status_tx, status_rx) = watch::channel(FederationStatus::default());
+    let (remote_tx, remote_rx) = watch::channel(Arc::new(ServerSlice::new()));
     let bundle_json = TrustBundle::new(cluster.trust_domain.clone(), roots).to_json();
     tokio::spawn(async move {
         // The running sync: its membership, the publication it writes, its state, its task.
@@ -228,13 +281,26 @@ pub fn spawn(
                 changed = discovered.changed() => if changed.is_err() { return },
                 alive = sync_changed => if !alive { running = None },
             }
-            if let Some((_, _, state)) = &running {
-                let now = state.borrow().clone();
-                status_tx.send_modify(|s| s.sync = Some(now));
-            }
+            let remote = match &running {
+                Some((_, _, state)) => {
+                    let now = state.borrow().clone();
+                    let remote = remote_entries(&now.federation, &cluster);
+                    status_tx.send_modify(|s| s.sync = Some(now));
+                    remote
+                }
+                // Not a member (or left): no other cluster's bundle is trusted any more.
+                None => ServerSlice::new(),
+            };
+            remote_tx.send_if_modified(|r| {
+                let changed = **r != remote;
+                if changed {
+                    *r = Arc::new(remote);
+                }
+                changed
+            });
         }
     });
-    status_rx
+    (status_rx, remote_rx)
 }
 
 fn publication_for(d: &Discovered, m: &FederationObj, cluster: &ClusterInfo, bundle_json: &str) -> Publication {

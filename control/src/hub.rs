@@ -16,7 +16,7 @@ use trellis_api::config::v1::resource::Kind as Variant;
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
 use crate::stream::Published;
-use trellis_mesh::model::{build, ClusterInfo, MeshModel};
+use trellis_mesh::model::{build, ClusterInfo, MeshModel, ServerSlice};
 
 /// Changes arriving within this window after the first are applied together.
 pub const COALESCE: Duration = Duration::from_millis(5);
@@ -53,7 +53,12 @@ pub struct Hub {
 
 /// Rebuilds the model after every discovery change and publishes it with a new version, until
 /// discovery stops.
-pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovered>>, metrics: Arc<Metrics>) -> Hub {
+pub fn spawn(
+    cluster: ClusterInfo,
+    mut discovered: watch::Receiver<Arc<Discovered>>,
+    mut remote: watch::Receiver<Arc<ServerSlice>>,
+    metrics: Arc<Metrics>,
+) -> Hub {
     let (tx, model) = watch::channel(Arc::new(Published::default()));
     let hub = Hub {
         model,
@@ -64,13 +69,19 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
         let mut version = 0u64;
         let mut previous: Option<Arc<MeshModel>> = None;
         let mut last_inventory: Option<Arc<Discovered>> = None;
+        let mut federation = Arc::new(ServerSlice::new());
         loop {
-            if discovered.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = discovered.changed() => if changed.is_err() { return },
+                // The federation's sender is gone with its task: carry on with what it last said.
+                changed = remote.changed(), if remote.has_changed().is_ok() => if changed.is_err() { continue },
             }
             let seen = Instant::now();
             tokio::time::sleep(COALESCE).await;
             let snapshot = discovered.borrow_and_update().clone();
+            let remote_now = remote.borrow_and_update().clone();
+            let federation_changed = !Arc::ptr_eq(&remote_now, &federation);
+            federation = remote_now;
             metrics.discovery_problems.set(snapshot.problems.len() as i64);
             // Until discovery has seen everything once, its inventory may lack what exists: no
             // node gets a model built from it.
@@ -78,10 +89,31 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
                 continue;
             }
             // A new problem alone (a refused file) changes nothing the nodes hold.
-            if last_inventory
+            let same_inventory = last_inventory
                 .as_ref()
-                .is_some_and(|l| l.inventory == snapshot.inventory)
-            {
+                .is_some_and(|l| l.inventory == snapshot.inventory);
+            if same_inventory && !federation_changed {
+                continue;
+            }
+            if same_inventory {
+                // Only the federation moved: the namespaces are carried as they are.
+                let Some(prev) = previous.clone() else { continue };
+                let mut model = (*prev).clone();
+                model.federation = (*federation).clone();
+                let model = Arc::new(model);
+                let changed = Some((version, Arc::new(std::collections::BTreeSet::new())));
+                version = versions.next(SystemTime::now());
+                metrics.model_version.set(version as i64);
+                previous = Some(model.clone());
+                let published = Published {
+                    version,
+                    model,
+                    at: Some(seen),
+                    changed,
+                };
+                if tx.send(Arc::new(published)).is_err() {
+                    return;
+                }
                 continue;
             }
             let started = Instant::now();
@@ -89,7 +121,8 @@ pub fn spawn(cluster: ClusterInfo, mut discovered: watch::Receiver<Arc<Discovere
                 .as_ref()
                 .zip(previous.as_deref())
                 .map(|(i, m)| (&i.inventory, m));
-            let (model, changed) = build(&snapshot.inventory, &cluster, prior);
+            let (mut model, changed) = build(&snapshot.inventory, &cluster, prior);
+            model.federation = (*federation).clone();
             let model = Arc::new(model);
             metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
             metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
@@ -161,6 +194,11 @@ pub fn may_issue(model: &MeshModel, node: &str, id: &trellis_identity::SpiffeId)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster that never joins: the federation's sender is gone at once.
+    fn no_federation() -> watch::Receiver<Arc<ServerSlice>> {
+        watch::channel(Arc::new(ServerSlice::new())).1
+    }
     use trellis_identity::TrustDomain;
 
     #[tokio::test]
@@ -177,7 +215,7 @@ mod tests {
         .unwrap();
         let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
         let metrics = Arc::new(Metrics::default());
-        let mut hub = spawn(cluster, rx, metrics.clone());
+        let mut hub = spawn(cluster, rx, no_federation(), metrics.clone());
         let partial = Discovered {
             inventory: inventory.clone(),
             problems: vec!["/m/sub: cannot list: Too many open files (os error 24)".into()],
@@ -278,7 +316,7 @@ mod tests {
         let mut last_of_first = 0;
         {
             let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
-            let mut hub = spawn(cluster.clone(), rx, Arc::new(Metrics::default()));
+            let mut hub = spawn(cluster.clone(), rx, no_federation(), Arc::new(Metrics::default()));
             for mode in ["ambient", "none", "ambient"] {
                 tx.send(Arc::new(synced(mode))).unwrap();
                 let v = tokio::time::timeout(
@@ -293,7 +331,7 @@ mod tests {
             }
         }
         let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
-        let mut hub = spawn(cluster, rx, Arc::new(Metrics::default()));
+        let mut hub = spawn(cluster, rx, no_federation(), Arc::new(Metrics::default()));
         tx.send(Arc::new(synced("ambient"))).unwrap();
         let first_of_second = tokio::time::timeout(Duration::from_secs(5), hub.model.wait_for(|p| p.version > 0))
             .await

@@ -72,7 +72,9 @@ impl ControlPlane {
         let (discovery_tx, discovery_rx) = watch::channel(Arc::new(Discovered::default()));
         let source: Box<dyn DiscoverySource> = Box::new(ManifestDirectory::new(&opts.manifests));
         let discovery_task = tokio::spawn(source.run(discovery_tx));
-        let hub = hub::spawn(opts.cluster.clone(), discovery_rx.clone(), metrics.clone());
+        let (federation, remote) =
+            crate::federate::spawn(opts.cluster.clone(), ca.roots().to_vec(), discovery_rx.clone());
+        let hub = hub::spawn(opts.cluster.clone(), discovery_rx.clone(), remote, metrics.clone());
 
         let stream = ConfigStream::new(td.clone(), hub.model.clone(), metrics.clone());
         let ca_service = CaService::new(ca.clone(), tokens.clone(), Arc::new(hub::authorizer(hub.model.clone())));
@@ -92,8 +94,6 @@ impl ControlPlane {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         });
-
-        let federation = crate::federate::spawn(opts.cluster.clone(), ca.roots().to_vec(), discovery_rx.clone());
 
         let admin_listener = TcpListener::bind(opts.admin_listen)
             .await

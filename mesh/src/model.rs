@@ -43,7 +43,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn new(key: ResKey, resource: pb::Resource) -> Self {
+    pub fn new(key: ResKey, resource: pb::Resource) -> Self {
         let encoded = prost::Message::encode_to_vec(&resource);
         Self { key, resource, encoded }
     }
@@ -72,6 +72,8 @@ pub struct MeshModel {
     pub namespaces: BTreeMap<String, Arc<NsModel>>,
     /// Workloads scheduled on each node.
     pub by_node: BTreeMap<String, Vec<Arc<Entry>>>,
+    /// Cluster-scoped resources from the federation (RemoteCluster, TrustBundle), every node's.
+    pub federation: ServerSlice,
 }
 
 fn node_of(entry: &Entry) -> Option<&str> {
@@ -532,7 +534,7 @@ pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
             own_by_ns.entry(ns).or_default().push(e);
         }
     }
-    let mut slice = ServerSlice::new();
+    let mut slice = model.federation.clone();
     for (ns, n) in &model.namespaces {
         let own = own_by_ns.get(ns.as_str()).map(Vec::as_slice).unwrap_or_default();
         ns_part(n, own, role, &mut |e| {
@@ -540,6 +542,37 @@ pub fn node_slice(model: &MeshModel, node: &str, role: Role) -> ServerSlice {
         });
     }
     slice
+}
+
+/// The cluster-scoped kinds, which every node gets from [`MeshModel::federation`].
+const FEDERATION_KINDS: [pb::Kind; 2] = [pb::Kind::RemoteCluster, pb::Kind::TrustBundle];
+
+/// Brings the cluster-scoped part of `slice` up to `model.federation` (a handful of entries: it
+/// is compared whole on every change).
+fn advance_federation(
+    model: &MeshModel,
+    slice: &mut ServerSlice,
+    upserts: &mut Vec<Arc<Entry>>,
+    removals: &mut Vec<ResKey>,
+) {
+    let held: Vec<ResKey> = slice
+        .keys()
+        .filter(|k| FEDERATION_KINDS.contains(&k.kind))
+        .cloned()
+        .collect();
+    for key in held {
+        if !model.federation.contains_key(&key) {
+            slice.remove(&key);
+            removals.push(key);
+        }
+    }
+    for (key, entry) in &model.federation {
+        let same = slice.get(key).is_some_and(|o| Arc::ptr_eq(o, entry) || **o == **entry);
+        if !same {
+            slice.insert(key.clone(), entry.clone());
+            upserts.push(entry.clone());
+        }
+    }
 }
 
 /// The kinds a node slice holds.
@@ -564,6 +597,7 @@ pub fn advance(
 ) -> (Vec<Arc<Entry>>, Vec<ResKey>) {
     let mut upserts = Vec::new();
     let mut removals = Vec::new();
+    advance_federation(model, slice, &mut upserts, &mut removals);
     for ns in changed {
         let prefix = format!("{ns}/");
         let mut fresh = ServerSlice::new();

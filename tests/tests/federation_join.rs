@@ -150,11 +150,11 @@ fn row<'a>(status: &'a str, cluster: &str) -> Option<&'a str> {
         .find(|l| l.trim_start().starts_with(&format!("{cluster} ")))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clusters_join_see_each_other_survive_a_restart_and_leave() {
+#[test]
+fn clusters_join_see_each_other_survive_a_restart_and_leave() {
     let etcd = Etcd::start();
-    etcd.provision(&[("east", "east.trellis.local"), ("west", "west.trellis.local")])
-        .await;
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(etcd.provision(&[("east", "east.trellis.local"), ("west", "west.trellis.local")]));
     let mut east = Cluster::new("east", 1);
     let west = Cluster::new("west", 2);
 
@@ -195,6 +195,18 @@ async fn clusters_join_see_each_other_survive_a_restart_and_leave() {
         "trellis status shows the federation:\n{full}"
     );
 
+    // A node of east trusts west's trust domain, with west's roots, from the config stream.
+    let node = east.ztunnel();
+    let trusts = |td: &str| {
+        node.config_dump()["trust_domains"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t["trust_domain"] == td))
+    };
+    trellis_e2e::wait_until("east's node trusts west.trellis.local", Duration::from_secs(20), || {
+        trusts("west.trellis.local")
+    });
+    assert!(trusts("east.trellis.local"));
+
     // The membership is a manifest: a restarted trellisd joins again on its own.
     east.trellisd = None;
     east.start();
@@ -219,4 +231,68 @@ async fn clusters_join_see_each_other_survive_a_restart_and_leave() {
         !after.contains("west.trellis.local"),
         "west's bundle is gone too:\n{after}"
     );
+    trellis_e2e::wait_until("east's node no longer trusts west", Duration::from_secs(20), || {
+        !trusts("west.trellis.local")
+    });
+    assert!(trusts("east.trellis.local"), "its own trust domain stays");
+}
+
+/// A ztunnel of a cluster, tunnels only (no capture), on loopback ports of its own.
+struct Node {
+    admin: SocketAddr,
+    _process: Process,
+}
+
+impl Node {
+    fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = trellis_admin::client::get_blocking(self.admin, "/config_dump", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("ztunnel's /config_dump: {e}"));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+}
+
+impl Cluster {
+    fn ztunnel(&self) -> Node {
+        let ca = self.dir.path().join("ca");
+        let out = binary("trellisd")
+            .args(["--cluster", self.name, "--ca-dir"])
+            .arg(&ca)
+            .args(["token", "create", "--node", "node-1"])
+            .env_remove("TRELLIS_CA_DIR")
+            .env_remove("TRELLIS_CLUSTER")
+            .output()
+            .expect("trellisd token create");
+        let token = self.dir.path().join("token");
+        std::fs::write(&token, &out.stdout).expect("token file");
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = binary("ztunnel");
+        cmd.args(["--node", "node-1", "--cluster", self.name])
+            .args(["--trust-domain", &format!("{}.trellis.local", self.name)])
+            .args(["--ca-addr", &self.listen.to_string()])
+            .arg("--ca-roots")
+            .arg(ca.join("root-cert.pem"))
+            .arg("--join-token-file")
+            .arg(&token)
+            .args(["--capture", "none", "--admin-listen", &admin.to_string()])
+            .env("RUST_LOG", "warn");
+        for flag in [
+            "--hbone-listen",
+            "--outbound-listen",
+            "--inbound-plain-listen",
+            "--metrics-listen",
+            "--readiness-listen",
+        ] {
+            cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
+        }
+        let node = Node {
+            admin,
+            _process: Process::spawn("ztunnel", cmd),
+        };
+        trellis_e2e::wait_until("the ztunnel serves /config_dump", Duration::from_secs(20), || {
+            trellis_admin::client::get_blocking(admin, "/config_dump", Duration::from_secs(1))
+                .is_ok_and(|(s, _)| s == 200)
+        });
+        node
+    }
 }

@@ -156,6 +156,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         local.clone(),
         metrics.clone(),
         ready.clone(),
+        bundles.clone(),
     ));
     tokio::spawn(export_expiry(certs.clone(), metrics.clone()));
 
@@ -324,7 +325,9 @@ async fn apply_config(
     local: Arc<LocalCerts>,
     metrics: Arc<Metrics>,
     ready: Arc<Readiness>,
+    bundles: BundleSet,
 ) {
+    let own_td: Option<TrustDomain> = config.trust_domain.parse().ok();
     let ports = Ports {
         outbound: config.outbound_listen.port(),
         inbound_plain: config.inbound_plain_listen.port(),
@@ -342,6 +345,16 @@ async fn apply_config(
         let (version, state) = {
             let a = applied.borrow_and_update();
             metrics.config_connected.set(i64::from(a.connected));
+            // Federated trust domains follow the config: a cluster that left is refused now.
+            if let (Some(own), true) = (&own_td, a.version > 0) {
+                let (problems, dropped) = crate::trust::reconcile(&bundles, own, &a.slice);
+                for problem in problems {
+                    tracing::warn!(version = a.version, %problem, "trust bundle refused");
+                }
+                for td in dropped {
+                    tracing::info!(trust_domain = %td, "trust domain left the federation: its peers are refused");
+                }
+            }
             (
                 a.version,
                 ProxyState::from_slice(&config.node, a.version, &a.slice).with_mesh_networks(&config.mesh_cidrs),
@@ -483,6 +496,7 @@ fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
         "workloads": workloads,
         "services": services,
         "problems": state.problems,
+        "trust_domains": proxy.bundles.all().iter().map(|b| json!({"trust_domain": b.trust_domain.to_string(), "roots": b.x509_authorities.len()})).collect::<Vec<_>>(),
         "pool": pool,
         "open_connections": proxy.drain.open(),
     })

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod static_config;
+pub mod trust;
