@@ -170,6 +170,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         local,
         inbound,
         proxy.drain.watch(),
+        bundles.clone(),
     ));
     tokio::spawn(outbound::serve(outbound_listener, proxy.clone()));
     tokio::spawn(inbound_plain::serve(plain_listener, proxy.clone()));

@@ -151,6 +151,7 @@ async fn node() -> Node {
         local,
         Arc::new(Inbound { proxy: proxy.clone() }),
         proxy.drain.watch(),
+        proxy.bundles.clone(),
     ));
     Node {
         hbone,
@@ -529,4 +530,44 @@ async fn an_open_that_gives_up_leaves_its_dial_to_the_opens_that_joined_it() {
     );
     drop(tunnel);
     assert_eq!(pool.snapshot(), vec![(key, 1, 0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_domain_dropped_from_the_federation_loses_its_open_tunnels_and_new_ones() {
+    let node = node().await;
+    let west = ca("west.trellis.local");
+    let west_web = "spiffe://west.trellis.local/ns/shop/sa/web";
+    let west_td = TrustDomain::new("west.trellis.local").unwrap();
+    node.bundles
+        .upsert(TrustBundle::new(west_td.clone(), west.ca.roots().to_vec()));
+    // West's node trusts east (to verify cart) and presents west's SVID.
+    let west_trusts = BundleSet::with(TrustBundle::new(
+        node._ca.ca.trust_domain().clone(),
+        node._ca.ca.roots().to_vec(),
+    ));
+    let pool = Pool::new(certs_for(&west, &[west_web]).await, west_trusts);
+    let mut tunnel = pool
+        .open(&key(&node, west_web), node.workload, &[], &Bytes::new())
+        .await
+        .expect("west's web → east's cart, west trusted");
+    assert_eq!(round_trip(&mut tunnel, b"from west").await, b"from west");
+
+    node.bundles.remove(&west_td);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tunnel.next_chunk().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the open tunnel was not closed when west's trust was withdrawn"
+    );
+    let again = pool
+        .open(&key(&node, west_web), node.workload, &[], &Bytes::new())
+        .await;
+    assert!(again.is_err(), "a new tunnel from west is refused");
 }

@@ -104,6 +104,7 @@ async fn node() -> Node {
         local,
         Arc::new(Inbound { proxy: proxy.clone() }),
         proxy.drain.watch(),
+        proxy.bundles.clone(),
     ));
     Node {
         hbone,

@@ -146,6 +146,7 @@ impl Node {
             local,
             limited.clone(),
             proxy.drain.watch(),
+            proxy.bundles.clone(),
         ));
         Node {
             ca,

@@ -121,6 +121,7 @@ pub async fn serve<H: Handler>(
     local: Arc<LocalCerts>,
     handler: Arc<H>,
     drain: watch::Receiver<bool>,
+    trusted: BundleSet,
 ) {
     let acceptor = TlsAcceptor::from(config);
     let gate = Gate::new(Limits::HBONE.fitted(nofile_limit(), 2));
@@ -148,6 +149,7 @@ pub async fn serve<H: Handler>(
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, local, handler, drain) = (acceptor.clone(), local.clone(), handler.clone(), drain.clone());
+        let trusted = trusted.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
             let handshake = async {
@@ -188,7 +190,7 @@ pub async fn serve<H: Handler>(
             let _slot = slot;
             match handshake {
                 Ok(Ok((connection, info, not_after))) => {
-                    run(connection, Arc::new(info), not_after, handler, drain).await
+                    run(connection, Arc::new(info), not_after, handler, drain, trusted).await
                 }
                 Ok(Err(why)) => tracing::info!(peer = %peer_addr, error = %why, "HBONE connection refused"),
                 Err(_) => tracing::info!(peer = %peer_addr, "HBONE handshake timed out"),
@@ -205,7 +207,12 @@ async fn run<H: Handler>(
     not_after: Option<SystemTime>,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
+    trusted: BundleSet,
 ) {
+    // A peer whose trust domain is no longer trusted (its cluster left the federation) loses
+    // the connection and its open tunnels at once: trust withdrawn is not a graceful expiry.
+    let mut trust = trusted.changes();
+    let mut trust_open = true;
     // Expiry stops new tunnels, never open ones (see `expiry`): checked on tokio's clock by
     // this timer and on the wall clock at each CONNECT.
     let expiry = tokio::time::sleep(expiry::admits_for(not_after, SystemTime::now()));
@@ -245,6 +252,13 @@ async fn run<H: Handler>(
                 expired = true;
                 tracing::info!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = Arc::strong_count(&tunnels) - 1, "client certificate expired: no new tunnels (GOAWAY), open ones run on");
                 connection.graceful_shutdown();
+            }
+            changed = trust.changed(), if trust_open => {
+                trust_open = changed.is_ok();
+                if trust_open && trusted.get(info.peer_id.trust_domain()).is_none() {
+                    tracing::warn!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = Arc::strong_count(&tunnels) - 1, "the peer's trust domain is no longer trusted: connection and its tunnels closed");
+                    return;
+                }
             }
             _ = drain.wait_for(|d| *d), if !draining => {
                 draining = true;
