@@ -23,6 +23,7 @@ use trellis_mesh::inventory::{FederationObj, Inventory, Protocol};
 use trellis_mesh::model::{is_enrolled, selects, ClusterInfo, Entry, ServerSlice};
 
 use crate::discovery::Discovered;
+use crate::metrics::Metrics;
 
 /// The label that exports a Service to the federation.
 pub const GLOBAL: &str = "trellis.io/global";
@@ -215,6 +216,7 @@ pub fn spawn(
     cluster: ClusterInfo,
     roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     mut discovered: watch::Receiver<Arc<Discovered>>,
+    metrics: Arc<Metrics>,
 ) -> (watch::Receiver<FederationStatus>, watch::Receiver<Arc<ServerSlice>>) {
     let (status_tx, status_rx) = watch::channel(FederationStatus::default());
     let (remote_tx, remote_rx) = watch::channel(Arc::new(ServerSlice::new()));
@@ -227,6 +229,7 @@ pub fn spawn(
             watch::Receiver<SyncState>,
         );
         let mut running: Option<Running> = None;
+        let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
         loop {
             let d = discovered.borrow_and_update().clone();
             if d.synced {
@@ -285,11 +288,36 @@ pub fn spawn(
                 Some((_, _, state)) => {
                     let now = state.borrow().clone();
                     let remote = remote_entries(&now.federation, &cluster);
+                    let problems: std::collections::BTreeSet<(String, String)> =
+                        now.federation.problems.iter().cloned().collect();
+                    for (key, why) in problems.difference(&refused) {
+                        tracing::warn!(%key, %why, "federation key refused; the last good state stays");
+                    }
+                    refused = problems;
+                    metrics.federation_joined.set(1);
+                    metrics
+                        .federation_synced
+                        .set(i64::from(now.synced && now.stale_since.is_none()));
+                    metrics.federation_stale.set(i64::from(now.stale_since.is_some()));
+                    metrics.federation_members.set(now.federation.members.len() as i64);
+                    metrics.federation_refused_keys.set(refused.len() as i64);
                     status_tx.send_modify(|s| s.sync = Some(now));
                     remote
                 }
                 // Not a member (or left): no other cluster's bundle is trusted any more.
-                None => ServerSlice::new(),
+                None => {
+                    for gauge in [
+                        &metrics.federation_joined,
+                        &metrics.federation_synced,
+                        &metrics.federation_stale,
+                        &metrics.federation_members,
+                        &metrics.federation_refused_keys,
+                    ] {
+                        gauge.set(0);
+                    }
+                    refused.clear();
+                    ServerSlice::new()
+                }
             };
             remote_tx.send_if_modified(|r| {
                 let changed = **r != remote;

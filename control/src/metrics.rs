@@ -30,6 +30,11 @@ pub struct Metrics {
     pub discovery_problems: Gauge,
     pub workloads: Gauge,
     pub services: Gauge,
+    pub federation_joined: Gauge,
+    pub federation_synced: Gauge,
+    pub federation_stale: Gauge,
+    pub federation_members: Gauge,
+    pub federation_refused_keys: Gauge,
 }
 
 impl Default for Metrics {
@@ -44,6 +49,36 @@ impl Default for Metrics {
         let discovery_problems = Gauge::default();
         let workloads = Gauge::default();
         let services = Gauge::default();
+        let federation_joined = Gauge::default();
+        let federation_synced = Gauge::default();
+        let federation_stale = Gauge::default();
+        let federation_members = Gauge::default();
+        let federation_refused_keys = Gauge::default();
+        registry.register(
+            "federation_joined",
+            "1 while this cluster's membership is in force",
+            federation_joined.clone(),
+        );
+        registry.register(
+            "federation_synced",
+            "1 once the federation was read in full and while it is not stale",
+            federation_synced.clone(),
+        );
+        registry.register(
+            "federation_stale",
+            "1 while etcd is unreachable or the watch broke (the last view is served)",
+            federation_stale.clone(),
+        );
+        registry.register(
+            "federation_members",
+            "Member clusters accepted, this one included",
+            federation_members.clone(),
+        );
+        registry.register(
+            "federation_refused_keys",
+            "etcd keys refused (bad key, value or claim); /status and the log name each",
+            federation_refused_keys.clone(),
+        );
         registry.register(
             "config_connected_nodes",
             "Nodes subscribed to the config stream",
@@ -84,6 +119,11 @@ impl Default for Metrics {
             discovery_problems,
             workloads,
             services,
+            federation_joined,
+            federation_synced,
+            federation_stale,
+            federation_members,
+            federation_refused_keys,
         }
     }
 }

@@ -72,8 +72,12 @@ impl ControlPlane {
         let (discovery_tx, discovery_rx) = watch::channel(Arc::new(Discovered::default()));
         let source: Box<dyn DiscoverySource> = Box::new(ManifestDirectory::new(&opts.manifests));
         let discovery_task = tokio::spawn(source.run(discovery_tx));
-        let (federation, remote) =
-            crate::federate::spawn(opts.cluster.clone(), ca.roots().to_vec(), discovery_rx.clone());
+        let (federation, remote) = crate::federate::spawn(
+            opts.cluster.clone(),
+            ca.roots().to_vec(),
+            discovery_rx.clone(),
+            metrics.clone(),
+        );
         let hub = hub::spawn(opts.cluster.clone(), discovery_rx.clone(), remote, metrics.clone());
 
         let stream = ConfigStream::new(td.clone(), hub.model.clone(), metrics.clone());

@@ -195,6 +195,16 @@ fn clusters_join_see_each_other_survive_a_restart_and_leave() {
         "trellis status shows the federation:\n{full}"
     );
 
+    let (_, metrics) =
+        trellis_admin::client::get_blocking(east.admin, "/metrics", Duration::from_secs(5)).expect("metrics");
+    for line in [
+        "trellis_federation_members 2",
+        "trellis_federation_synced 1",
+        "trellis_federation_stale 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
+
     // A node of east trusts west's trust domain, with west's roots, from the config stream.
     let node = east.ztunnel();
     let trusts = |td: &str| {
