@@ -242,6 +242,53 @@ pub fn join(manifests: &Path, admin: SocketAddr, join: &Join) -> Result<String, 
     }
 }
 
+/// `trellis federation grant`: the member's etcd user and role, with root's credentials.
+pub fn grant(
+    cluster: &str,
+    trust_domain: &str,
+    etcd: Vec<String>,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    enable_auth: bool,
+) -> Result<String, String> {
+    trellis_identity::id::check_name(cluster).map_err(|e| format!("--cluster {cluster}: {e}"))?;
+    trellis_identity::TrustDomain::new(trust_domain).map_err(|e| format!("--trust-domain {trust_domain}: {e}"))?;
+    let read = |flag: &str, p: &Path| std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()));
+    let config = trellis_federation::sync::EtcdConfig {
+        endpoints: etcd.clone(),
+        ca_pem: read("--etcd-ca", ca)?,
+        cert_pem: read("--etcd-cert", cert)?,
+        key_pem: read("--etcd-key", key)?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting a runtime: {e}"))?;
+    runtime.block_on(async {
+        let mut client = trellis_federation::sync::connect(&config)
+            .await
+            .map_err(|e| format!("connecting to etcd {}: {e}", etcd.join(",")))?;
+        trellis_federation::access::add_member(&mut client, cluster, trust_domain)
+            .await
+            .map_err(|e| format!("creating {}: {e}", trellis_federation::access::cluster_user(cluster)))?;
+        if enable_auth {
+            trellis_federation::access::add_operator(&mut client)
+                .await
+                .map_err(|e| format!("creating {}: {e}", trellis_federation::access::OPERATOR_USER))?;
+            trellis_federation::access::enable(&mut client)
+                .await
+                .map_err(|e| format!("enabling etcd's authentication: {e}"))?;
+        }
+        Ok::<_, String>(())
+    })?;
+    Ok(format!(
+        "etcd user {user} may now write cluster {cluster}'s keys (trust domain {trust_domain}); join with a certificate whose CN is {user}{auth}",
+        user = trellis_federation::access::cluster_user(cluster),
+        auth = if enable_auth { "; etcd authentication is on" } else { "" }
+    ))
+}
+
 /// `trellis federation leave`.
 pub fn leave(manifests: &Path, admin: SocketAddr) -> Result<String, String> {
     let path = manifests.join(FILE);

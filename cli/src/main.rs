@@ -116,6 +116,30 @@ enum Federation {
         #[command(flatten)]
         at: Where,
     },
+    /// Create a member's etcd user and role (an operator's step before that cluster joins):
+    /// it may read the federation and write only its own keys. With root's etcd certificate;
+    /// --enable-auth also creates root and turns etcd's authentication on (once per etcd).
+    Grant {
+        /// The cluster to grant (its etcd user is trellis-cluster-<cluster>: the CN of the
+        /// certificate it joins with).
+        #[arg(long)]
+        cluster: String,
+        /// Its trust domain (default <cluster>.trellis.local).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        #[arg(long)]
+        etcd_ca: PathBuf,
+        /// root's certificate (CN root).
+        #[arg(long)]
+        etcd_cert: PathBuf,
+        #[arg(long)]
+        etcd_key: PathBuf,
+        /// Also create root and the operator's user, and enable etcd's authentication.
+        #[arg(long)]
+        enable_auth: bool,
+    },
     /// Leave the federation: trellisd withdraws this cluster's keys.
     Leave {
         #[command(flatten)]
@@ -247,6 +271,21 @@ fn federation_verb(verb: Federation) -> ExitCode {
             ("join", federation::join(&at.manifests, at.admin, &join))
         }
         Federation::Leave { at } => ("leave", federation::leave(&at.manifests, at.admin)),
+        Federation::Grant {
+            cluster,
+            trust_domain,
+            etcd,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            enable_auth,
+        } => {
+            let td = trust_domain.unwrap_or_else(|| format!("{cluster}.trellis.local"));
+            (
+                "grant",
+                federation::grant(&cluster, &td, etcd, &etcd_ca, &etcd_cert, &etcd_key, enable_auth),
+            )
+        }
         Federation::Status {
             wait,
             wait_seconds,

@@ -153,8 +153,26 @@ fn row<'a>(status: &'a str, cluster: &str) -> Option<&'a str> {
 #[test]
 fn clusters_join_see_each_other_survive_a_restart_and_leave() {
     let etcd = Etcd::start();
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    runtime.block_on(etcd.provision(&[("east", "east.trellis.local"), ("west", "west.trellis.local")]));
+    // The operator grants each member its etcd user, then turns etcd's authentication on.
+    let operator = tempfile::tempdir().expect("temp dir");
+    let (ca, cert, key) = etcd.write_credentials("root", operator.path());
+    for (cluster, extra) in [("east", None), ("west", Some("--enable-auth"))] {
+        let mut args = vec!["federation", "grant", "--cluster", cluster, "--etcd", &etcd.client_url];
+        args.extend([
+            "--etcd-ca",
+            path(&ca),
+            "--etcd-cert",
+            path(&cert),
+            "--etcd-key",
+            path(&key),
+        ]);
+        args.extend(extra);
+        let said = ok(&trellis(&args), "federation grant");
+        assert!(
+            said.contains(&format!("etcd user trellis-cluster-{cluster} may now write")),
+            "{said}"
+        );
+    }
     let mut east = Cluster::new("east", 1);
     let west = Cluster::new("west", 2);
 
