@@ -143,11 +143,28 @@ pub fn publication(
     }
 }
 
-/// The cluster-scoped resources every node gets from the federation: a RemoteCluster for every
-/// other member, and its TrustBundle (a member's bundle is the only one trusted for its trust
-/// domain; this cluster's own comes from its CA, never from etcd).
+/// The cluster-scoped resources every node gets from the federation: a TrustBundle for every
+/// other granted trust domain whose bundle is in etcd, and a RemoteCluster for every other live
+/// member (this cluster's own bundle comes from its CA, never from etcd).
 pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerSlice {
     let mut out = ServerSlice::new();
+    // Trust follows the granted bundles, live member or not (see `trellis_federation::view`).
+    for (td, (name, b)) in &federation.trusted {
+        if name == &cluster.name || td == &cluster.trust_domain {
+            continue;
+        }
+        let resource = pb::Resource {
+            kind: Some(Variant::TrustBundle(pb::TrustBundle {
+                trust_domain: td.to_string(),
+                x509_authorities: b.x509_authorities.iter().map(|c| c.to_vec()).collect(),
+                sequence: b.sequence,
+                refresh_hint_seconds: b.refresh_hint_secs,
+            })),
+        };
+        if let Some(key) = key_of(&resource) {
+            out.insert(key.clone(), Arc::new(Entry::new(key, resource)));
+        }
+    }
     for (name, m) in &federation.members {
         if name == &cluster.name || m.trust_domain == cluster.trust_domain {
             continue;
@@ -170,21 +187,8 @@ pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerS
                 healthy: true,
             })),
         };
-        let mut entries = vec![remote];
-        if let Some(b) = &m.bundle {
-            entries.push(pb::Resource {
-                kind: Some(Variant::TrustBundle(pb::TrustBundle {
-                    trust_domain: m.trust_domain.to_string(),
-                    x509_authorities: b.x509_authorities.iter().map(|c| c.to_vec()).collect(),
-                    sequence: b.sequence,
-                    refresh_hint_seconds: b.refresh_hint_secs,
-                })),
-            });
-        }
-        for resource in entries {
-            if let Some(key) = key_of(&resource) {
-                out.insert(key.clone(), Arc::new(Entry::new(key, resource)));
-            }
+        if let Some(key) = key_of(&remote) {
+            out.insert(key.clone(), Arc::new(Entry::new(key, remote)));
         }
     }
     out
@@ -227,6 +231,7 @@ pub fn spawn(
             Arc<FederationObj>,
             watch::Sender<Option<Publication>>,
             watch::Receiver<SyncState>,
+            tokio::task::JoinHandle<()>,
         );
         let mut running: Option<Running> = None;
         let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
@@ -234,12 +239,19 @@ pub fn spawn(
             let d = discovered.borrow_and_update().clone();
             if d.synced {
                 let wanted = membership(&d.inventory, &cluster.name);
-                let keep = matches!((&running, &wanted), (Some((m, _, _)), Ok(Some(w))) if m == w);
+                let keep = matches!((&running, &wanted), (Some((m, _, _, _)), Ok(Some(w))) if m == w);
                 if !keep {
-                    if let Some((m, publication, _)) = running.take() {
-                        // The sync removes this cluster's keys and ends once its publication goes.
+                    if let Some((m, publication, _, task)) = running.take() {
+                        // The sync removes this cluster's keys and ends once its publication goes;
+                        // a new membership starts only after (its writes must not race the deletes).
                         drop(publication);
                         tracing::info!(federation = %m.name, "leaving the federation");
+                        if tokio::time::timeout(std::time::Duration::from_secs(15), task)
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!("leaving took more than 15 s (etcd unreachable?); this cluster's keys may stay until its lease expires");
+                        }
                     }
                     let error = match &wanted {
                         Err(e) => Some(e.clone()),
@@ -249,9 +261,9 @@ pub fn spawn(
                             Ok(config) => {
                                 let first = publication(&d.inventory, m, &cluster, &bundle_json);
                                 let (tx, rx) = watch::channel(Some(first));
-                                let (state, _task) = sync::spawn(config, rx);
+                                let (state, task) = sync::spawn(config, rx);
                                 tracing::info!(etcd = ?m.etcd_endpoints, "joining the federation");
-                                running = Some((m.clone(), tx, state));
+                                running = Some((m.clone(), tx, state, task));
                                 None
                             }
                         },
@@ -261,10 +273,10 @@ pub fn spawn(
                     }
                     status_tx.send_modify(|s| {
                         s.error = error;
-                        s.membership = running.as_ref().map(|(m, _, _)| m.clone());
+                        s.membership = running.as_ref().map(|(m, _, _, _)| m.clone());
                         s.sync = None;
                     });
-                } else if let Some((m, publication, _)) = &running {
+                } else if let Some((m, publication, _, _)) = &running {
                     let next = publication_for(&d, m, &cluster, &bundle_json);
                     publication.send_if_modified(|p| {
                         let changed = p.as_ref() != Some(&next);
@@ -276,7 +288,7 @@ pub fn spawn(
             // Wake on a discovery change or a change of the sync's state.
             let sync_changed = async {
                 match running.as_mut() {
-                    Some((_, _, state)) => state.changed().await.is_ok(),
+                    Some((_, _, state, _)) => state.changed().await.is_ok(),
                     None => std::future::pending().await,
                 }
             };
@@ -285,7 +297,7 @@ pub fn spawn(
                 alive = sync_changed => if !alive { running = None },
             }
             let remote = match &running {
-                Some((_, _, state)) => {
+                Some((_, _, state, _)) => {
                     let now = state.borrow().clone();
                     let remote = remote_entries(&now.federation, &cluster);
                     let problems: std::collections::BTreeSet<(String, String)> =

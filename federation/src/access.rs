@@ -2,9 +2,10 @@
 //! its own keys and read all of `/trellis/v1/`; `traffic/` is written with the operator's
 //! credentials. Clients authenticate by certificate: etcd takes the certificate's CN as the user.
 
-use etcd_client::{Client, Permission, UserAddOptions};
+use etcd_client::{Client, GetOptions, Permission, UserAddOptions};
 
 use crate::keys::{self, PREFIX};
+use crate::records::{decode, encode, GrantRecord};
 
 /// The etcd user (and certificate CN) of cluster `cluster`, and its role.
 pub fn cluster_user(cluster: &str) -> String {
@@ -17,7 +18,39 @@ pub const OPERATOR_USER: &str = "trellis-operator";
 /// Creates the user and role of member `cluster` with trust domain `trust_domain`: read
 /// everything under the prefix; write `clusters/<cluster>`, `bundles/<trust domain>`,
 /// `services/<cluster>/...` and `endpoints/<cluster>/...` only. Run with root's credentials.
-pub async fn add_member(client: &mut Client, cluster: &str, trust_domain: &str) -> Result<(), etcd_client::Error> {
+///
+/// Also writes `grants/<cluster>` (the trust domain the member may use, which no member can
+/// write), refusing a trust domain already granted to another cluster.
+pub async fn add_member(client: &mut Client, cluster: &str, trust_domain: &str) -> Result<(), String> {
+    let grants = client
+        .get(format!("{PREFIX}grants/"), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading the grants: {e}"))?;
+    for kv in grants.kvs() {
+        let other = String::from_utf8_lossy(kv.key())
+            .trim_start_matches(&format!("{PREFIX}grants/"))
+            .to_string();
+        let held: Result<GrantRecord, String> = decode(kv.value());
+        if other != cluster && held.is_ok_and(|g| g.trust_domain == trust_domain) {
+            return Err(format!(
+                "trust domain {trust_domain} is granted to cluster {other} already"
+            ));
+        }
+    }
+    add_member_user(client, cluster, trust_domain)
+        .await
+        .map_err(|e| e.to_string())?;
+    let grant = encode(&GrantRecord {
+        trust_domain: trust_domain.to_string(),
+    });
+    client
+        .put(keys::grant(cluster), grant, None)
+        .await
+        .map_err(|e| format!("writing {}: {e}", keys::grant(cluster)))?;
+    Ok(())
+}
+
+async fn add_member_user(client: &mut Client, cluster: &str, trust_domain: &str) -> Result<(), etcd_client::Error> {
     let user = cluster_user(cluster);
     let grants = [
         Permission::read(PREFIX).with_prefix(),

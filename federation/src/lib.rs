@@ -37,6 +37,13 @@ pub mod keys {
         format!("{PREFIX}endpoints/{cluster}/{namespace}/{name}")
     }
 
+    /// `grants/<cluster>`: the trust domain a member may use, written by root when the operator
+    /// grants the member (`trellis federation grant`); no member can write it. An addition to
+    /// DESIGN.md's layout: without it a member could claim another's trust domain.
+    pub fn grant(cluster: &str) -> String {
+        format!("{PREFIX}grants/{cluster}")
+    }
+
     /// `traffic/<ns>/<name>`: cluster weights for traffic shifting.
     pub fn traffic(namespace: &str, name: &str) -> String {
         format!("{PREFIX}traffic/{namespace}/{name}")

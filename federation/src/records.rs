@@ -88,6 +88,13 @@ pub struct EndpointRecord {
     pub zone: String,
 }
 
+/// `grants/<cluster>`: the trust domain root granted the member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantRecord {
+    pub trust_domain: String,
+}
+
 /// `traffic/<ns>/<name>`: cluster weights for traffic shifting (written by the operator).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -170,6 +170,21 @@ pub fn spawn(
                 }
             }
         };
+        // Trust from an etcd anyone may write is no trust: refuse to sync unless etcd denies us
+        // root's keys (its authentication is on and we are a member, not root).
+        let mut probe_client = client.clone();
+        loop {
+            match auth_is_enforced(&mut probe_client).await {
+                Ok(()) => break,
+                Err(e) => {
+                    note_error(&state_tx, &e);
+                    if state_tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
         // Aborting this task (a crash, a shutdown) stops the writer too, without revoking the
         // lease: the cluster's live keys then expire with it.
         struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -181,11 +196,30 @@ pub fn spawn(
         let mut writer = AbortOnDrop(tokio::spawn(write_loop(client.clone(), publication, state_tx.clone())));
         // The writer ends once the publication is gone (the cluster left, its keys removed).
         tokio::select! {
-            _ = read_loop(client, state_tx) => {}
+            // The reader stops when nobody reads the state; a leave in progress still finishes.
+            _ = read_loop(client, state_tx) => { let _ = (&mut writer.0).await; }
             _ = &mut writer.0 => {}
         }
     });
     (state_rx, task)
+}
+
+/// Whether etcd refuses this client a write to root's keys (`grants/`). A transaction whose
+/// compare never holds writes nothing, but etcd checks the permission of every operation in
+/// it all the same: "permission denied" means authentication is on and we are not root.
+pub async fn auth_is_enforced(client: &mut Client) -> Result<(), String> {
+    let probe = format!("{}grants/", keys::PREFIX);
+    let txn = Txn::new()
+        .when([Compare::version(probe.as_str(), CompareOp::Less, 0)])
+        .and_then([TxnOp::put(probe.as_str(), "", None)]);
+    match client.txn(txn).await {
+        Ok(_) => Err(
+            "etcd lets these credentials write root's keys (grants/): its authentication is off, or this is root's certificate; not joining (trellis federation grant --enable-auth, and join with the cluster's own certificate)"
+                .into(),
+        ),
+        Err(e) if e.to_string().contains("permission denied") => Ok(()),
+        Err(e) => Err(format!("checking etcd's authentication: {e}")),
+    }
 }
 
 fn note_error(state: &watch::Sender<SyncState>, error: &str) {
@@ -376,7 +410,31 @@ async fn write_round(
         .lease_keep_alive(lease)
         .await
         .map_err(|e| format!("keeping lease {lease:x} alive: {e}"))?;
+    // What etcd holds of ours already (from before a restart or an outage): anything of it no
+    // longer wanted is deleted by the first write, the rest rewritten under the new lease.
     let mut written: BTreeMap<String, Owned> = BTreeMap::new();
+    let own = publication.borrow().as_ref().map(|p| p.cluster.name.clone());
+    if let Some(c) = own {
+        for prefix in [
+            format!("{}services/{c}/", keys::PREFIX),
+            format!("{}endpoints/{c}/", keys::PREFIX),
+        ] {
+            let held = client
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
+                .await
+                .map_err(|e| format!("listing {prefix}: {e}"))?;
+            for kv in held.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                written.insert(
+                    key,
+                    Owned {
+                        value: String::new(),
+                        leased: false,
+                    },
+                );
+            }
+        }
+    }
     let mut tick = tokio::time::interval(LEASE_TTL / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     publication.mark_changed();

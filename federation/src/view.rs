@@ -4,9 +4,12 @@
 //! Every key and value is untrusted. A key outside the layout, or a value that does not parse
 //! or check, is refused and named in [`View::problems`]; the key keeps its last good value, so
 //! garbage never erases good state. Then [`View::federation`] cross-checks the records against
-//! each other: a trust domain belongs to the first cluster that claimed it (lowest create
-//! revision); a bundle counts only for a trust domain a member cluster names; services and
-//! endpoints count only under a member cluster.
+//! each other. Trust follows root's grants (`grants/<cluster>`, which no member can write): a
+//! cluster record counts only with the trust domain its grant names, and a bundle only for a
+//! granted trust domain. A member is live while its record (on its lease) is there; its bundle
+//! stays trusted while the bundle key is, so a member that lost etcd for a while keeps its
+//! open connections, and one that left (bundle deleted) loses them. Services and endpoints
+//! count only under a live member.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +21,7 @@ use crate::records::{decode, ClusterRecord, EndpointsRecord, ServiceRecord, Traf
 /// A key of the layout, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Key {
+    Grant(String),
     Cluster(String),
     Bundle(String),
     Service {
@@ -49,6 +53,7 @@ impl Key {
         };
         match parts.as_slice() {
             ["clusters", c] => names(&[c]).map(|_| Key::Cluster(c.to_string())),
+            ["grants", c] => names(&[c]).map(|_| Key::Grant(c.to_string())),
             ["bundles", td] => TrustDomain::new(td)
                 .map(|_| Key::Bundle(td.to_string()))
                 .map_err(|e| format!("trust domain {td:?}: {e}")),
@@ -66,7 +71,7 @@ impl Key {
                 namespace: ns.to_string(),
                 name: n.to_string(),
             }),
-            _ => Err("not a key of the layout (clusters/, bundles/, services/, endpoints/, traffic/)".into()),
+            _ => Err("not a key of the layout (grants/, clusters/, bundles/, services/, endpoints/, traffic/)".into()),
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct Kv {
 /// A value that parsed and passed its own checks (cross-checks come in [`View::federation`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    Grant(TrustDomain),
     Cluster {
         record: ClusterRecord,
         trust_domain: TrustDomain,
@@ -123,7 +129,10 @@ pub struct Member {
 /// Everything [`View::federation`] accepts, by cluster name, and what it refused.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Federation {
+    /// Live members (their record on its lease), by cluster name.
     pub members: BTreeMap<String, Member>,
+    /// Every granted trust domain with its cluster and bundle, live member or not: what nodes trust.
+    pub trusted: BTreeMap<TrustDomain, (String, TrustBundle)>,
     pub traffic: BTreeMap<(String, String), TrafficRecord>,
     /// `(key, why)`, sorted by key: from the keys' own checks and from the cross-checks.
     pub problems: Vec<(String, String)>,
@@ -133,6 +142,10 @@ pub struct Federation {
 
 fn parse_value(key: &Key, value: &[u8]) -> Result<Value, String> {
     Ok(match key {
+        Key::Grant(_) => {
+            let record: crate::records::GrantRecord = decode(value)?;
+            Value::Grant(TrustDomain::new(&record.trust_domain).map_err(|e| format!("trust domain: {e}"))?)
+        }
         Key::Cluster(c) => {
             let record: ClusterRecord = decode(value)?;
             let trust_domain = record.check(c)?;
@@ -238,14 +251,29 @@ impl View {
             problems: self.problems.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             ..Federation::default()
         };
-        // Clusters, the first claim of a trust domain winning.
-        let mut owner: BTreeMap<TrustDomain, (i64, String)> = BTreeMap::new();
+        // Grants: a trust domain granted twice goes to the earlier grant.
+        let mut granted: BTreeMap<TrustDomain, (i64, String)> = BTreeMap::new();
         for (key, held) in &self.held {
-            if let (Key::Cluster(name), Value::Cluster { trust_domain, .. }) = (key, &held.value) {
+            if let (Key::Grant(name), Value::Grant(td)) = (key, &held.value) {
                 let claim = (held.create_revision, name.clone());
-                let entry = owner.entry(trust_domain.clone()).or_insert(claim.clone());
+                let entry = granted.entry(td.clone()).or_insert(claim.clone());
                 if claim < *entry {
                     *entry = claim;
+                }
+            }
+        }
+        let mut grant_of: BTreeMap<String, TrustDomain> = BTreeMap::new();
+        for (key, held) in &self.held {
+            if let (Key::Grant(name), Value::Grant(td)) = (key, &held.value) {
+                match granted.get(td) {
+                    Some((_, owner)) if owner == name => {
+                        grant_of.insert(name.clone(), td.clone());
+                    }
+                    Some((_, owner)) => out.problems.push((
+                        crate::keys::grant(name),
+                        format!("grants trust domain {td}, which cluster {owner} was granted first"),
+                    )),
+                    None => {}
                 }
             }
         }
@@ -254,15 +282,22 @@ impl View {
             let Value::Cluster { record, trust_domain } = &held.value else {
                 continue;
             };
-            if owner.get(trust_domain).is_some_and(|(_, o)| o != name) {
-                out.problems.push((
-                    crate::keys::cluster(name),
-                    format!(
-                        "claims trust domain {trust_domain}, which cluster {} holds",
-                        owner[trust_domain].1
-                    ),
-                ));
-                continue;
+            match grant_of.get(name) {
+                None => {
+                    out.problems.push((
+                        crate::keys::cluster(name),
+                        format!("cluster {name} has no grant (trellis federation grant); not a member"),
+                    ));
+                    continue;
+                }
+                Some(td) if td != trust_domain => {
+                    out.problems.push((
+                        crate::keys::cluster(name),
+                        format!("claims trust domain {trust_domain}, but cluster {name} was granted {td}"),
+                    ));
+                    continue;
+                }
+                Some(_) => {}
             }
             out.members.insert(
                 name.clone(),
@@ -277,13 +312,18 @@ impl View {
         }
         for (key, held) in &self.held {
             match (key, &held.value) {
-                (Key::Bundle(td), Value::Bundle(bundle)) => {
-                    let member = out.members.values_mut().find(|m| m.trust_domain.as_str() == td);
-                    match member {
-                        Some(m) => m.bundle = Some(bundle.clone()),
+                (Key::Bundle(_), Value::Bundle(bundle)) => {
+                    let td = &bundle.trust_domain;
+                    match grant_of.iter().find(|(_, g)| *g == td) {
+                        Some((cluster, _)) => {
+                            out.trusted.insert(td.clone(), (cluster.clone(), bundle.clone()));
+                            if let Some(m) = out.members.get_mut(cluster) {
+                                m.bundle = Some(bundle.clone());
+                            }
+                        }
                         None => out.problems.push((
-                            crate::keys::bundle(td),
-                            format!("a bundle for trust domain {td}, which no member cluster names; not trusted"),
+                            crate::keys::bundle(td.as_str()),
+                            format!("a bundle for trust domain {td}, which no cluster was granted; not trusted"),
                         )),
                     }
                 }
@@ -337,7 +377,7 @@ impl View {
 mod tests {
     use super::*;
     use crate::keys;
-    use crate::records::{encode, EndpointRecord};
+    use crate::records::{encode, EndpointRecord, GrantRecord};
 
     fn kv(key: &str, value: &str, create: i64) -> Kv {
         Kv {
@@ -346,6 +386,13 @@ mod tests {
             create_revision: create,
             mod_revision: create,
         }
+    }
+
+    fn grant(cluster: &str, td: &str, create: i64) -> Kv {
+        let value = encode(&GrantRecord {
+            trust_domain: td.into(),
+        });
+        kv(&keys::grant(cluster), &value, create)
     }
 
     fn cluster(name: &str, td: &str) -> String {
@@ -372,10 +419,11 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_member_with_its_endpoints_is_accepted() {
+    fn a_granted_member_with_its_endpoints_is_accepted() {
         let mut v = View::default();
         v.reset(
             vec![
+                grant("west", "west.trellis.local", 1),
                 kv(&keys::cluster("west"), &cluster("west", "west.trellis.local"), 2),
                 kv(
                     &keys::endpoints("west", "demo", "hello"),
@@ -395,6 +443,7 @@ mod tests {
     fn garbage_is_named_and_the_last_good_value_stays() {
         let mut v = View::default();
         let key = keys::cluster("west");
+        v.put(grant("west", "west.trellis.local", 1));
         v.put(kv(&key, &cluster("west", "west.trellis.local"), 2));
         v.put(kv(&key, "{not json", 5));
         v.put(kv("/trellis/v1/secrets/x", "{}", 6));
@@ -412,17 +461,34 @@ mod tests {
             f.problems
         );
         // A re-list with the same garbage keeps it too; a fixed value clears the problem.
-        v.reset(vec![kv(&key, "{not json", 2)], 8);
+        v.reset(
+            vec![grant("west", "west.trellis.local", 1), kv(&key, "{not json", 2)],
+            8,
+        );
         assert!(v.federation().members.contains_key("west"));
         v.put(kv(&key, &cluster("west", "west.trellis.local"), 2));
         assert!(v.federation().problems.is_empty());
     }
 
     #[test]
-    fn a_trust_domain_belongs_to_its_first_claimant_and_a_bundle_needs_a_member() {
+    fn a_trust_domain_is_only_the_one_root_granted_and_endpoints_stay_inside_it() {
         let mut v = View::default();
-        v.put(kv(&keys::cluster("west"), &cluster("west", "west.trellis.local"), 2));
+        v.put(grant("west", "west.trellis.local", 1));
+        v.put(grant("evil", "evil.trellis.local", 2));
+        v.put(grant("copycat", "west.trellis.local", 3));
+        v.put(kv(&keys::cluster("west"), &cluster("west", "west.trellis.local"), 4));
+        // A member claiming another's trust domain, one never granted, and a second grant of a domain.
         v.put(kv(&keys::cluster("evil"), &cluster("evil", "west.trellis.local"), 9));
+        v.put(kv(
+            &keys::cluster("stranger"),
+            &cluster("stranger", "stranger.trellis.local"),
+            9,
+        ));
+        v.put(kv(
+            &keys::cluster("copycat"),
+            &cluster("copycat", "west.trellis.local"),
+            9,
+        ));
         v.put(kv(
             &keys::endpoints("west", "demo", "hello"),
             &endpoints("spiffe://east.trellis.local/ns/demo/sa/hello"),
@@ -430,20 +496,22 @@ mod tests {
         ));
         let f = v.federation();
         assert_eq!(f.members.keys().collect::<Vec<_>>(), ["west"]);
-        let why = |key: &str| f.problems.iter().find(|(k, _)| k == key).map(|(_, w)| w.clone());
-        assert!(why(&keys::cluster("evil"))
-            .unwrap()
-            .contains("which cluster west holds"));
-        assert!(why(&keys::endpoints("west", "demo", "hello"))
-            .unwrap()
-            .contains("outside the cluster's trust domain"));
+        let why = |key: &str| {
+            f.problems
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, w)| w.clone())
+                .unwrap_or_default()
+        };
+        assert!(why(&keys::cluster("evil")).contains("but cluster evil was granted evil.trellis.local"));
+        assert!(why(&keys::cluster("stranger")).contains("has no grant"));
+        assert!(why(&keys::grant("copycat")).contains("which cluster west was granted first"));
+        assert!(why(&keys::cluster("copycat")).contains("has no grant"));
+        assert!(why(&keys::endpoints("west", "demo", "hello")).contains("outside the cluster's trust domain"));
+        // West's lease expired: no longer a member; its endpoints no longer served.
         v.delete(keys::cluster("west").as_bytes(), 11);
         let f = v.federation();
-        assert_eq!(
-            f.members.keys().collect::<Vec<_>>(),
-            ["evil"],
-            "the lease of west expired"
-        );
+        assert!(f.members.is_empty());
         assert!(f
             .problems
             .iter()

@@ -180,6 +180,7 @@ async fn two_clusters_see_each_other_and_each_writes_only_its_own_keys() {
 
     // West crashes (no revoke): its lease expires and east drops it and its endpoints.
     west_task.abort();
+    let _ = west_task.await;
     drop(west_pub);
     let started = tokio::time::Instant::now();
     let s = until(&mut east, "east drops west", LEASE_TTL * 3, |s| members(s) == ["east"]).await;
@@ -196,21 +197,67 @@ async fn two_clusters_see_each_other_and_each_writes_only_its_own_keys() {
         "west's service (not leased) is no longer served: {:?}",
         s.federation.problems
     );
+    // Its bundle key outlives the lease: a member that lost etcd for a while stays trusted
+    // (its open connections live on); only leaving (the bundle deleted) withdraws trust.
+    let west_td = TrustDomain::new("west.trellis.local").expect("td");
+    assert!(
+        s.federation.trusted.contains_key(&west_td),
+        "{:?}",
+        s.federation.trusted.keys()
+    );
     drop(east_pub);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_refuses_an_etcd_anyone_may_write_or_roots_credentials() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Authentication off: any certificate may write anything.
+    let open = Etcd::start();
+    let (_p1, rx1) = watch::channel(Some(publication(dir.path(), "east", 1)));
+    let (mut s1, _t1) = sync::spawn(config(&open, &access::cluster_user("east")), rx1);
+    let s = until(&mut s1, "the open etcd refused", Duration::from_secs(20), |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("authentication is off"))
+    })
+    .await;
+    assert!(!s.synced && !s.published, "{s:#?}");
+    // Authentication on, but trellisd given root's certificate.
+    let guarded = provisioned().await;
+    let (_p2, rx2) = watch::channel(Some(publication(dir.path(), "east", 1)));
+    let (mut s2, _t2) = sync::spawn(config(&guarded, "root"), rx2);
+    until(&mut s2, "root's credentials refused", Duration::from_secs(20), |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("root's certificate"))
+    })
+    .await;
+    let mut root = sync::connect(&config(&guarded, "root")).await.expect("root");
+    let written = root
+        .get(keys::PREFIX, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    assert!(
+        written
+            .kvs()
+            .iter()
+            .all(|kv| kv.key().starts_with(b"/trellis/v1/grants/")),
+        "nothing but root's grants was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_etcd_is_refused_by_key_and_the_last_good_state_stays() {
-    let etcd = Etcd::start();
+    let etcd = provisioned().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let (_east_pub, east_rx) = watch::channel(Some(publication(dir.path(), "east", 1)));
-    // No auth here: root plays a cluster gone bad, writing what its role would let it write.
+    // Root plays a cluster gone bad, writing what its role would let it write, and more.
     let mut root = sync::connect(&config(&etcd, "root")).await.expect("root client");
     let west = publication(dir.path(), "west", 2);
     for (key, owned) in west.keys() {
         root.put(key, owned.value, None).await.expect("west's keys");
     }
-    let (mut east, _task) = sync::spawn(config(&etcd, "root"), east_rx);
+    let (mut east, _task) = sync::spawn(config(&etcd, &access::cluster_user("east")), east_rx);
     until(&mut east, "east sees west", Duration::from_secs(20), |s| {
         members(s) == ["east", "west"]
     })
@@ -250,7 +297,7 @@ async fn garbage_in_etcd_is_refused_by_key_and_the_last_good_state_stays() {
         s.federation.problems
     );
     assert!(why("/trellis/v1/secrets/west").contains("not a key of the layout"));
-    assert!(why(&keys::bundle("nobody.trellis.local")).contains("no member cluster names"));
+    assert!(why(&keys::bundle("nobody.trellis.local")).contains("which no cluster was granted"));
     assert!(why(&keys::endpoints("west", "demo", "forged")).contains("outside the cluster's trust domain"));
     assert!(why(&keys::service("west", "demo", "huge")).contains("the limit is 1048576"));
     assert_eq!(members(&s), ["east", "west"], "west's last good record stays");
@@ -311,6 +358,9 @@ async fn a_watch_behind_a_compaction_is_told_to_relist_and_the_list_loses_no_eve
     let mut view = View::default();
     let from = sync::list(&mut root, &mut view).await.expect("list") + 1;
     // Events the watch would have to replay, then a compaction past them.
+    root.put(keys::grant("west"), r#"{"trustDomain":"west.trellis.local"}"#, None)
+        .await
+        .expect("west's grant");
     for (key, owned) in publication(dir.path(), "west", 2).keys() {
         root.put(key, owned.value, None).await.expect("put");
     }
