@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::keys;
-use crate::records::{encode, ClusterRecord, EndpointsRecord, ServiceRecord};
+use crate::records::{encode, ClusterRecord, EndpointsRecord, ServiceRecord, MAX_VALUE_BYTES};
 use crate::view::{Federation, Kv, View};
 
 /// The lease of a cluster's live keys: a cluster silent this long is gone for everyone.
@@ -31,6 +31,26 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 pub const WATCH_SILENCE: Duration = Duration::from_secs(6);
 /// Operations per transaction (etcd's `--max-txn-ops` default).
 pub const MAX_TXN_OPS: usize = 128;
+/// Bytes of keys and values per transaction: under etcd's `--max-request-bytes` (1.5 MiB).
+pub const MAX_TXN_BYTES: usize = 1024 * 1024;
+
+/// Splits `ops` (key, size, op) into runs of at most `max_ops` operations and `max_bytes` bytes
+/// (one larger operation travels alone).
+pub fn batches<T>(ops: &[(String, usize, T)], max_ops: usize, max_bytes: usize) -> Vec<&[(String, usize, T)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, size, _)) in ops.iter().enumerate() {
+        if i > start && (i - start == max_ops || bytes + size > max_bytes) {
+            out.push(&ops[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < ops.len() {
+        out.push(&ops[start..]);
+    }
+    out
+}
 /// How long one etcd call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -472,31 +492,40 @@ async fn write_round(
                 let (puts, deletes) = writes(&written, &wanted);
                 // In transactions (etcd's default limit is 128 operations each), so that readers
                 // see a publication whole rather than key by key.
-                let ops: Vec<(String, TxnOp)> = puts
+                // A value every reader would refuse is not written: said once, here.
+                let (puts, too_big): (Vec<String>, Vec<String>) =
+                    puts.into_iter().partition(|k| wanted[k].value.len() <= MAX_VALUE_BYTES);
+                for key in &too_big {
+                    tracing::warn!(%key, bytes = wanted[key].value.len(), limit = MAX_VALUE_BYTES, "not published: larger than any member reads");
+                }
+                let ops: Vec<(String, usize, TxnOp)> = puts
                     .into_iter()
                     .map(|key| {
                         let owned = &wanted[&key];
                         let options = owned.leased.then(|| PutOptions::new().with_lease(lease));
                         let op = TxnOp::put(key.as_str(), owned.value.as_str(), options);
-                        (key, op)
+                        let size = key.len() + owned.value.len();
+                        (key, size, op)
                     })
                     .chain(deletes.into_iter().map(|key| {
                         let op = TxnOp::delete(key.as_str(), None);
-                        (key, op)
+                        (key.clone(), key.len(), op)
                     }))
                     .collect();
-                for batch in ops.chunks(MAX_TXN_OPS) {
+                for batch in batches(&ops, MAX_TXN_OPS, MAX_TXN_BYTES) {
                     let first = &batch[0].0;
                     client
-                        .txn(Txn::new().and_then(batch.iter().map(|(_, op)| op.clone()).collect::<Vec<_>>()))
+                        .txn(Txn::new().and_then(batch.iter().map(|(_, _, op)| op.clone()).collect::<Vec<_>>()))
                         .await
                         .map_err(|e| format!("writing {} keys from {first}: {e}", batch.len()))?;
-                    for (key, _) in batch {
+                    for (key, _, _) in batch {
                         match wanted.get(key) {
                             Some(owned) => written.insert(key.clone(), owned.clone()),
                             None => written.remove(key),
                         };
                     }
+                    // A long publication must not starve the lease between its transactions.
+                    keeper.keep_alive().await.map_err(|e| format!("lease keep-alive: {e}"))?;
                 }
                 state.send_modify(|s| s.published = !wanted.is_empty());
             }
@@ -531,6 +560,22 @@ mod tests {
         assert_eq!(puts, ["b", "d"]);
         assert_eq!(deletes, ["c"]);
         assert_eq!(writes(&wanted, &wanted), (vec![], vec![]));
+    }
+
+    #[test]
+    fn transactions_stay_under_etcd_limits_by_count_and_by_bytes() {
+        let ops: Vec<(String, usize, ())> = (0..10).map(|i| (format!("k{i}"), 400, ())).collect();
+        let sizes: Vec<usize> = batches(&ops, 4, 1000).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [2, 2, 2, 2, 2], "1,000 bytes hold two 400-byte operations");
+        let sizes: Vec<usize> = batches(&ops, 3, usize::MAX).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [3, 3, 3, 1]);
+        let big = vec![("a".to_string(), 5000, ()), ("b".to_string(), 10, ())];
+        assert_eq!(
+            batches(&big, 128, 1000).len(),
+            2,
+            "an oversized operation travels alone"
+        );
+        assert!(batches::<()>(&[], 128, 1000).is_empty());
     }
 
     #[test]
