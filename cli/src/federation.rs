@@ -16,17 +16,33 @@ use serde_json::Value;
 pub const FILE: &str = "federation.yaml";
 
 /// `join`'s settings, from its flags.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "membership")]
 pub struct Join {
+    /// This cluster's name (trellisd's --cluster).
+    #[arg(long)]
     pub cluster: String,
+    /// etcd endpoint(s) of the federation, e.g. https://etcd.example:2379 (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
     pub etcd: Vec<String>,
+    /// PEM file of the CA that signed etcd's server certificate.
+    #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
+    /// PEM certificate of this cluster's etcd user (its CN is the user).
+    #[arg(long)]
     pub etcd_cert: Option<PathBuf>,
+    /// PEM key of that certificate.
+    #[arg(long)]
     pub etcd_key: Option<PathBuf>,
+    /// The cluster's network (default: its name); clusters on one network reach pods directly.
+    #[arg(long)]
     pub network: Option<String>,
+    #[arg(long)]
     pub region: Option<String>,
+    #[arg(long)]
     pub zone: Option<String>,
-    /// `ip` or `ip:port` (port defaults to 15008).
+    /// The east-west gateway, IP or IP:port (port 15008 by default).
+    #[arg(long)]
     pub gateway: Option<String>,
 }
 

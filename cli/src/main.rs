@@ -80,39 +80,14 @@ enum Identity {
     },
 }
 
-// Parsed once per run: the size of the largest variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Federation {
     /// Join the federation stored in etcd: writes this cluster's membership into the manifest
     /// directory; trellisd registers the cluster, its trust bundle and gateway, and follows the
     /// others (the membership survives restarts like any manifest).
     Join {
-        /// This cluster's name (trellisd's --cluster).
-        #[arg(long)]
-        cluster: String,
-        /// etcd endpoint(s) of the federation, e.g. https://etcd.example:2379 (comma-separated).
-        #[arg(long, value_delimiter = ',', required = true)]
-        etcd: Vec<String>,
-        /// PEM file of the CA that signed etcd's server certificate.
-        #[arg(long)]
-        etcd_ca: Option<PathBuf>,
-        /// PEM certificate of this cluster's etcd user (its CN is the user).
-        #[arg(long)]
-        etcd_cert: Option<PathBuf>,
-        /// PEM key of that certificate.
-        #[arg(long)]
-        etcd_key: Option<PathBuf>,
-        /// The cluster's network (default: its name); clusters on one network reach pods directly.
-        #[arg(long)]
-        network: Option<String>,
-        #[arg(long)]
-        region: Option<String>,
-        #[arg(long)]
-        zone: Option<String>,
-        /// The east-west gateway, IP or IP:port (port 15008 by default).
-        #[arg(long)]
-        gateway: Option<String>,
+        #[command(flatten)]
+        join: federation::Join,
         #[command(flatten)]
         at: Where,
     },
@@ -245,31 +220,7 @@ fn namespace_label(manifests: &std::path::Path, namespace: &str, label: &str, re
 
 fn federation_verb(verb: Federation) -> ExitCode {
     let (what, outcome) = match verb {
-        Federation::Join {
-            cluster,
-            etcd,
-            etcd_ca,
-            etcd_cert,
-            etcd_key,
-            network,
-            region,
-            zone,
-            gateway,
-            at,
-        } => {
-            let join = federation::Join {
-                cluster,
-                etcd,
-                etcd_ca,
-                etcd_cert,
-                etcd_key,
-                network,
-                region,
-                zone,
-                gateway,
-            };
-            ("join", federation::join(&at.manifests, at.admin, &join))
-        }
+        Federation::Join { join, at } => ("join", federation::join(&at.manifests, at.admin, &join)),
         Federation::Leave { at } => ("leave", federation::leave(&at.manifests, at.admin)),
         Federation::Grant {
             cluster,

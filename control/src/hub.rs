@@ -95,39 +95,27 @@ pub fn spawn(
             if same_inventory && !federation_changed {
                 continue;
             }
-            if same_inventory {
+            let (model, changed) = if same_inventory {
                 // Only the federation moved: the namespaces are carried as they are.
                 let Some(prev) = previous.clone() else { continue };
                 let mut model = (*prev).clone();
                 model.federation = (*federation).clone();
-                let model = Arc::new(model);
-                let changed = Some((version, Arc::new(std::collections::BTreeSet::new())));
-                version = versions.next(SystemTime::now());
-                metrics.model_version.set(version as i64);
-                previous = Some(model.clone());
-                let published = Published {
-                    version,
-                    model,
-                    at: Some(seen),
-                    changed,
-                };
-                if tx.send(Arc::new(published)).is_err() {
-                    return;
-                }
-                continue;
-            }
-            let started = Instant::now();
-            let prior = last_inventory
-                .as_ref()
-                .zip(previous.as_deref())
-                .map(|(i, m)| (&i.inventory, m));
-            let (mut model, changed) = build(&snapshot.inventory, &cluster, prior);
-            model.federation = (*federation).clone();
+                (model, Some((version, Arc::new(std::collections::BTreeSet::new()))))
+            } else {
+                let started = Instant::now();
+                let prior = last_inventory
+                    .as_ref()
+                    .zip(previous.as_deref())
+                    .map(|(i, m)| (&i.inventory, m));
+                let (mut model, changed) = build(&snapshot.inventory, &cluster, prior);
+                model.federation = (*federation).clone();
+                metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
+                metrics.services.set(snapshot.inventory.services.len() as i64);
+                let changed = prior.map(|_| (version, Arc::new(changed)));
+                (model, changed)
+            };
             let model = Arc::new(model);
-            metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
-            metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
-            metrics.services.set(snapshot.inventory.services.len() as i64);
-            let changed = prior.map(|_| (version, Arc::new(changed)));
             version = versions.next(SystemTime::now());
             metrics.model_version.set(version as i64);
             previous = Some(model.clone());
