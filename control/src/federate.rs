@@ -276,9 +276,9 @@ pub fn spawn(
                         s.membership = running.as_ref().map(|(m, _, _, _)| m.clone());
                         s.sync = None;
                     });
-                } else if let Some((m, publication, _, _)) = &running {
-                    let next = publication_for(&d, m, &cluster, &bundle_json);
-                    publication.send_if_modified(|p| {
+                } else if let Some((m, sender, _, _)) = &running {
+                    let next = publication(&d.inventory, m, &cluster, &bundle_json);
+                    sender.send_if_modified(|p| {
                         let changed = p.as_ref() != Some(&next);
                         *p = Some(next);
                         changed
@@ -341,10 +341,6 @@ pub fn spawn(
         }
     });
     (status_rx, remote_rx)
-}
-
-fn publication_for(d: &Discovered, m: &FederationObj, cluster: &ClusterInfo, bundle_json: &str) -> Publication {
-    publication(&d.inventory, m, cluster, bundle_json)
 }
 
 #[cfg(test)]

@@ -83,6 +83,23 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl 
     }
 }
 
+/// Puts every listener of the ztunnel `cmd` starts on a free loopback port (outside the lab:
+/// no node namespace, no capture) and returns its admin endpoint's address.
+pub fn ztunnel_on_loopback(cmd: &mut Command) -> std::net::SocketAddr {
+    for flag in [
+        "--hbone-listen",
+        "--outbound-listen",
+        "--inbound-plain-listen",
+        "--metrics-listen",
+        "--readiness-listen",
+    ] {
+        cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
+    }
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    cmd.arg("--admin-listen").arg(admin.to_string());
+    admin
+}
+
 /// A free TCP port on loopback (bound and released, so a race is possible but unlikely).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -293,7 +293,6 @@ impl Cluster {
             .expect("trellisd token create");
         let token = self.dir.path().join("token");
         std::fs::write(&token, &out.stdout).expect("token file");
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = binary("ztunnel");
         cmd.args(["--node", "node-1", "--cluster", self.name])
             .args(["--trust-domain", &format!("{}.trellis.local", self.name)])
@@ -302,17 +301,9 @@ impl Cluster {
             .arg(ca.join("root-cert.pem"))
             .arg("--join-token-file")
             .arg(&token)
-            .args(["--capture", "none", "--admin-listen", &admin.to_string()])
+            .args(["--capture", "none"])
             .env("RUST_LOG", "warn");
-        for flag in [
-            "--hbone-listen",
-            "--outbound-listen",
-            "--inbound-plain-listen",
-            "--metrics-listen",
-            "--readiness-listen",
-        ] {
-            cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
-        }
+        let admin = trellis_e2e::ztunnel_on_loopback(&mut cmd);
         let node = Node {
             admin,
             _process: Process::spawn("ztunnel", cmd),

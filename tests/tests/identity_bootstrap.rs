@@ -46,16 +46,7 @@ fn run_ztunnel(
         .arg(token_file)
         .args(["--capture", "none"]);
     // Outside the lab: every listener on a free loopback port, no capture rules.
-    for flag in [
-        "--hbone-listen",
-        "--outbound-listen",
-        "--inbound-plain-listen",
-        "--metrics-listen",
-        "--readiness-listen",
-        "--admin-listen",
-    ] {
-        cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
-    }
+    trellis_e2e::ztunnel_on_loopback(&mut cmd);
     let mut zt = Process::spawn("ztunnel", cmd);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut stdout = String::new();
