@@ -14,13 +14,13 @@ use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::key_of;
 use trellis_federation::records::{
-    ClusterRecord, EndpointRecord, EndpointsRecord, Gateway, ServicePort, ServiceRecord,
+    ClusterRecord, EndpointRecord, EndpointsRecord, Gateway, GatewayGroup, ServicePort, ServiceRecord, GATEWAY_NODE,
 };
 use trellis_federation::sync::{self, EtcdConfig, Publication, SyncState};
 use trellis_federation::view::Federation;
 use trellis_identity::{SpiffeId, TrustBundle};
-use trellis_mesh::inventory::{FederationObj, Inventory, Protocol};
-use trellis_mesh::model::{is_enrolled, selects, ClusterInfo, Entry, ServerSlice};
+use trellis_mesh::inventory::{FederationObj, Inventory, Protocol, WorkloadObj};
+use trellis_mesh::model::{is_enrolled, selects, ClusterInfo, Entry, Remote, RemoteEndpoints, ServerSlice};
 
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
@@ -78,6 +78,7 @@ pub fn publication(
             address,
             hbone_port,
             quic_port,
+            node: GATEWAY_NODE.into(),
         }),
     };
     let mut services = BTreeMap::new();
@@ -111,7 +112,7 @@ pub fn publication(
             },
         );
         let ns_labels = inv.namespaces.get(&key.namespace).map(|(n, _)| &n.labels);
-        let ready = inv
+        let ready: Vec<(SpiffeId, &WorkloadObj)> = inv
             .workloads
             .values()
             .map(|(w, _)| w)
@@ -119,21 +120,41 @@ pub fn publication(
             .filter(|w| selects(&svc.selector, &w.labels))
             .filter_map(|w| {
                 let identity = SpiffeId::workload(&cluster.trust_domain, &w.key.namespace, &w.service_account).ok()?;
-                Some(EndpointRecord {
-                    address: w.ip,
-                    identity: identity.to_string(),
-                    node: w.node.clone(),
-                    zone: w.zone.clone(),
-                })
+                Some((identity, &**w))
             })
             .collect();
-        endpoints.insert(
-            id,
+        // Behind a gateway the pods' addresses stay in the cluster: only how many answer to
+        // each identity leaves it.
+        let record = if membership.gateway.is_some() {
+            let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+            for (identity, _) in &ready {
+                *counts.entry(identity.to_string()).or_default() += 1;
+            }
             EndpointsRecord {
-                endpoints: ready,
-                behind_gateway: None,
-            },
-        );
+                endpoints: Vec::new(),
+                behind_gateway: counts
+                    .into_iter()
+                    .map(|(identity, count)| GatewayGroup { identity, count })
+                    .collect(),
+            }
+        } else {
+            EndpointsRecord {
+                endpoints: ready
+                    .iter()
+                    .filter_map(|(identity, w)| {
+                        Some(EndpointRecord {
+                            address: w.ip,
+                            identity: identity.to_string(),
+                            node: w.node.clone(),
+                            node_address: w.node_ip?,
+                            zone: w.zone.clone(),
+                        })
+                    })
+                    .collect(),
+                behind_gateway: Vec::new(),
+            }
+        };
+        endpoints.insert(id, record);
     }
     Publication {
         cluster: record,
@@ -194,6 +215,101 @@ pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerS
     out
 }
 
+/// The endpoints other live members publish for each global service, as this cluster's nodes
+/// dial them: a member on `network` (this cluster's) by its pods' addresses through their nodes;
+/// a member with a gateway through that gateway, one endpoint per identity standing for all the
+/// pods behind it. A member on another network without a gateway cannot be reached: its
+/// endpoints are left out, with a line in the returned problems.
+pub fn remote_endpoints(
+    federation: &Federation,
+    cluster: &ClusterInfo,
+    network: &str,
+) -> (RemoteEndpoints, Vec<String>) {
+    let mut out = RemoteEndpoints::new();
+    let mut problems = Vec::new();
+    for (name, m) in &federation.members {
+        if name == &cluster.name || m.trust_domain == cluster.trust_domain {
+            continue;
+        }
+        let locality = Some(pb::Locality {
+            region: m.record.region.clone(),
+            zone: m.record.zone.clone(),
+        });
+        let gateway = match &m.record.gateway {
+            Some(g) => match g.identity(&m.trust_domain) {
+                Ok(id) => Some((g, id)),
+                Err(e) => {
+                    problems.push(format!("cluster {name}: {e}; its gateway is not used"));
+                    None
+                }
+            },
+            None => None,
+        };
+        for ((ns, svc), record) in &m.endpoints {
+            if !m.services.contains_key(&(ns.clone(), svc.clone())) {
+                continue;
+            }
+            let list = out.entry((ns.clone(), svc.clone())).or_default();
+            if !record.endpoints.is_empty() && m.record.network != network {
+                problems.push(format!(
+                    "cluster {name} lists pods of {ns}/{svc} on network {}, not this cluster's {network}, and has no gateway here; not reachable",
+                    m.record.network
+                ));
+                continue;
+            }
+            for e in &record.endpoints {
+                list.push(pb::Endpoint {
+                    workload_name: format!("{name}/{}", e.address),
+                    workload_namespace: ns.clone(),
+                    cluster: name.clone(),
+                    address: trellis_api::addr::to_bytes(e.address),
+                    node: e.node.clone(),
+                    healthy: true,
+                    locality: Some(pb::Locality {
+                        region: m.record.region.clone(),
+                        zone: if e.zone.is_empty() {
+                            m.record.zone.clone()
+                        } else {
+                            e.zone.clone()
+                        },
+                    }),
+                    identity: e.identity.clone(),
+                    enrolled: true,
+                    node_address: trellis_api::addr::to_bytes(e.node_address),
+                    ..Default::default()
+                });
+            }
+            if record.behind_gateway.is_empty() {
+                continue;
+            }
+            let Some((g, gateway_id)) = &gateway else {
+                problems.push(format!(
+                    "cluster {name} counts endpoints of {ns}/{svc} behind a gateway it does not publish; not reachable"
+                ));
+                continue;
+            };
+            for group in &record.behind_gateway {
+                list.push(pb::Endpoint {
+                    workload_name: format!("{name}/gateway"),
+                    workload_namespace: ns.clone(),
+                    cluster: name.clone(),
+                    address: trellis_api::addr::to_bytes(g.address),
+                    node: g.node.clone(),
+                    healthy: true,
+                    locality: locality.clone(),
+                    identity: group.identity.clone(),
+                    enrolled: true,
+                    node_address: trellis_api::addr::to_bytes(g.address),
+                    gateway_identity: gateway_id.to_string(),
+                    gateway_port: u32::from(g.hbone_port),
+                    weight: group.count,
+                });
+            }
+        }
+    }
+    (out, problems)
+}
+
 /// Reads a credential file named by the membership: a regular file of sane size.
 fn read_credential(what: &str, path: &str) -> Result<Vec<u8>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{what} {path}: {e}"))?;
@@ -221,9 +337,9 @@ pub fn spawn(
     roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     mut discovered: watch::Receiver<Arc<Discovered>>,
     metrics: Arc<Metrics>,
-) -> (watch::Receiver<FederationStatus>, watch::Receiver<Arc<ServerSlice>>) {
+) -> (watch::Receiver<FederationStatus>, watch::Receiver<Arc<Remote>>) {
     let (status_tx, status_rx) = watch::channel(FederationStatus::default());
-    let (remote_tx, remote_rx) = watch::channel(Arc::new(ServerSlice::new()));
+    let (remote_tx, remote_rx) = watch::channel(Arc::new(Remote::default()));
     let bundle_json = TrustBundle::new(cluster.trust_domain.clone(), roots).to_json();
     tokio::spawn(async move {
         // The running sync: its membership, the publication it writes, its state, its task.
@@ -235,6 +351,7 @@ pub fn spawn(
         );
         let mut running: Option<Running> = None;
         let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
+        let mut unreachable: Vec<String> = Vec::new();
         loop {
             let d = discovered.borrow_and_update().clone();
             if d.synced {
@@ -297,9 +414,17 @@ pub fn spawn(
                 alive = sync_changed => if !alive { running = None },
             }
             let remote = match &running {
-                Some((_, _, state, _)) => {
+                Some((m, _, state, _)) => {
                     let now = state.borrow().clone();
-                    let remote = remote_entries(&now.federation, &cluster);
+                    let (endpoints, problems) = remote_endpoints(&now.federation, &cluster, &m.network);
+                    for p in problems.iter().filter(|p| !unreachable.contains(p)) {
+                        tracing::warn!(problem = %p, "remote endpoints left out");
+                    }
+                    unreachable = problems;
+                    let remote = Remote {
+                        entries: remote_entries(&now.federation, &cluster),
+                        endpoints,
+                    };
                     let problems: std::collections::BTreeSet<(String, String)> =
                         now.federation.problems.iter().cloned().collect();
                     for (key, why) in problems.difference(&refused) {
@@ -328,7 +453,8 @@ pub fn spawn(
                         gauge.set(0);
                     }
                     refused.clear();
-                    ServerSlice::new()
+                    unreachable.clear();
+                    Remote::default()
                 }
             };
             remote_tx.send_if_modified(|r| {

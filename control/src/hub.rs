@@ -16,7 +16,7 @@ use trellis_api::config::v1::resource::Kind as Variant;
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
 use crate::stream::Published;
-use trellis_mesh::model::{build, ClusterInfo, MeshModel, ServerSlice};
+use trellis_mesh::model::{build, with_remote_endpoints, ClusterInfo, MeshModel, Remote};
 
 /// Changes arriving within this window after the first are applied together.
 pub const COALESCE: Duration = Duration::from_millis(5);
@@ -56,7 +56,7 @@ pub struct Hub {
 pub fn spawn(
     cluster: ClusterInfo,
     mut discovered: watch::Receiver<Arc<Discovered>>,
-    mut remote: watch::Receiver<Arc<ServerSlice>>,
+    mut remote: watch::Receiver<Arc<Remote>>,
     metrics: Arc<Metrics>,
 ) -> Hub {
     let (tx, model) = watch::channel(Arc::new(Published::default()));
@@ -69,7 +69,7 @@ pub fn spawn(
         let mut version = 0u64;
         let mut previous: Option<Arc<MeshModel>> = None;
         let mut last_inventory: Option<Arc<Discovered>> = None;
-        let mut federation = Arc::new(ServerSlice::new());
+        let mut federation = Arc::new(Remote::default());
         loop {
             tokio::select! {
                 changed = discovered.changed() => if changed.is_err() { return },
@@ -99,16 +99,18 @@ pub fn spawn(
                 // Only the federation moved: the namespaces are carried as they are.
                 let Some(prev) = previous.clone() else { continue };
                 let mut model = (*prev).clone();
-                model.federation = (*federation).clone();
-                (model, Some((version, Arc::new(std::collections::BTreeSet::new()))))
+                model.federation = federation.entries.clone();
+                let changed = with_remote_endpoints(&mut model, &cluster.name, &federation.endpoints);
+                (model, Some((version, Arc::new(changed))))
             } else {
                 let started = Instant::now();
                 let prior = last_inventory
                     .as_ref()
                     .zip(previous.as_deref())
                     .map(|(i, m)| (&i.inventory, m));
-                let (mut model, changed) = build(&snapshot.inventory, &cluster, prior);
-                model.federation = (*federation).clone();
+                let (mut model, mut changed) = build(&snapshot.inventory, &cluster, prior);
+                model.federation = federation.entries.clone();
+                changed.extend(with_remote_endpoints(&mut model, &cluster.name, &federation.endpoints));
                 metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
                 metrics.services.set(snapshot.inventory.services.len() as i64);
@@ -184,8 +186,8 @@ mod tests {
     use super::*;
 
     /// A cluster that never joins: the federation's sender is gone at once.
-    fn no_federation() -> watch::Receiver<Arc<ServerSlice>> {
-        watch::channel(Arc::new(ServerSlice::new())).1
+    fn no_federation() -> watch::Receiver<Arc<Remote>> {
+        watch::channel(Arc::new(Remote::default())).1
     }
     use trellis_identity::TrustDomain;
 

@@ -42,6 +42,23 @@ pub struct Gateway {
     /// HBONE over QUIC (UDP), when the gateway serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic_port: Option<u16>,
+    /// The gateway's node name: it presents `spiffe://<trust domain>/trellis/node/<node>`.
+    #[serde(default = "gateway_node")]
+    pub node: String,
+}
+
+/// The node name an east-west gateway runs as unless its record says otherwise.
+pub const GATEWAY_NODE: &str = "east-west-gateway";
+
+fn gateway_node() -> String {
+    GATEWAY_NODE.to_string()
+}
+
+impl Gateway {
+    /// The identity the gateway must present, in the cluster's `trust_domain`.
+    pub fn identity(&self, trust_domain: &TrustDomain) -> Result<SpiffeId, String> {
+        SpiffeId::node(trust_domain, &self.node).map_err(|e| format!("gateway node {:?}: {e}", self.node))
+    }
 }
 
 /// `services/<cluster>/<ns>/<name>`: a service exported with `trellis.io/global=true`.
@@ -65,16 +82,25 @@ pub struct ServicePort {
 }
 
 /// `endpoints/<cluster>/<ns>/<name>`: a service's healthy endpoints in one cluster, bound to the
-/// cluster's lease. A cluster on the reader's network lists its pods; one on another network
-/// says only how many stand behind its gateway.
+/// cluster's lease. A cluster without a gateway lists its pods (reachable from its own network);
+/// one with a gateway says only how many stand behind it, per identity, and never their
+/// addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointsRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointRecord>,
-    /// Healthy endpoints behind the cluster's gateway (set by a cluster on another network).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub behind_gateway: Option<u32>,
+    /// Healthy endpoints behind the cluster's gateway, by the identity they present.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub behind_gateway: Vec<GatewayGroup>,
+}
+
+/// `count` healthy endpoints presenting `identity`, reached through the cluster's gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayGroup {
+    pub identity: String,
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +110,8 @@ pub struct EndpointRecord {
     /// The workload's SPIFFE ID: verified on the tunnel, so it must be in the cluster's domain.
     pub identity: String,
     pub node: String,
+    /// Where the node accepts HBONE tunnels.
+    pub node_address: IpAddr,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub zone: String,
 }
@@ -144,6 +172,7 @@ impl ClusterRecord {
             if g.address.is_unspecified() || g.address.is_multicast() {
                 return Err(format!("gateway address {} cannot be dialled", g.address));
             }
+            name("gateway node", &g.node)?;
         }
         TrustDomain::new(&self.trust_domain).map_err(|e| format!("trust domain {:?}: {e}", self.trust_domain))
     }
@@ -178,20 +207,37 @@ impl EndpointsRecord {
                 self.endpoints.len()
             ));
         }
-        if !self.endpoints.is_empty() && self.behind_gateway.is_some() {
+        if !self.endpoints.is_empty() && !self.behind_gateway.is_empty() {
             return Err("both endpoints and behindGateway: a cluster lists its pods or counts them, not both".into());
         }
-        for e in &self.endpoints {
-            let id = SpiffeId::parse(&e.identity).map_err(|why| format!("endpoint {}: identity: {why}", e.address))?;
+        if self.behind_gateway.len() > MAX_PORTS {
+            return Err(format!("more than {MAX_PORTS} behindGateway identities"));
+        }
+        let own = |what: &str, identity: &str| -> Result<SpiffeId, String> {
+            let id = SpiffeId::parse(identity).map_err(|why| format!("{what}: identity: {why}"))?;
             if id.trust_domain() != trust_domain {
                 return Err(format!(
-                    "endpoint {} claims {id}, outside the cluster's trust domain {trust_domain}",
-                    e.address
+                    "{what} claims {id}, outside the cluster's trust domain {trust_domain}"
                 ));
             }
+            Ok(id)
+        };
+        for e in &self.endpoints {
+            own(&format!("endpoint {}", e.address), &e.identity)?;
             name("node", &e.node)?;
-            if e.address.is_unspecified() || e.address.is_multicast() || e.address.is_loopback() {
-                return Err(format!("endpoint address {} cannot be dialled", e.address));
+            for a in [e.address, e.node_address] {
+                if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                    return Err(format!("endpoint {}: address {a} cannot be dialled", e.address));
+                }
+            }
+        }
+        for g in &self.behind_gateway {
+            own("behindGateway", &g.identity)?;
+            if g.count == 0 || g.count as usize > MAX_ENDPOINTS {
+                return Err(format!(
+                    "behindGateway {}: count {} is not 1 to {MAX_ENDPOINTS}",
+                    g.identity, g.count
+                ));
             }
         }
         Ok(())
@@ -231,6 +277,7 @@ mod tests {
                 address: "10.2.0.20".parse().unwrap(),
                 hbone_port: 15008,
                 quic_port: Some(15009),
+                node: GATEWAY_NODE.into(),
             }),
         }
     }
@@ -259,15 +306,30 @@ mod tests {
                 address: "10.2.1.10".parse().unwrap(),
                 identity: "spiffe://east.trellis.local/ns/demo/sa/hello".into(),
                 node: "node-1".into(),
+                node_address: "10.2.0.11".parse().unwrap(),
                 zone: String::new(),
             }],
-            behind_gateway: None,
+            behind_gateway: Vec::new(),
         };
         let e = foreign.check(&td).unwrap_err();
         assert!(
             e.contains("outside the cluster's trust domain west.trellis.local"),
             "{e}"
         );
+        let counted = EndpointsRecord {
+            endpoints: Vec::new(),
+            behind_gateway: vec![GatewayGroup {
+                identity: "spiffe://east.trellis.local/ns/demo/sa/hello".into(),
+                count: 2,
+            }],
+        };
+        let e = counted.check(&td).unwrap_err();
+        assert!(e.contains("behindGateway claims"), "{e}");
+        let e = decode::<ClusterRecord>(br#"{"name":"w","trustDomain":"w","network":"w","gateway":{"address":"10.0.0.1","hbonePort":15008,"node":"../x"}}"#)
+            .unwrap()
+            .check("w")
+            .unwrap_err();
+        assert!(e.contains("gateway node"), "{e}");
         let zero = TrafficRecord {
             weights: BTreeMap::from([("east".into(), 0)]),
         };

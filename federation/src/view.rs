@@ -412,9 +412,10 @@ mod tests {
                 address: "10.2.1.10".parse().unwrap(),
                 identity: identity.into(),
                 node: "node-1".into(),
+                node_address: "10.2.0.11".parse().unwrap(),
                 zone: String::new(),
             }],
-            behind_gateway: None,
+            behind_gateway: Vec::new(),
         })
     }
 

@@ -52,6 +52,56 @@ impl Entry {
 /// One node's view as the server holds it.
 pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
 
+/// Endpoints of global services in other clusters, by (namespace, name) of the service.
+pub type RemoteEndpoints = BTreeMap<(String, String), Vec<pb::Endpoint>>;
+
+/// What the federation adds to the model: cluster-scoped resources (RemoteCluster,
+/// TrustBundle) and the other clusters' endpoints of global services.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Remote {
+    pub entries: ServerSlice,
+    pub endpoints: RemoteEndpoints,
+}
+
+/// Sets the endpoints other clusters serve for this cluster's global services: each global
+/// Service of `model` gets its own cluster's endpoints followed by `remote`'s for the same
+/// namespace and name (namespace sameness: one global service across clusters, as Cilium has
+/// it, exported by the label in each cluster that takes part). A service that is not global
+/// here gets none. Returns the namespaces whose services changed.
+pub fn with_remote_endpoints(model: &mut MeshModel, cluster: &str, remote: &RemoteEndpoints) -> BTreeSet<String> {
+    let mut changed = BTreeSet::new();
+    for (ns, n) in model.namespaces.iter_mut() {
+        let mut updates = Vec::new();
+        for (key, entry) in &n.services {
+            let Some(Variant::Service(s)) = &entry.resource.kind else {
+                continue;
+            };
+            let local = s.endpoints.iter().filter(|e| e.cluster == cluster);
+            let others = match s.global {
+                true => remote
+                    .get(&(key.namespace.clone(), key.name.clone()))
+                    .map(Vec::as_slice),
+                false => None,
+            };
+            let endpoints: Vec<pb::Endpoint> = local.chain(others.unwrap_or_default()).cloned().collect();
+            if endpoints != s.endpoints {
+                let mut s = s.clone();
+                s.endpoints = endpoints;
+                let resource = pb::Resource {
+                    kind: Some(Variant::Service(s)),
+                };
+                updates.push((key.clone(), Arc::new(Entry::new(entry.key.clone(), resource))));
+            }
+        }
+        if !updates.is_empty() {
+            let n = Arc::make_mut(n);
+            n.services.extend(updates);
+            changed.insert(ns.clone());
+        }
+    }
+    changed
+}
+
 /// The resources of one namespace.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NsModel {
@@ -359,6 +409,7 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                     identity: workload_identity(cluster, wk, w),
                     enrolled: is_enrolled(w, labels),
                     node_address: node_address(w),
+                    ..Default::default()
                 })
                 .collect()
         };

@@ -25,7 +25,7 @@ use crate::config::{CaptureMode, Config};
 use crate::hbone::server::{self as hbone_server, LocalCerts};
 use crate::limits::Limited;
 use crate::metrics::{IdentityLabels, Metrics};
-use crate::proxy::{inbound::Inbound, inbound_plain, outbound, Proxy};
+use crate::proxy::{gateway::Gateway, inbound::Inbound, inbound_plain, outbound, Proxy};
 use crate::state::ProxyState;
 use crate::static_config;
 
@@ -163,15 +163,27 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let server_tls = hbone_server::tls_config(local.clone(), bundles.clone());
     let tunnel_limits = config.tunnel_limits().fitted(trellis_identity::limits::nofile_limit());
     tracing::info!(?tunnel_limits, "inbound tunnel limits");
-    let inbound = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), tunnel_limits));
-    tokio::spawn(hbone_server::serve(
-        hbone_listener,
-        server_tls,
-        local,
-        inbound,
-        proxy.drain.watch(),
-        bundles.clone(),
-    ));
+    if config.gateway {
+        let gateway = Arc::new(Limited::new(Arc::new(Gateway { proxy: proxy.clone() }), tunnel_limits));
+        tokio::spawn(hbone_server::serve(
+            hbone_listener,
+            server_tls,
+            local,
+            gateway,
+            proxy.drain.watch(),
+            bundles.clone(),
+        ));
+    } else {
+        let inbound = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), tunnel_limits));
+        tokio::spawn(hbone_server::serve(
+            hbone_listener,
+            server_tls,
+            local,
+            inbound,
+            proxy.drain.watch(),
+            bundles.clone(),
+        ));
+    }
     tokio::spawn(outbound::serve(outbound_listener, proxy.clone()));
     tokio::spawn(inbound_plain::serve(plain_listener, proxy.clone()));
     tokio::spawn(admin::serve(
@@ -373,7 +385,12 @@ async fn apply_config(
             for id in served.difference(&ids) {
                 certs.forget(id);
             }
-            local.set(ids.iter().cloned());
+            // A gateway serves its node identity to the clusters that tunnel through it.
+            let gateway_id = match (config.gateway, &own_td) {
+                (true, Some(td)) => SpiffeId::node(td, &config.node).ok(),
+                _ => None,
+            };
+            local.set(ids.iter().cloned().chain(gateway_id));
             served = ids;
             let plan = match config.capture {
                 CaptureMode::Pod => Some(Plan::Pods(

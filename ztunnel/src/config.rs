@@ -72,6 +72,11 @@ pub struct Config {
     /// How often the installed capture rules are read back and compared with the desired ones.
     #[arg(long, env = "TRELLIS_CAPTURE_CHECK_MS", default_value_t = 10000)]
     pub capture_check_ms: u64,
+    /// Run as the cluster's east-west gateway: 15008 relays tunnels from other clusters to the
+    /// nodes serving the global services they name, presenting this node's identity; nothing
+    /// is captured (needs --capture none).
+    #[arg(long, env = "TRELLIS_GATEWAY")]
+    pub gateway: bool,
     /// HBONE listener (mTLS + HTTP/2 CONNECT).
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub hbone_listen: SocketAddr,
@@ -143,6 +148,9 @@ impl Config {
                 "give --join-token-file (to join trellisd; with --state-dir, a restart needs no new token), or --config-file with --identity-file (no control plane)"
                     .into(),
             );
+        }
+        if self.gateway && self.capture != CaptureMode::None {
+            return Err("--gateway needs --capture none: a gateway relays tunnels and hosts no workload".into());
         }
         if self.max_tunnels == 0 || self.max_tunnels_per_identity == 0 {
             return Err("--max-tunnels and --max-tunnels-per-identity must be at least 1".into());

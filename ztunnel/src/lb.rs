@@ -101,6 +101,7 @@ mod tests {
             identity: None,
             enrolled: false,
             healthy,
+            gateway: None,
         }
     }
 

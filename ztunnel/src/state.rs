@@ -46,6 +46,20 @@ pub struct Endpoint {
     pub identity: Option<SpiffeId>,
     pub enrolled: bool,
     pub healthy: bool,
+    /// Set when the endpoint stands for the pods of another network behind that cluster's
+    /// east-west gateway (`ip` and `node_address` are then the gateway's).
+    pub gateway: Option<GatewayHop>,
+}
+
+/// An east-west gateway in front of another network's pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayHop {
+    /// Where the gateway accepts HBONE.
+    pub address: SocketAddr,
+    /// The identity it must present.
+    pub identity: SpiffeId,
+    /// How many pods stand behind it for this endpoint.
+    pub weight: u32,
 }
 
 /// A service this node may call.
@@ -53,6 +67,10 @@ pub struct Endpoint {
 pub struct Service {
     pub name: String,
     pub namespace: String,
+    /// `<name>.<namespace>.svc.<domain>`: what a tunnel through a gateway is addressed to.
+    pub hostname: String,
+    /// Exported to the federation: only these are reachable through this cluster's gateway.
+    pub global: bool,
     pub vips: Vec<IpAddr>,
     /// Service port → target port.
     pub ports: BTreeMap<u16, u16>,
@@ -134,6 +152,7 @@ pub struct ProxyState {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
     by_endpoint: HashMap<IpAddr, (Endpoint, Arc<Service>)>,
+    by_name: HashMap<(String, String), Arc<Service>>,
     /// Every workload of the mesh on another node, by address.
     remote: HashMap<IpAddr, Endpoint>,
     /// The mesh's pod networks: an address there that no workload holds is refused.
@@ -207,7 +226,10 @@ impl ProxyState {
                 self.by_vip.insert(SocketAddr::new(*vip, port), (svc.clone(), target));
             }
         }
-        for ep in &svc.endpoints {
+        self.by_name
+            .insert((svc.namespace.clone(), svc.name.clone()), svc.clone());
+        // A gateway's address is no workload's: a pod calling it is not calling the service.
+        for ep in svc.endpoints.iter().filter(|e| e.gateway.is_none()) {
             self.by_endpoint
                 .entry(ep.ip)
                 .or_insert_with(|| (ep.clone(), svc.clone()));
@@ -246,6 +268,7 @@ impl ProxyState {
                     identity: Some(local.identity.clone()),
                     enrolled: local.enrolled,
                     healthy: true,
+                    gateway: None,
                 },
                 service: None,
             };
@@ -260,6 +283,11 @@ impl ProxyState {
             return Destination::Unknown;
         }
         Destination::Passthrough
+    }
+
+    /// The service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(&(namespace.to_string(), name.to_string()))
     }
 
     /// The enrolled workload on this node at `ip`.
@@ -324,6 +352,7 @@ fn remote_workload(book: &pb::WorkloadAddresses, w: &pb::WorkloadAddress) -> Res
         identity,
         enrolled: w.enrolled,
         healthy: w.ready,
+        gateway: None,
     })
 }
 
@@ -356,6 +385,8 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
     let svc = Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        global: s.global,
         vips,
         ports,
         endpoints,
@@ -373,6 +404,24 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
     if e.enrolled && (identity.is_none() || node_address.is_none()) {
         return Err("enrolled, but without an identity or a node address to tunnel to".into());
     }
+    let gateway = match e.gateway_identity.as_str() {
+        "" => None,
+        id => {
+            let identity = SpiffeId::parse(id).map_err(|err| format!("bad gateway identity: {err}"))?;
+            let port = u16::try_from(e.gateway_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("bad gateway port {}", e.gateway_port))?;
+            if !e.enrolled {
+                return Err("behind a gateway, but not enrolled: only tunnels cross gateways".into());
+            }
+            Some(GatewayHop {
+                address: SocketAddr::new(node_address.unwrap_or(ip), port),
+                identity,
+                weight: e.weight.max(1),
+            })
+        }
+    };
     Ok(Endpoint {
         name: e.workload_name.clone(),
         cluster: e.cluster.clone(),
@@ -382,6 +431,7 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
         identity,
         enrolled: e.enrolled,
         healthy: e.healthy,
+        gateway,
     })
 }
 

@@ -168,6 +168,7 @@ fn key(node: &Node, source: &str) -> Key {
         node: node.hbone,
         destination: id(CART),
         protocol: Protocol::Http2,
+        via: None,
     }
 }
 

@@ -198,6 +198,7 @@ async fn a_live_tunnel_outlives_its_client_svid_and_new_tunnels_use_the_renewed_
         node: relay,
         destination: id(CART),
         protocol: Protocol::Http2,
+        via: None,
     };
 
     let mut long_lived = pool

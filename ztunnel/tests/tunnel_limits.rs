@@ -165,6 +165,7 @@ impl Node {
             node: self.hbone,
             destination: id(CART),
             protocol: Protocol::Http2,
+            via: None,
         }
     }
 

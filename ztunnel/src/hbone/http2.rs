@@ -12,6 +12,7 @@ use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
 use super::pool::OpenError;
@@ -31,36 +32,52 @@ impl Transport for Http2 {
     ) -> BoxFuture<'static, Result<Arc<dyn Connection>, OpenError>> {
         Box::pin(async move {
             let tcp = dial(node).await.map_err(|e| OpenError::Connect(node, e))?;
-            let handshake = async {
-                let mut tls = TlsConnector::from(tls)
-                    .connect(server_name, tcp)
-                    .await
-                    .map_err(|e| OpenError::Tls(node, e))?;
-                tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-                h2::client::Builder::new()
-                    .initial_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_frame_size(MAX_FRAME)
-                    .max_header_list_size(MAX_HEADERS)
-                    .enable_push(false)
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .map_err(|e| OpenError::Protocol(node, h2_io(e)))
-            };
-            let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-                .await
-                .map_err(|_| OpenError::Tls(node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
-            let closed = Arc::new(AtomicBool::new(false));
-            let on_close = closed.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%node, error = %e, "HBONE connection ended");
-                }
-                on_close.store(true, Ordering::Release);
-            });
-            Ok(Arc::new(Http2Connection { node, send, closed }) as Arc<dyn Connection>)
+            handshake(tcp, node, server_name, tls).await
         })
     }
+}
+
+/// Runs TLS 1.3 (ALPN `h2`, asking for the certificate named by `server_name`) and the HTTP/2
+/// preface over `io`, within [`HANDSHAKE_TIMEOUT`]: over TCP to a node, or over a tunnel to an
+/// east-west gateway (the tunnel inside a tunnel, [`super::nested`]). `node` names the far end
+/// in errors.
+pub async fn handshake<IO>(
+    io: IO,
+    node: SocketAddr,
+    server_name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+) -> Result<Arc<dyn Connection>, OpenError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = async {
+        let mut tls = TlsConnector::from(tls)
+            .connect(server_name, io)
+            .await
+            .map_err(|e| OpenError::Tls(node, e))?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_header_list_size(MAX_HEADERS)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| OpenError::Protocol(node, h2_io(e)))
+    };
+    let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| OpenError::Tls(node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
+    let closed = Arc::new(AtomicBool::new(false));
+    let on_close = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%node, error = %e, "HBONE connection ended");
+        }
+        on_close.store(true, Ordering::Release);
+    });
+    Ok(Arc::new(Http2Connection { node, send, closed }) as Arc<dyn Connection>)
 }
 
 /// A client HTTP/2 connection; its driver runs in its own task until the connection ends.

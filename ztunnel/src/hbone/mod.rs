@@ -14,6 +14,7 @@ pub mod copy;
 pub mod expiry;
 pub mod http2;
 pub mod idle;
+pub mod nested;
 pub mod pool;
 pub mod server;
 pub mod tunnel;

@@ -107,11 +107,30 @@ impl Clone for OpenError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub source: SpiffeId,
-    /// The destination node's HBONE address.
+    /// The destination node's HBONE address (through a gateway: the gateway's).
     pub node: SocketAddr,
     pub destination: SpiffeId,
     pub protocol: Protocol,
+    /// Set for a connection inside a tunnel through an east-west gateway.
+    pub via: Option<Via>,
 }
+
+/// The outer tunnel of a connection through an east-west gateway ([`super::nested`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Via {
+    /// The identity the gateway presents.
+    pub gateway: SpiffeId,
+    /// The global service the outer tunnel asks for, `<hostname>:<port>`: the gateway chooses
+    /// a node that serves it.
+    pub authority: String,
+    /// Which of the parallel inner connections to that service this is: each lands on a node
+    /// of the gateway's choosing, so several spread the load over the far cluster.
+    pub lane: u8,
+}
+
+/// The header of an outer CONNECT naming the identity the inner connection asks for, so that
+/// the gateway picks a node that serves it.
+pub const DESTINATION_HEADER: &str = "trellis-destination-identity";
 
 /// An open tunnel. The pooled connection counts it as in flight until this is dropped.
 pub struct Tunnel {
@@ -297,6 +316,8 @@ type Entries = Arc<Mutex<HashMap<Key, Entry>>>;
 
 /// The pool of HBONE connections of one ztunnel.
 pub struct Pool {
+    /// Itself, for dials through a gateway, which open their outer tunnel on this pool.
+    me: Weak<Pool>,
     certs: CertManager,
     bundles: BundleSet,
     http2: Arc<dyn Transport>,
@@ -308,7 +329,8 @@ impl Pool {
     /// A pool presenting SVIDs from `certs` and checking servers against `bundles`; starts its
     /// idle reaper.
     pub fn new(certs: CertManager, bundles: BundleSet) -> Arc<Self> {
-        let pool = Arc::new(Self {
+        let pool = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             certs,
             bundles,
             http2: Arc::new(Http2),
@@ -326,7 +348,7 @@ impl Pool {
     pub async fn open(
         &self,
         key: &Key,
-        authority: SocketAddr,
+        authority: impl std::fmt::Display,
         headers: &[(&str, String)],
         early: &Bytes,
     ) -> Result<Tunnel, OpenError> {
@@ -393,6 +415,7 @@ impl Pool {
         };
         let tls = self.tls_config(&key.source, &key.destination, key.protocol);
         let certs = self.certs.clone();
+        let pool = self.me.clone();
         let outcome = Outcome {
             entries: self.entries.clone(),
             key: key.clone(),
@@ -406,7 +429,23 @@ impl Pool {
                 };
                 let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
                     .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-                Ok((transport.connect(key.node, name, tls).await?, presented))
+                let conn = match &key.via {
+                    None => transport.connect(key.node, name, tls).await?,
+                    Some(via) => {
+                        let pool = pool.upgrade().ok_or_else(|| {
+                            OpenError::Connect(key.node, io::Error::other("ztunnel is shutting down"))
+                        })?;
+                        let outer = Key {
+                            destination: via.gateway.clone(),
+                            via: None,
+                            ..key.clone()
+                        };
+                        let asks = [(DESTINATION_HEADER, key.destination.to_string())];
+                        let tunnel = pool.open(&outer, &via.authority, &asks, &Bytes::new()).await?;
+                        super::http2::handshake(super::nested::TunnelIo::new(tunnel), key.node, name, tls).await?
+                    }
+                };
+                Ok((conn, presented))
             }
             .await;
             match &connected {

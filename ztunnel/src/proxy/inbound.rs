@@ -5,6 +5,7 @@
 //! connection was opened for), 401 denied by policy, 503 the pod is unreachable.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,12 +49,10 @@ pub fn route(
         return Err((StatusCode::BAD_REQUEST, format!("{method} is not CONNECT")));
     }
     let authority = authority.ok_or((StatusCode::BAD_REQUEST, "CONNECT without :authority".to_string()))?;
-    let addr: SocketAddr = authority.parse().map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!(":authority {authority:?} is not <ip>:<port>"),
-        )
-    })?;
+    let addr: SocketAddr = match authority.parse() {
+        Ok(addr) => addr,
+        Err(_) => return route_to_service(authority, state, conn),
+    };
     let workload = state.enrolled_local(addr.ip()).ok_or((
         StatusCode::BAD_REQUEST,
         format!("{} is not an enrolled workload on this node", addr.ip()),
@@ -70,6 +69,64 @@ pub fn route(
         ));
     }
     Ok((workload.clone(), addr))
+}
+
+/// A CONNECT through an east-west gateway names a service, `<name>.<namespace>[.svc...]:<port>`
+/// ([`crate::hbone::nested`]): it goes to a healthy pod of that service on this node that has
+/// the identity the connection was opened for, on the service port's target port.
+fn route_to_service(
+    authority: &str,
+    state: &ProxyState,
+    conn: &ConnInfo,
+) -> Result<(Arc<LocalWorkload>, SocketAddr), (StatusCode, String)> {
+    let (namespace, name, port) = service_authority(authority).ok_or((
+        StatusCode::BAD_REQUEST,
+        format!(":authority {authority:?} is neither <ip>:<port> nor <service>.<namespace>:<port>"),
+    ))?;
+    let service = state
+        .service(&namespace, &name)
+        .ok_or((StatusCode::BAD_REQUEST, format!("no service {namespace}/{name} here")))?;
+    let target = *service.ports.get(&port).ok_or((
+        StatusCode::BAD_REQUEST,
+        format!("service {namespace}/{name} has no port {port}"),
+    ))?;
+    let here: Vec<&Arc<LocalWorkload>> = service
+        .endpoints
+        .iter()
+        .filter(|e| e.healthy && e.gateway.is_none())
+        .filter_map(|e| state.enrolled_local(e.ip))
+        .filter(|w| w.identity == conn.served)
+        .collect();
+    if here.is_empty() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no ready pod of {namespace}/{name} with identity {} on this node",
+                conn.served
+            ),
+        ));
+    }
+    static TURN: AtomicUsize = AtomicUsize::new(0);
+    let workload = here[TURN.fetch_add(1, Ordering::Relaxed) % here.len()];
+    Ok((workload.clone(), SocketAddr::new(workload.ip, target)))
+}
+
+/// `(namespace, name, port)` of an authority naming a service: `<name>.<namespace>:<port>`,
+/// optionally followed by `.svc` and a cluster domain before the port.
+pub fn service_authority(authority: &str) -> Option<(String, String, u16)> {
+    let (host, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let mut labels = host.split('.');
+    let (name, namespace) = (labels.next()?, labels.next()?);
+    match labels.next() {
+        None | Some("svc") => {}
+        Some(_) => return None,
+    }
+    let label = |l: &str| trellis_identity::id::check_name(l).is_ok();
+    if !label(name) || !label(namespace) || !labels.all(label) {
+        return None;
+    }
+    Some((namespace.to_string(), name.to_string(), port))
 }
 
 impl Inbound {
@@ -168,7 +225,8 @@ impl Inbound {
     }
 }
 
-fn status_only(status: StatusCode) -> Response<()> {
+/// An answer without headers or body.
+pub fn status_only(status: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = status;
     response

@@ -3,9 +3,12 @@
 //! - [`outbound`] (15001): captured connections of this node's enrolled workloads, sent through
 //!   HBONE tunnels (or directly, to destinations outside the mesh).
 //! - [`inbound`] (15008): tunnels from other ztunnels, authorized and delivered to local pods.
+//! - [`gateway`] (15008 in gateway mode): tunnels from other clusters, relayed to a node of this
+//!   cluster that serves the global service they name.
 //! - [`inbound_plain`] (15006): plaintext connections to enrolled local pods from outside the
 //!   mesh, authorized as an unauthenticated source and delivered.
 
+pub mod gateway;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod outbound;

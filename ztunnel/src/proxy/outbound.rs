@@ -15,6 +15,7 @@
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{original_dst, reset, Proxy};
 use crate::hbone::copy::{copy_plain, splice, Moved, OnBytes};
-use crate::hbone::pool::{Key, OpenError, Tunnel};
+use crate::hbone::pool::{Key, OpenError, Tunnel, Via};
 use crate::hbone::tunnel::Protocol;
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
 use crate::metrics::ConnLabels;
@@ -37,6 +38,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
 
 /// Most client bytes sent with the CONNECT: a request line and headers, a TLS ClientHello.
 const EARLY_LIMIT: usize = 16 * 1024;
+
+/// Most parallel inner connections from one source to one service through a gateway: the
+/// gateway puts each on a node of its choosing, so a few spread the load over the far cluster
+/// while each stays pooled.
+const MAX_LANES: u32 = 4;
+/// Turns new connections through gateways over the lanes.
+static LANE: AtomicUsize = AtomicUsize::new(0);
 
 /// How one attempt ended.
 enum Attempt {
@@ -104,7 +112,12 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         labels.destination_principal = endpoint.identity.as_ref().map(ToString::to_string).unwrap_or_default();
         labels.destination_workload_namespace = service.as_ref().map(|s| s.namespace.clone()).unwrap_or_default();
         labels.connection_security_policy = if endpoint.enrolled { "mutual_tls" } else { "none" }.into();
-        match attempt(&proxy, &source, peer, endpoint, target, &early).await {
+        // Behind a gateway the tunnel is addressed to the service, as this client called it.
+        let through = match (&endpoint.gateway, &service) {
+            (Some(_), Some(s)) => Some(format!("{}:{}", s.hostname, dst.port())),
+            _ => None,
+        };
+        match attempt(&proxy, &source, peer, endpoint, target, through.as_deref(), &early).await {
             Ok(opened) => {
                 if let Some(b) = &balancer {
                     b.succeeded(endpoint.ip);
@@ -161,6 +174,7 @@ async fn attempt(
     peer: SocketAddr,
     endpoint: &Endpoint,
     target: SocketAddr,
+    through: Option<&str>,
     early: &Bytes,
 ) -> Result<Attempt, OpenError> {
     let (true, Some(identity), Some(node)) = (endpoint.enrolled, &endpoint.identity, endpoint.node_address) else {
@@ -171,11 +185,26 @@ async fn attempt(
         }
         return Ok(Attempt::Direct(upstream));
     };
+    let (node, via, authority) = match (&endpoint.gateway, through) {
+        (None, _) => (SocketAddr::new(node, PORT), None, target.to_string()),
+        (Some(hop), Some(authority)) => {
+            let lanes = hop.weight.clamp(1, MAX_LANES);
+            let lane = (LANE.fetch_add(1, Ordering::Relaxed) % lanes as usize) as u8;
+            let via = Via {
+                gateway: hop.identity.clone(),
+                authority: authority.to_string(),
+                lane,
+            };
+            (hop.address, Some(via), authority.to_string())
+        }
+        (Some(_), None) => return Err(OpenError::Unreachable),
+    };
     let key = Key {
         source: source.identity.clone(),
-        node: SocketAddr::new(node, PORT),
+        node,
         destination: identity.clone(),
         protocol: Protocol::Http2,
+        via,
     };
     let headers = [
         ("forwarded", forwarded_for(peer)),
@@ -183,7 +212,7 @@ async fn attempt(
     ];
     proxy
         .pool
-        .open(&key, target, &headers, early)
+        .open(&key, authority, &headers, early)
         .await
         .map(Attempt::Tunnel)
 }
