@@ -492,7 +492,7 @@ spec: {selector: {app: hello}, ports: [{port: 81, targetPort: 8080}]}
 apiVersion: trellis.io/v1
 kind: Workload
 metadata: {name: hello-1, namespace: demo, labels: {app: hello}}
-spec: {serviceAccount: hello, node: node-1, ip: 10.1.1.10, ready: true, zone: a}
+spec: {serviceAccount: hello, node: node-1, nodeIP: 10.1.0.11, ip: 10.1.1.10, ready: true, zone: a}
 ---
 apiVersion: trellis.io/v1
 kind: Workload
@@ -531,12 +531,33 @@ spec:
             "an unlabelled service stays home"
         );
         assert_eq!(p.services[&key].hostnames, ["hello.demo.svc.cluster.local"]);
+        // Behind its gateway the cluster counts its ready endpoints per identity, no addresses.
+        let counted = &p.endpoints[&key];
+        assert!(counted.endpoints.is_empty(), "{counted:?}");
+        assert_eq!(
+            counted.behind_gateway,
+            [GatewayGroup {
+                identity: "spiffe://east.trellis.local/ns/demo/sa/hello".into(),
+                count: 1
+            }],
+            "the unready workload is left out"
+        );
+        // Without a gateway it lists its pods, with the nodes that tunnel to them.
+        let flat = FederationObj {
+            gateway: None,
+            ..(*m).clone()
+        };
+        let p = publication(&inv, &flat, &cluster(), "{}");
         let eps = &p.endpoints[&key].endpoints;
         assert_eq!(eps.len(), 1, "the unready workload is left out");
         assert_eq!(eps[0].identity, "spiffe://east.trellis.local/ns/demo/sa/hello");
         assert_eq!(
-            (eps[0].address.to_string(), eps[0].zone.as_str()),
-            ("10.1.1.10".into(), "a")
+            (
+                eps[0].address.to_string(),
+                eps[0].node_address.to_string(),
+                eps[0].zone.as_str()
+            ),
+            ("10.1.1.10".into(), "10.1.0.11".into(), "a")
         );
         assert_eq!(p.cluster.region, "eu-1");
         assert_eq!(p.cluster.network, "east", "the network defaults to the cluster's name");
@@ -565,5 +586,100 @@ spec:
         let text = MANIFESTS.replace("https://127.0.0.1:2379", "http://127.0.0.1:2379");
         let e = parse_file(&text).unwrap_err();
         assert!(e.message.contains("is not https://"), "{e}");
+    }
+
+    /// A federation as this cluster (east, network "east") reads it: west on another network
+    /// behind its gateway, north on east's network without one, south on another network
+    /// without one.
+    fn members() -> Federation {
+        use trellis_federation::view::Member;
+        let member = |name: &str, network: &str, gateway: bool, record: EndpointsRecord| {
+            let td: trellis_identity::TrustDomain = format!("{name}.trellis.local").parse().unwrap();
+            let key = ("demo".to_string(), "hello".to_string());
+            let service = ServiceRecord {
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    port: 80,
+                    target_port: 8080,
+                    app_protocol: String::new(),
+                }],
+                hostnames: vec![],
+            };
+            Member {
+                record: ClusterRecord {
+                    name: name.into(),
+                    trust_domain: td.to_string(),
+                    network: network.into(),
+                    region: "eu-1".into(),
+                    zone: String::new(),
+                    gateway: gateway.then(|| Gateway {
+                        address: "10.200.0.12".parse().unwrap(),
+                        hbone_port: 15008,
+                        quic_port: None,
+                        node: GATEWAY_NODE.into(),
+                    }),
+                },
+                trust_domain: td,
+                bundle: None,
+                services: BTreeMap::from([(key.clone(), service)]),
+                endpoints: BTreeMap::from([(key, record)]),
+            }
+        };
+        let pods = |name: &str| EndpointsRecord {
+            endpoints: vec![EndpointRecord {
+                address: "10.3.1.10".parse().unwrap(),
+                identity: format!("spiffe://{name}.trellis.local/ns/demo/sa/hello"),
+                node: "node-1".into(),
+                node_address: "10.3.0.11".parse().unwrap(),
+                zone: String::new(),
+            }],
+            behind_gateway: Vec::new(),
+        };
+        let counted = EndpointsRecord {
+            endpoints: Vec::new(),
+            behind_gateway: vec![GatewayGroup {
+                identity: "spiffe://west.trellis.local/ns/demo/sa/hello".into(),
+                count: 3,
+            }],
+        };
+        Federation {
+            members: BTreeMap::from([
+                ("west".into(), member("west", "west", true, counted)),
+                ("north".into(), member("north", "east", false, pods("north"))),
+                ("south".into(), member("south", "south", false, pods("south"))),
+            ]),
+            ..Federation::default()
+        }
+    }
+
+    #[test]
+    fn remote_endpoints_are_pods_on_this_network_and_gateways_elsewhere() {
+        let (eps, problems) = remote_endpoints(&members(), &cluster(), "east");
+        let hello = &eps[&("demo".to_string(), "hello".to_string())];
+        let north: Vec<_> = hello.iter().filter(|e| e.cluster == "north").collect();
+        assert_eq!(north.len(), 1);
+        assert!(
+            north[0].gateway_identity.is_empty(),
+            "same network: dialled through its node"
+        );
+        assert_eq!(north[0].node_address, vec![10, 3, 0, 11]);
+        let west: Vec<_> = hello.iter().filter(|e| e.cluster == "west").collect();
+        assert_eq!(west.len(), 1, "one endpoint per identity behind the gateway");
+        assert_eq!(
+            west[0].gateway_identity,
+            "spiffe://west.trellis.local/trellis/node/east-west-gateway"
+        );
+        assert_eq!(
+            (west[0].address.clone(), west[0].gateway_port, west[0].weight),
+            (vec![10, 200, 0, 12], 15008, 3)
+        );
+        assert_eq!(west[0].identity, "spiffe://west.trellis.local/ns/demo/sa/hello");
+        assert!(hello.iter().all(|e| e.cluster != "south"), "unreachable: left out");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("cluster south") && p.contains("not reachable")),
+            "{problems:?}"
+        );
     }
 }

@@ -789,6 +789,40 @@ spec: {selector: {matchLabels: {app: payments}}}
     }
 
     #[test]
+    fn global_services_get_the_other_clusters_endpoints_and_lose_them_again() {
+        let (mut model, _) = build(&parse_file(MESH).unwrap(), &cluster(), None);
+        let endpoints = |model: &MeshModel| -> Vec<String> {
+            let Some(Variant::Service(cart)) = &model.service(&ObjectKey::new("shop", "cart")).unwrap().resource.kind
+            else {
+                panic!()
+            };
+            cart.endpoints
+                .iter()
+                .map(|e| format!("{}/{}", e.cluster, e.workload_name))
+                .collect()
+        };
+        let local = endpoints(&model);
+        let west = pb::Endpoint {
+            workload_name: "west/gateway".into(),
+            cluster: "west".into(),
+            ..Default::default()
+        };
+        let remote: RemoteEndpoints = BTreeMap::from([(("shop".to_string(), "cart".to_string()), vec![west])]);
+        let changed = with_remote_endpoints(&mut model, "east", &remote);
+        assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
+        let mut want = local.clone();
+        want.push("west/west/gateway".into());
+        assert_eq!(endpoints(&model), want, "local first, then the other clusters'");
+        assert!(
+            with_remote_endpoints(&mut model, "east", &remote).is_empty(),
+            "the same endpoints again change nothing"
+        );
+        let changed = with_remote_endpoints(&mut model, "east", &RemoteEndpoints::new());
+        assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
+        assert_eq!(endpoints(&model), local, "the remote cluster gone, its endpoints go");
+    }
+
+    #[test]
     fn services_get_vips_and_endpoints_by_selector() {
         let (model, _) = build(&parse_file(MESH).unwrap(), &cluster(), None);
         let Some(Variant::Service(cart)) = model
