@@ -34,6 +34,9 @@ enum Verb {
     /// Label a namespace (e.g. trellis.io/dataplane-mode=ambient to enrol it).
     #[command(subcommand)]
     Namespace(Namespace),
+    /// Label a service (e.g. trellis.io/global=true to export it to the federation).
+    #[command(subcommand)]
+    Service(Service),
     /// Enable or remove the L7 waypoint of a namespace.
     #[command(subcommand)]
     Waypoint(Waypoint),
@@ -161,6 +164,24 @@ enum Namespace {
 }
 
 #[derive(Debug, Subcommand)]
+enum Service {
+    /// Set (or with --remove, delete) a label on a service, e.g.
+    /// `trellis service label -n shop cart trellis.io/global=true`.
+    Label {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        service: String,
+        /// key=value, or just key with --remove (kubectl's `key-` works too).
+        label: String,
+        #[arg(long)]
+        remove: bool,
+        /// The manifest directory trellisd discovers from.
+        #[arg(long, env = "TRELLIS_MANIFESTS", default_value = "/etc/trellis/manifests")]
+        manifests: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Waypoint {
     /// Deploy the namespace's waypoint and route its traffic through it.
     Apply {
@@ -192,27 +213,40 @@ fn not_yet(verb: &str, what: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// `trellis namespace label`: edits the manifest source trellisd watches.
-fn namespace_label(manifests: &std::path::Path, namespace: &str, label: &str, remove: bool) -> ExitCode {
-    let (key, value) = match (label.split_once('='), label.strip_suffix('-')) {
-        (Some((k, v)), _) if !remove => (k, Some(v)),
-        (None, Some(k)) => (k, None),
-        (None, None) if remove => (label, None),
-        _ => {
-            eprintln!("trellis namespace label: give key=value to set, or key with --remove (or key-) to remove");
-            return ExitCode::from(2);
-        }
+/// A label argument as kubectl takes it: `key=value` sets, `key-` (or `key` with `--remove`)
+/// removes.
+fn label_arg(label: &str, remove: bool) -> Option<(&str, Option<&str>)> {
+    match (label.split_once('='), label.strip_suffix('-')) {
+        (Some((k, v)), _) if !remove => Some((k, Some(v))),
+        (None, Some(k)) => Some((k, None)),
+        (None, None) if remove => Some((label, None)),
+        _ => None,
+    }
+}
+
+/// `trellis namespace label` and `trellis service label`: edit the manifest source trellisd
+/// watches. `object` names what is labelled (`namespace/shop`, `service/shop/cart`).
+fn edit_label(
+    verb: &str,
+    object: &str,
+    label: &str,
+    remove: bool,
+    edit: impl FnOnce(&str, Option<&str>) -> Result<std::path::PathBuf, trellis_mesh::edit::EditError>,
+) -> ExitCode {
+    let Some((key, value)) = label_arg(label, remove) else {
+        eprintln!("trellis {verb}: give key=value to set, or key with --remove (or key-) to remove");
+        return ExitCode::from(2);
     };
-    match trellis_mesh::edit::label_namespace(manifests, namespace, key, value) {
+    match edit(key, value) {
         Ok(path) => {
             match value {
-                Some(v) => println!("namespace/{namespace} labelled {key}={v} ({})", path.display()),
-                None => println!("namespace/{namespace} unlabelled {key} ({})", path.display()),
+                Some(v) => println!("{object} labelled {key}={v} ({})", path.display()),
+                None => println!("{object} unlabelled {key} ({})", path.display()),
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("trellis namespace label: {e}");
+            eprintln!("trellis {verb}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -274,7 +308,26 @@ fn main() -> ExitCode {
             label,
             remove,
             manifests,
-        }) => namespace_label(&manifests, &namespace, &label, remove),
+        }) => edit_label(
+            "namespace label",
+            &format!("namespace/{namespace}"),
+            &label,
+            remove,
+            |key, value| trellis_mesh::edit::label_namespace(&manifests, &namespace, key, value),
+        ),
+        Verb::Service(Service::Label {
+            namespace,
+            service,
+            label: text,
+            remove,
+            manifests,
+        }) => edit_label(
+            "service label",
+            &format!("service/{namespace}/{service}"),
+            &text,
+            remove,
+            |key, value| trellis_mesh::edit::label_service(&manifests, &namespace, &service, key, value),
+        ),
         Verb::Waypoint(Waypoint::Apply { .. }) => not_yet("waypoint apply", "deploy the namespace's L7 waypoint"),
         Verb::Waypoint(Waypoint::Delete { .. }) => not_yet("waypoint delete", "remove the namespace's L7 waypoint"),
         Verb::Traffic(Traffic::Shift { .. }) => not_yet("traffic shift", "write cluster weights to the federation"),
@@ -317,14 +370,31 @@ mod tests {
     #[test]
     fn help_lists_every_verb_of_the_design() {
         let help = Cli::command().render_long_help().to_string();
-        for verb in ["federation", "namespace", "waypoint", "traffic", "status", "lab"] {
+        for verb in [
+            "federation",
+            "namespace",
+            "service",
+            "waypoint",
+            "traffic",
+            "status",
+            "lab",
+        ] {
             assert!(help.contains(verb), "--help lacks {verb}:\n{help}");
         }
     }
 
     #[test]
     fn the_design_examples_parse() {
-        let examples: [&[&str]; 9] = [
+        let examples: [&[&str]; 10] = [
+            &[
+                "trellis",
+                "service",
+                "label",
+                "-n",
+                "shop",
+                "cart",
+                "trellis.io/global=true",
+            ],
             &[
                 "trellis",
                 "federation",

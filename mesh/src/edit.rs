@@ -160,11 +160,9 @@ fn read_manifest(root: &Path, path: &Path) -> Option<String> {
     (text.len() <= MAX_FILE_BYTES).then_some(text)
 }
 
-/// Sets (`Some(value)`) or removes (`None`) a label on namespace `namespace` in the manifest
-/// directory `dir`. Returns the file written.
-pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&str>) -> Result<PathBuf, EditError> {
-    trellis_identity::id::check_name(namespace).map_err(|e| EditError::Invalid(e.to_string()))?;
-    check_label(key, value)?;
+/// The manifests of `dir` trellisd reads, sorted, with the directory's canonical path: `*.yaml`
+/// and `*.yml` files, in subdirectories too, skipping dot files and links to directories.
+fn manifest_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), EditError> {
     if !dir.is_dir() {
         return Err(EditError::File {
             path: dir.to_path_buf(),
@@ -200,6 +198,15 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
         path: dir.to_path_buf(),
         why: e.to_string(),
     })?;
+    Ok((root, files))
+}
+
+/// Sets (`Some(value)`) or removes (`None`) a label on namespace `namespace` in the manifest
+/// directory `dir`. Returns the file written.
+pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&str>) -> Result<PathBuf, EditError> {
+    trellis_identity::id::check_name(namespace).map_err(|e| EditError::Invalid(e.to_string()))?;
+    check_label(key, value)?;
+    let (root, files) = manifest_files(dir)?;
     for path in files {
         // What trellisd would not read (it reports each by name) is not read here either.
         let Some(text) = read_manifest(&root, &path) else {
@@ -261,9 +268,153 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
     Ok(path)
 }
 
+/// A Service (or any namespaced object) document: `metadata.labels` is rewritten, everything
+/// else carried as it was read.
+#[derive(Debug, Deserialize, Serialize)]
+struct ObjectDoc {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct ObjectMeta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+/// Sets (`Some(value)`) or removes (`None`) a label on Service `namespace/name` in the manifest
+/// directory `dir` (`trellis service label`, e.g. `trellis.io/global=true` to export it). The
+/// Service must be in the manifests. Returns the file written.
+pub fn label_service(
+    dir: &Path,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<PathBuf, EditError> {
+    for n in [namespace, name] {
+        trellis_identity::id::check_name(n).map_err(|e| EditError::Invalid(e.to_string()))?;
+    }
+    check_label(key, value)?;
+    let (root, files) = manifest_files(dir)?;
+    let wanted = crate::inventory::ObjectKey::new(namespace, name);
+    for path in files {
+        let Some(text) = read_manifest(&root, &path) else {
+            continue;
+        };
+        let Ok(inventory) = parse_file(&text) else { continue };
+        let Some((svc, _)) = inventory.services.get(&wanted) else {
+            continue;
+        };
+        let mut labels = svc.labels.clone();
+        match value {
+            Some(v) => {
+                labels.insert(key.to_string(), v.to_string());
+            }
+            None => {
+                if labels.remove(key).is_none() {
+                    return Err(EditError::Invalid(format!(
+                        "service {namespace}/{name} has no label {key}; nothing to remove"
+                    )));
+                }
+            }
+        }
+        let file_error = |why: String| EditError::File {
+            path: path.clone(),
+            why,
+        };
+        let mut found = None;
+        for range in document_roots(&text).map_err(|(line, why)| file_error(format!("line {line}: {why}")))? {
+            if let Ok(doc) = serde_saphyr::from_str::<ObjectDoc>(&text[range.clone()]) {
+                let ns = if doc.metadata.namespace.is_empty() {
+                    "default"
+                } else {
+                    &doc.metadata.namespace
+                };
+                if doc.kind == "Service" && doc.metadata.name == name && ns == namespace {
+                    found = Some((range, doc));
+                    break;
+                }
+            }
+        }
+        let (range, mut doc) =
+            found.ok_or_else(|| file_error(format!("cannot find the Service {namespace}/{name} document")))?;
+        doc.metadata.labels = labels;
+        let yaml =
+            serde_saphyr::to_string(&doc).map_err(|e| file_error(format!("cannot write the Service document: {e}")))?;
+        let edited = splice(&text, range, &yaml);
+        // What trellisd will read must still hold the same Service.
+        match parse_file(&edited) {
+            Ok(inv) if inv.services.contains_key(&wanted) => {}
+            _ => {
+                return Err(file_error(
+                    "the edited document would not parse; nothing written".into(),
+                ))
+            }
+        }
+        write_atomically(&path, &edited)?;
+        return Ok(path);
+    }
+    Err(EditError::Invalid(format!(
+        "no Service {namespace}/{name} in the manifests of {}",
+        dir.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labelling_a_service_keeps_its_spec_and_every_other_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "# the shop\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop, annotations: {owner: team-a}}\nspec: {selector: {app: cart}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}\n---\n# keep me\napiVersion: v1\nkind: Service\nmetadata: {name: stock, namespace: shop}\nspec: {selector: {app: stock}, ports: [{port: 81}]}\n";
+        let path = dir.path().join("shop.yaml");
+        std::fs::write(&path, text).unwrap();
+        let before = parse_file(text).unwrap();
+        let written = label_service(dir.path(), "shop", "cart", "trellis.io/global", Some("true")).unwrap();
+        assert_eq!(written, path);
+        let after_text = std::fs::read_to_string(&path).unwrap();
+        let after = parse_file(&after_text).unwrap();
+        let key = crate::inventory::ObjectKey::new("shop", "cart");
+        let (cart, _) = &after.services[&key];
+        assert_eq!(cart.labels.get("trellis.io/global").map(String::as_str), Some("true"));
+        let (old, _) = &before.services[&key];
+        assert_eq!(
+            (&cart.selector, &cart.ports, &cart.vips),
+            (&old.selector, &old.ports, &old.vips),
+            "the spec is kept"
+        );
+        assert!(after_text.contains("owner: team-a"), "{after_text}");
+        assert!(
+            after_text.starts_with("# the shop\n") && after_text.contains("# keep me\n"),
+            "{after_text}"
+        );
+        let stock = crate::inventory::ObjectKey::new("shop", "stock");
+        assert_eq!(
+            after.services[&stock].0, before.services[&stock].0,
+            "the other service is untouched"
+        );
+        label_service(dir.path(), "shop", "cart", "trellis.io/global", None).unwrap();
+        let back = parse_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(back.services[&key].0.labels.is_empty());
+        let e = label_service(dir.path(), "shop", "cart", "trellis.io/global", None).unwrap_err();
+        assert!(e.to_string().contains("has no label"), "{e}");
+        let e = label_service(dir.path(), "shop", "nope", "trellis.io/global", Some("true")).unwrap_err();
+        assert!(e.to_string().contains("no Service shop/nope"), "{e}");
+    }
 
     #[test]
     fn labelling_rewrites_only_the_namespace_document() {
