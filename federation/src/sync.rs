@@ -303,21 +303,56 @@ async fn read_round(client: &mut Client, view: &mut View, state: &watch::Sender<
     }
 }
 
+/// Keys per page of a list: etcd answers a range in one message, which gRPC limits in size.
+const PAGE_KEYS: i64 = 512;
+/// The largest page accepted (values are at most [`crate::records::MAX_VALUE_BYTES`]; a page
+/// over this is asked again in halves).
+const MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Reads the whole prefix into `view` at one revision, which it returns. A partial answer is an
 /// error: it is never taken for the whole state.
 pub async fn list(client: &mut Client, view: &mut View) -> Result<i64, String> {
-    let listed = client
-        .get(keys::PREFIX, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("listing {}: {e}", keys::PREFIX))?;
-    let revision = listed
-        .header()
-        .map(|h| h.revision())
-        .ok_or("the list came without a header")?;
-    if listed.more() {
-        return Err("the list came back partial (more = true); keeping the last view".into());
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_PAGE_BYTES);
+    let mut end = keys::PREFIX.as_bytes().to_vec();
+    // The prefix ends in '/': the range ends before '0', the next byte.
+    if let Some(last) = end.last_mut() {
+        *last += 1;
     }
-    let kvs = listed.kvs().iter().map(to_kv).collect();
+    let mut from = keys::PREFIX.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut page = PAGE_KEYS;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        // Every page at the first page's revision: together they are one consistent list.
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let listed = match kv.get(from.clone(), Some(options)).await {
+            Ok(listed) => listed,
+            // Big values: the same page in halves, down to one key (at most etcd's own limit).
+            Err(e) if page > 1 && e.to_string().contains("too large") => {
+                page /= 2;
+                continue;
+            }
+            Err(e) => return Err(format!("listing {}: {e}", keys::PREFIX)),
+        };
+        if revision == 0 {
+            revision = listed
+                .header()
+                .map(|h| h.revision())
+                .ok_or("the list came without a header")?;
+        }
+        kvs.extend(listed.kvs().iter().map(to_kv));
+        if !listed.more() {
+            break;
+        }
+        let last = listed
+            .kvs()
+            .last()
+            .ok_or("etcd said more keys follow but sent none; keeping the last view")?;
+        from = [last.key(), b"\0"].concat();
+    }
     view.reset(kvs, revision);
     Ok(revision)
 }
@@ -351,7 +386,10 @@ pub async fn follow(
         .with_prefix()
         .with_start_revision(from)
         .with_progress_notify();
+    // A catch-up response may carry many events: the same bound as a list's page.
     let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(MAX_PAGE_BYTES)
         .watch(keys::PREFIX, Some(options))
         .await
         .map_err(|e| format!("watching {}: {e}", keys::PREFIX))?;

@@ -392,3 +392,51 @@ async fn a_watch_behind_a_compaction_is_told_to_relist_and_the_list_loses_no_eve
         "the re-list has every event"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_larger_than_one_grpc_message_is_read_whole_in_pages() {
+    let etcd = Etcd::start();
+    let mut root = sync::connect(&config(&etcd, "root")).await.expect("root client");
+    let dir = tempfile::tempdir().expect("temp dir");
+    root.put(keys::grant("west"), r#"{"trustDomain":"west.trellis.local"}"#, None)
+        .await
+        .expect("west's grant");
+    for (key, owned) in publication(dir.path(), "west", 2).keys() {
+        root.put(key, owned.value, None).await.expect("put");
+    }
+    // Ten services of 5,000 endpoints each: about 6 MB, past gRPC's 4 MiB message limit.
+    let big = |n: u32| EndpointsRecord {
+        endpoints: (0..5_000u32)
+            .map(|i| EndpointRecord {
+                address: std::net::Ipv4Addr::from(0x0a02_0000 + n * 8192 + i).into(),
+                identity: "spiffe://west.trellis.local/ns/demo/sa/hello".into(),
+                node: format!("node-{}", i % 50),
+                node_address: std::net::Ipv4Addr::from(0x0a02_0000 + i % 50).into(),
+                zone: String::new(),
+            })
+            .collect(),
+        behind_gateway: Vec::new(),
+    };
+    let mut total = 0;
+    for n in 0..10 {
+        let value = trellis_federation::records::encode(&big(n));
+        total += value.len();
+        root.put(keys::endpoints("west", "demo", &format!("svc-{n}")), value, None)
+            .await
+            .expect("a big endpoints value");
+    }
+    assert!(total > 4 * 1024 * 1024, "{total} bytes");
+    let mut view = View::default();
+    sync::list(&mut root, &mut view).await.expect("a paged list");
+    let members = view.federation().members;
+    assert_eq!(
+        members["west"].endpoints.len(),
+        11,
+        "every value listed: {:?}",
+        view.problems()
+    );
+    assert!(
+        members["west"].endpoints.values().filter(|e| e.endpoints.len() == 5_000).count() == 10,
+        "and whole"
+    );
+}
