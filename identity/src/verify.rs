@@ -136,6 +136,47 @@ pub fn verify_svid_chain(
     Ok(id)
 }
 
+/// A peer's chain as a finished handshake verified it, kept so that the connection can be
+/// checked again when the trust bundles change: a peer whose trust domain left the federation,
+/// or whose roots were replaced by ones that did not sign its chain, is no longer trusted on
+/// open connections either.
+#[derive(Debug, Clone)]
+pub struct VerifiedChain {
+    chain: Vec<CertificateDer<'static>>,
+    at: UnixTime,
+    peer_is_server: bool,
+}
+
+impl VerifiedChain {
+    /// The chain the peer of a finished handshake presented (`peer_is_server` on the client
+    /// side), verified now.
+    pub fn of(conn: &CommonState, peer_is_server: bool) -> Option<Self> {
+        let chain = conn
+            .peer_certificates()?
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        Some(Self {
+            chain,
+            at: UnixTime::now(),
+            peer_is_server,
+        })
+    }
+
+    /// Verifies the chain again against `bundles`, at the time of the handshake: a certificate
+    /// that expired since is no reason to close (open tunnels outlive their certificate), only
+    /// trust withdrawn is.
+    pub fn recheck(&self, bundles: &BundleSet) -> Result<SpiffeId, String> {
+        let (leaf, rest) = self.chain.split_first().ok_or("no certificate")?;
+        let usage = if self.peer_is_server {
+            KeyUsage::server_auth()
+        } else {
+            KeyUsage::client_auth()
+        };
+        verify_svid_chain(bundles, leaf, rest, self.at, usage).map_err(|e| e.to_string())
+    }
+}
+
 /// The SPIFFE ID of the peer of a finished handshake that one of these verifiers accepted.
 pub fn peer_id(conn: &CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;

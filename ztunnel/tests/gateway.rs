@@ -176,8 +176,18 @@ async fn echo() -> SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn east_reaches_a_global_service_of_west_through_its_gateway() {
+/// West's node and gateway, and east's pool, each with its own view of the federation.
+struct Fixture {
+    pool: Arc<Pool>,
+    /// What east's pool trusts.
+    east_trusts: BundleSet,
+    /// What west's node trusts.
+    west_trusts: BundleSet,
+    gw: SocketAddr,
+    _cas: (Ca, Ca),
+}
+
+async fn fixture() -> Fixture {
     let (east, west) = (ca("east.trellis.local"), ca("west.trellis.local"));
     let federated = || {
         let set = BundleSet::with(bundle(&east));
@@ -186,15 +196,18 @@ async fn east_reaches_a_global_service_of_west_through_its_gateway() {
     };
     let workload = echo().await;
     // west's node: its HBONE on port 15008 of a loopback address of its own.
-    let node_ip: IpAddr = [127, 41, (std::process::id() % 200) as u8 + 1, 8].into();
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let third = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let node_ip: IpAddr = [127, 41, third, (std::process::id() % 250) as u8 + 1].into();
     let node_listener = TcpListener::bind(SocketAddr::new(node_ip, PORT)).await.unwrap();
     let slice = west_slice(node_ip, workload.port());
     let node_certs = certs_for(&west, &[CART]).await;
+    let west_trusts = federated();
     let node = proxy(
         "node-1",
         ProxyState::from_slice("node-1", 1, &slice),
         node_certs.clone(),
-        federated(),
+        west_trusts.clone(),
     );
     serve(node_listener, &node, node_certs, CART, Inbound { proxy: node.clone() });
     // west's gateway, with the same view of its cluster.
@@ -214,10 +227,20 @@ async fn east_reaches_a_global_service_of_west_through_its_gateway() {
         GATEWAY,
         Gateway { proxy: gateway.clone() },
     );
-
     // east's ztunnel.
-    let pool = Pool::new(certs_for(&east, &[WEB, API]).await, federated());
-    let through = |source: &str, service: &str| Key {
+    let east_trusts = federated();
+    let pool = Pool::new(certs_for(&east, &[WEB, API]).await, east_trusts.clone());
+    Fixture {
+        pool,
+        east_trusts,
+        west_trusts,
+        gw,
+        _cas: (east, west),
+    }
+}
+
+fn through(gw: SocketAddr, source: &str, service: &str) -> Key {
+    Key {
         source: id(source),
         node: gw,
         destination: id(CART),
@@ -227,9 +250,74 @@ async fn east_reaches_a_global_service_of_west_through_its_gateway() {
             authority: format!("{service}.shop.svc.cluster.local:80"),
             lane: 0,
         }),
-    };
+    }
+}
+
+const AUTHORITY: &str = "cart.shop.svc.cluster.local:80";
+
+/// Opens a tunnel to cart through the gateway and checks it echoes.
+async fn open_echoing(f: &Fixture) -> trellis_ztunnel::hbone::pool::Tunnel {
+    let mut t = f
+        .pool
+        .open(&through(f.gw, WEB, "cart"), AUTHORITY, &[], &Bytes::new())
+        .await
+        .expect("tunnel");
+    t.send_all(Bytes::from_static(b"ping")).await.unwrap();
+    assert_eq!(&t.next_chunk().await.unwrap().unwrap()[..], b"ping");
+    t
+}
+
+/// Waits until `tunnel` ends (closed or reset), up to 10 s.
+async fn ends(tunnel: &mut trellis_ztunnel::hbone::pool::Tunnel) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tunnel.next_chunk().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn trust_withdrawn_or_replaced_closes_open_tunnels_on_both_sides() {
+    // east's side: west's roots replaced by others that did not sign west's SVIDs.
+    let f = fixture().await;
+    let mut open = open_echoing(&f).await;
+    f.east_trusts.upsert(bundle(&ca("west.trellis.local")));
+    assert!(
+        ends(&mut open).await,
+        "east stops trusting west's node and gateway at once"
+    );
+    // west's side: east's trust domain leaves the federation.
+    let f = fixture().await;
+    let mut open = open_echoing(&f).await;
+    f.west_trusts.remove(&TrustDomain::new("east.trellis.local").unwrap());
+    assert!(
+        ends(&mut open).await,
+        "west's node closes east's inner connection at once"
+    );
+    // A bundle change that keeps the signer (the same roots again) closes nothing.
+    let f = fixture().await;
+    let mut open = open_echoing(&f).await;
+    let same = f
+        .west_trusts
+        .get(&TrustDomain::new("east.trellis.local").unwrap())
+        .unwrap();
+    f.west_trusts.upsert(same);
+    open.send_all(Bytes::from_static(b"still")).await.unwrap();
+    assert_eq!(&open.next_chunk().await.unwrap().unwrap()[..], b"still");
+}
+
+#[tokio::test]
+async fn east_reaches_a_global_service_of_west_through_its_gateway() {
+    let f = fixture().await;
+    let (pool, gw) = (&f.pool, f.gw);
+    let through = |source: &str, service: &str| through(gw, source, service);
     let key = through(WEB, "cart");
-    let authority = "cart.shop.svc.cluster.local:80";
+    let authority = AUTHORITY;
     let mut first = pool
         .open(&key, authority, &[], &Bytes::from_static(b"early "))
         .await

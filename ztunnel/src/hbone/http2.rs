@@ -14,6 +14,8 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
+use trellis_identity::verify::VerifiedChain;
+use trellis_identity::BundleSet;
 
 use super::pool::OpenError;
 use super::tunnel::{Answer, BoxFuture, Connection, RecvHalf, SendHalf, StreamFailure, Transport};
@@ -29,10 +31,11 @@ impl Transport for Http2 {
         node: SocketAddr,
         server_name: ServerName<'static>,
         tls: Arc<ClientConfig>,
+        trusted: BundleSet,
     ) -> BoxFuture<'static, Result<Arc<dyn Connection>, OpenError>> {
         Box::pin(async move {
             let tcp = dial(node).await.map_err(|e| OpenError::Connect(node, e))?;
-            handshake(tcp, node, server_name, tls).await
+            handshake(tcp, node, server_name, tls, trusted).await
         })
     }
 }
@@ -40,12 +43,14 @@ impl Transport for Http2 {
 /// Runs TLS 1.3 (ALPN `h2`, asking for the certificate named by `server_name`) and the HTTP/2
 /// preface over `io`, within [`HANDSHAKE_TIMEOUT`]: over TCP to a node, or over a tunnel to an
 /// east-west gateway (the tunnel inside a tunnel, [`super::nested`]). `node` names the far end
-/// in errors.
+/// in errors. The connection and its tunnels end at once if the server's chain stops verifying
+/// against `trusted` (its trust domain left the federation, or its roots were replaced).
 pub async fn handshake<IO>(
     io: IO,
     node: SocketAddr,
     server_name: ServerName<'static>,
     tls: Arc<ClientConfig>,
+    trusted: BundleSet,
 ) -> Result<Arc<dyn Connection>, OpenError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -56,7 +61,13 @@ where
             .await
             .map_err(|e| OpenError::Tls(node, e))?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
-        h2::client::Builder::new()
+        let verified = VerifiedChain::of(tls.get_ref().1, true).ok_or_else(|| {
+            OpenError::Tls(
+                node,
+                io::Error::new(io::ErrorKind::InvalidData, "the server presented no certificate"),
+            )
+        })?;
+        let h2 = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -64,16 +75,39 @@ where
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|e| OpenError::Protocol(node, h2_io(e)))
+            .map_err(|e| OpenError::Protocol(node, h2_io(e)))?;
+        Ok::<_, OpenError>((h2, verified))
     };
-    let (send, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let ((send, connection), verified) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| OpenError::Tls(node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%node, error = %e, "HBONE connection ended");
+        let mut trust = trusted.changes();
+        tokio::pin!(connection);
+        loop {
+            tokio::select! {
+                ended = &mut connection => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%node, error = %e, "HBONE connection ended");
+                    }
+                    break;
+                }
+                changed = trust.changed() => {
+                    if changed.is_err() {
+                        // The bundles' owner is gone (shutting down): run to the end as is.
+                        if let Err(e) = connection.await {
+                            tracing::debug!(%node, error = %e, "HBONE connection ended");
+                        }
+                        break;
+                    }
+                    if let Err(why) = verified.recheck(&trusted) {
+                        tracing::warn!(%node, reason = %why, "the server is no longer trusted: connection and its tunnels closed");
+                        break;
+                    }
+                }
+            }
         }
         on_close.store(true, Ordering::Release);
     });

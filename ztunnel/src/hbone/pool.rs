@@ -415,6 +415,7 @@ impl Pool {
         };
         let tls = self.tls_config(&key.source, &key.destination, key.protocol);
         let certs = self.certs.clone();
+        let trusted = self.bundles.clone();
         let pool = self.me.clone();
         let outcome = Outcome {
             entries: self.entries.clone(),
@@ -430,7 +431,7 @@ impl Pool {
                 let name = rustls::pki_types::ServerName::try_from(sni_for(&key.destination))
                     .map_err(|e| OpenError::Tls(key.node, io::Error::new(io::ErrorKind::InvalidInput, e)))?;
                 let conn = match &key.via {
-                    None => transport.connect(key.node, name, tls).await?,
+                    None => transport.connect(key.node, name, tls, trusted).await?,
                     Some(via) => {
                         let pool = pool.upgrade().ok_or_else(|| {
                             OpenError::Connect(key.node, io::Error::other("ztunnel is shutting down"))
@@ -442,7 +443,8 @@ impl Pool {
                         };
                         let asks = [(DESTINATION_HEADER, key.destination.to_string())];
                         let tunnel = pool.open(&outer, &via.authority, &asks, &Bytes::new()).await?;
-                        super::http2::handshake(super::nested::TunnelIo::new(tunnel), key.node, name, tls).await?
+                        super::http2::handshake(super::nested::TunnelIo::new(tunnel), key.node, name, tls, trusted)
+                            .await?
                     }
                 };
                 Ok((conn, presented))

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use trellis_identity::limits::{nofile_limit, FdReserve, Gate, Limits};
 use trellis_identity::tls::server_config;
-use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier};
+use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier, VerifiedChain};
 use trellis_identity::{BundleSet, CertManager, IdKind, SpiffeId};
 
 use super::{expiry, sni_for, CONNECTION_WINDOW, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
@@ -159,6 +159,7 @@ pub async fn serve<H: Handler>(
                 let (_, session) = tls.get_ref();
                 let peer_id = peer_id(session).ok_or("the client presented no SPIFFE ID")?;
                 let not_after = peer_not_after(session);
+                let verified = VerifiedChain::of(session, false).ok_or("the client presented no certificate")?;
                 let served = session
                     .server_name()
                     .and_then(|sni| local.identity(sni))
@@ -182,6 +183,7 @@ pub async fn serve<H: Handler>(
                         served,
                     },
                     not_after,
+                    verified,
                 ))
             };
             let handshake = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, handshake).await;
@@ -189,8 +191,8 @@ pub async fn serve<H: Handler>(
             // The slot counts the connection against its listener and source until it closes.
             let _slot = slot;
             match handshake {
-                Ok(Ok((connection, info, not_after))) => {
-                    run(connection, Arc::new(info), not_after, handler, drain, trusted).await
+                Ok(Ok((connection, info, not_after, verified))) => {
+                    run(connection, Arc::new(info), not_after, verified, handler, drain, trusted).await
                 }
                 Ok(Err(why)) => tracing::info!(peer = %peer_addr, error = %why, "HBONE connection refused"),
                 Err(_) => tracing::info!(peer = %peer_addr, "HBONE handshake timed out"),
@@ -205,12 +207,14 @@ async fn run<H: Handler>(
     mut connection: Connection,
     info: Arc<ConnInfo>,
     not_after: Option<SystemTime>,
+    verified: VerifiedChain,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
     trusted: BundleSet,
 ) {
-    // A peer whose trust domain is no longer trusted (its cluster left the federation) loses
-    // the connection and its open tunnels at once: trust withdrawn is not a graceful expiry.
+    // A peer no longer trusted (its cluster left the federation, or its bundle was replaced by
+    // roots that did not sign its chain) loses the connection and its open tunnels at once:
+    // trust withdrawn is not a graceful expiry.
     let mut trust = trusted.changes();
     let mut trust_open = true;
     // Expiry stops new tunnels, never open ones (see `expiry`): checked on tokio's clock by
@@ -255,8 +259,8 @@ async fn run<H: Handler>(
             }
             changed = trust.changed(), if trust_open => {
                 trust_open = changed.is_ok();
-                if trust_open && trusted.get(info.peer_id.trust_domain()).is_none() {
-                    tracing::warn!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = Arc::strong_count(&tunnels) - 1, "the peer's trust domain is no longer trusted: connection and its tunnels closed");
+                if let (true, Err(why)) = (trust_open, verified.recheck(&trusted)) {
+                    tracing::warn!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = Arc::strong_count(&tunnels) - 1, reason = %why, "the peer is no longer trusted: connection and its tunnels closed");
                     return;
                 }
             }

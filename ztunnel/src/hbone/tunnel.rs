@@ -160,11 +160,13 @@ pub trait Connection: Send + Sync + 'static {
 pub trait Transport: Send + Sync + 'static {
     /// Connects to `node`, authenticates with `tls` (whose ALPN is this protocol's) asking for
     /// the certificate named by `server_name`, and sets up the multiplexed connection, all within
-    /// [`super::HANDSHAKE_TIMEOUT`].
+    /// [`super::HANDSHAKE_TIMEOUT`]. The connection closes once the server's chain no longer
+    /// verifies against `trusted`.
     fn connect(
         &self,
         node: SocketAddr,
         server_name: ServerName<'static>,
         tls: Arc<ClientConfig>,
+        trusted: trellis_identity::BundleSet,
     ) -> BoxFuture<'static, Result<Arc<dyn Connection>, OpenError>>;
 }
