@@ -436,7 +436,12 @@ async fn a_list_larger_than_one_grpc_message_is_read_whole_in_pages() {
         view.problems()
     );
     assert!(
-        members["west"].endpoints.values().filter(|e| e.endpoints.len() == 5_000).count() == 10,
+        members["west"]
+            .endpoints
+            .values()
+            .filter(|e| e.endpoints.len() == 5_000)
+            .count()
+            == 10,
         "and whole"
     );
 }
