@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane
+# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane|federation
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -12,6 +12,10 @@ case "${1:-}" in
     cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
       -p trellis-cli --bin trellis -p trellis-bench --bin netbench --bin data_plane
     exec target/release/data_plane ;;
+  federation)
+    # Starts its own etcd (Debian's etcd-server: bash deploy/install-deps.sh) on loopback.
+    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-bench --bin federation
+    exec target/release/federation ;;
   *)
-    echo "usage: bash bench/run.sh control-plane|data-plane" >&2; exit 2 ;;
+    echo "usage: bash bench/run.sh control-plane|data-plane|federation" >&2; exit 2 ;;
 esac

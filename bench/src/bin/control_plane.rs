@@ -8,17 +8,11 @@
 //! Run: `bash bench/run.sh control-plane` (builds with the bench profile first).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::watch;
-use trellis_api::stream::{follow, Applied};
-use trellis_identity::caclient::join_node;
-use trellis_identity::tls::{client_config, tls_channel};
-use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
-use trellis_identity::{BundleSet, JoinTokens, ManagerConfig, SpiffeId, TrustBundle, TrustDomain};
+use trellis_bench::{admin_get, ms, percentile, rss_mib, Trellisd};
+use trellis_identity::TrustDomain;
 
 const CHANGES: usize = 60;
 
@@ -36,14 +30,6 @@ struct Figures {
     rss_after_mib: f64,
     p50: Duration,
     p99: Duration,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One file per namespace: the namespace, its services, its workloads (spread over nodes).
@@ -81,81 +67,20 @@ fn write_manifests(dir: &Path, s: &Scale) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The body trellisd's admin endpoint on `port` answers for `path` (empty while it cannot).
-async fn admin_get(port: u16, path: &str) -> String {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    trellis_admin::client::get(addr, path, Duration::from_secs(10))
-        .await
-        .map(|(_, body)| body)
-        .unwrap_or_default()
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-struct Trellisd(Child);
-
-impl Drop for Trellisd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests)?;
     write_manifests(&manifests, s)?;
-    let ca_dir = dir.path().join("ca");
-    let port = free_port();
-    let admin = free_port();
-    let child = Command::new(bin.join("trellisd"))
-        .args(["--cluster", "bench", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .arg("--manifests")
-        .arg(&manifests)
-        .arg("--ca-dir")
-        .arg(&ca_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting trellisd (run bench/run.sh, which builds it)")?;
-    let trellisd = Trellisd(child);
-    let pid = trellisd.0.id();
-    let addr = format!("127.0.0.1:{port}").parse()?;
+    let trellisd = Trellisd::start(bin, "bench", &manifests, dir.path()).await?;
+    let (pid, admin) = (trellisd.pid(), trellisd.admin);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "trellisd did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let td = TrustDomain::new("bench.trellis.local")?;
-    let roots = trellis_identity::ca::read_certs(&ca_dir.join("root-cert.pem"))?;
-    let bundles = BundleSet::with(TrustBundle::new(td.clone(), roots));
-    let tokens = JoinTokens::open(&ca_dir.join("join-tokens.json"))?;
 
     // Join every node first, so the snapshot figure is the config stream's own.
     let mut managers = Vec::new();
     for n in 0..s.nodes {
         let node = format!("node-{n}");
-        let token = tokens.create(&node, Duration::from_secs(600))?;
-        managers.push((
-            node.clone(),
-            join_node(addr, &td, bundles.clone(), &node, &token, ManagerConfig::default()).await?,
-        ));
+        managers.push((node.clone(), trellisd.join(&node).await?));
     }
     // Wait until trellisd has discovered every workload.
     let discovered = |m: &str| {
@@ -176,18 +101,7 @@ async fn run(bin: &Path, s: &Scale) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let mut receivers = Vec::new();
     for (node, manager) in &managers {
-        let verifier = SpiffeServerVerifier::new(bundles.clone(), ExpectedPeer::Exact(SpiffeId::control(&td)));
-        let resolver = manager.resolver(&SpiffeId::node(&td, node)?);
-        let config = client_config(verifier, Some(resolver))?;
-        let channel = tls_channel(addr, Arc::new(config));
-        let (tx, rx) = watch::channel(Applied::default());
-        tokio::spawn(follow(
-            channel,
-            node.clone(),
-            trellis_api::config::v1::Role::Ztunnel,
-            tx,
-        ));
-        receivers.push(rx);
+        receivers.push(trellisd.subscribe(node, manager)?);
     }
     let expected_workloads = s.workloads / s.nodes;
     for rx in &mut receivers {
@@ -297,10 +211,6 @@ fn build_snapshots(manifests: &Path, s: &Scale) -> anyhow::Result<Duration> {
         bytes as f64 / 1048576.0
     );
     Ok(took)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::main]

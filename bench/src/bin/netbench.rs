@@ -26,6 +26,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use trellis_bench::percentile;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -236,10 +237,6 @@ fn latency(to: SocketAddr, count: usize, warmup: usize) -> anyhow::Result<()> {
 }
 
 /// The `p` quantile (0..=1) of `sorted`, which is not empty.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn connrate(to: SocketAddr, run: Duration, workers: usize) -> anyhow::Result<()> {
     anyhow::ensure!(workers > 0, "--workers must be at least 1");
