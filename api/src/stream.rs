@@ -16,6 +16,10 @@ use crate::config::v1 as pb;
 use crate::config::v1::config_service_client::ConfigServiceClient;
 use crate::slice::{apply, check, Slice};
 
+/// The largest ConfigUpdate a node accepts. A snapshot is one message: a node of a federation
+/// holding 100,000 remote endpoints gets some 15 MB at once, past gRPC's default 4 MiB.
+pub const MAX_UPDATE_BYTES: usize = 256 * 1024 * 1024;
+
 /// A node's applied view: the version it last applied, its resources, and whether the stream
 /// that feeds it is up right now.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -147,7 +151,7 @@ pub async fn follow_once(
     let (tx, rx) = mpsc::channel(16);
     let first = subscribe(node, role, &state.borrow());
     tx.send(first).await.map_err(|_| Status::cancelled("closed"))?;
-    let mut client = ConfigServiceClient::new(channel);
+    let mut client = ConfigServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
     let mut updates = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     while let Some(update) = updates.message().await? {
         let mut ack = None;

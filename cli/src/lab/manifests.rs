@@ -12,6 +12,8 @@ use super::plan::{ClusterPlan, Plan};
 
 /// The label that enrols a namespace.
 const DATAPLANE_MODE: &str = "trellis.io/dataplane-mode";
+/// The label that exports a service to the federation.
+const GLOBAL: &str = "trellis.io/global";
 
 /// One Kubernetes-shaped document, as `trellis_mesh::manifest` reads it.
 #[derive(Serialize)]
@@ -92,7 +94,10 @@ pub fn render(plan: &Plan, cluster: &ClusterPlan) -> anyhow::Result<Vec<(String,
             metadata: Metadata {
                 name: &s.name,
                 namespace: Some(&s.namespace),
-                labels: BTreeMap::new(),
+                labels: match s.global {
+                    true => BTreeMap::from([(GLOBAL, "true")]),
+                    false => BTreeMap::new(),
+                },
             },
             spec: Some(Spec::Service {
                 selector: borrowed(&s.selector),
@@ -156,6 +161,7 @@ mod tests {
         for s in &cluster.services {
             let (read, _) = &lab.services[&ObjectKey::new(&s.namespace, &s.name)];
             assert_eq!(read.vips, [s.vip]);
+            assert_eq!(read.labels.get(GLOBAL).map(String::as_str), s.global.then_some("true"));
             assert_eq!(read.selector, s.selector);
             assert_eq!((read.ports[0].port, read.ports[0].target_port), (s.port, s.target_port));
         }
@@ -178,11 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_that_is_not_ambient_has_no_label() {
-        let text = "clusters: [{name: a, nodes: 1}]\nnamespaces: [{name: n}]\n";
+    fn a_namespace_that_is_not_ambient_and_a_service_that_is_not_global_have_no_label() {
+        let text =
+            "clusters: [{name: a, nodes: 1}]\nnamespaces: [{name: n}]\nservices: [{name: s, namespace: n, port: 80}]\n";
         let p = plan::plan("t", &spec::parse("t", text).unwrap()).unwrap();
         let files = render(&p, &p.clusters[0]).unwrap();
         assert!(!files[0].1.contains("labels"), "{}", files[0].1);
+        assert!(!files[1].1.contains(GLOBAL), "{}", files[1].1);
         assert!(parse_file(&files[0].1).unwrap().namespaces["n"].0.labels.is_empty());
         assert!(parse_file(&files[1].1).is_ok());
     }

@@ -3,6 +3,8 @@
 //!
 //! Read [`spec`] (the topology file) and [`plan`] (the pure address plan) first; [`net`] and
 //! [`procs`] do the I/O, recorded in the [`state`] directory so `down` removes exactly that.
+//! Two or more clusters make a federation: a wan between them, a real etcd ([`pki`] makes its
+//! certificates) and an east-west gateway per cluster ([`up`] runs them and joins the clusters).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use clap::{Args, Subcommand};
 mod manifests;
 mod net;
 mod netns;
+mod pki;
 mod plan;
 mod procs;
 mod report;
@@ -28,10 +31,11 @@ pub enum Lab {
     /// Build the lab (idempotent: a lab that is up and unchanged is left alone; a broken or
     /// changed one is torn down and rebuilt).
     Up(UpArgs),
-    /// Remove everything the lab made: processes, network namespaces, the state directory.
+    /// Remove everything the lab made: processes, network namespaces, the state directory (etcd's
+    /// data with it).
     Down(Which),
-    /// Show the lab's processes, each node's traffic counters, the clients' last calls and
-    /// each cluster's `trellis status`.
+    /// Show the lab's processes, a federation's etcd and gateways, each node's traffic
+    /// counters, the clients' last calls and each cluster's `trellis status`.
     Status(Which),
 }
 
@@ -122,7 +126,7 @@ fn lab_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
             .context("finding this trellis binary's directory")?
             .to_path_buf(),
     };
-    let bins = up::Bins::in_dir(&bin_dir)?;
+    let bins = up::Bins::in_dir(&bin_dir, plan.federation.is_some())?;
     need_root()?;
     let state = args.which.state();
     if state.exists() && state.check_ours()? {

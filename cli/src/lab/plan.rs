@@ -5,8 +5,16 @@
 //! in the underlay namespace: trellisd at 10.c.0.2, node `n` at 10.c.0.(10+n). Node `n` owns the
 //! pod CIDR 10.c.n.0/24; its i-th pod (0-based, file order) is 10.c.n.(10+i). The k-th service of
 //! the cluster has VIP 10.(100+c).0.(10+k).
+//!
+//! Two or more clusters are a federation ([`FederationPlan`]): a "wan" bridge `br-wan`
+//! (10.200.0.0/24) in the underlay, etcd on it at 10.200.0.2, and per cluster an east-west
+//! gateway namespace at 10.c.0.3 on the cluster network and 10.200.0.(10+c) on the wan. The
+//! gateway is the cluster's only way out: every host of the cluster routes the wan through it,
+//! it masquerades what leaves, and it forwards only tunnels (15008/tcp, 15009/udp) and etcd
+//! (2379/tcp) from the cluster to the wan. Nothing routes from the wan into a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context};
@@ -21,6 +29,20 @@ pub const ADMIN_PORT: u16 = 15014;
 pub const METRICS_PORT: u16 = 15020;
 /// ztunnel's readiness port.
 pub const READY_PORT: u16 = 15021;
+/// HBONE over HTTP/2 (TCP): what a gateway accepts from other clusters.
+pub const HBONE_PORT: u16 = 15008;
+/// HBONE over QUIC (UDP).
+pub const QUIC_PORT: u16 = 15009;
+/// etcd's client port.
+pub const ETCD_PORT: u16 = 2379;
+/// The node name every cluster's east-west gateway runs as (its SVID names it).
+pub const GATEWAY_NODE: &str = trellis_federation::records::GATEWAY_NODE;
+/// The nftables table that makes a gateway namespace its cluster's edge.
+pub const EDGE_TABLE: &str = "trellis_lab_edge";
+/// A gateway's interface on the wan (its cluster-side one is `eth0`).
+pub const WAN_IF: &str = "wan0";
+/// The wan's network, a /24.
+const WAN_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 0);
 
 /// Most clusters in one lab (cluster VIPs use 10.(100+c)).
 const MAX_CLUSTERS: usize = 99;
@@ -36,6 +58,37 @@ pub struct Plan {
     pub clusters: Vec<ClusterPlan>,
     /// Namespaces (the Kubernetes kind), present in every cluster.
     pub namespaces: Vec<spec::Namespace>,
+    /// The wan, etcd and the gateways: present with two or more clusters.
+    pub federation: Option<FederationPlan>,
+}
+
+/// What a lab of several clusters adds: the wan between them, etcd on it, and each cluster's
+/// east-west gateway on both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationPlan {
+    /// The wan's bridge in the underlay namespace: `br-wan`.
+    pub bridge: String,
+    /// The wan's network address (a /24): 10.200.0.0.
+    pub network: Ipv4Addr,
+    /// etcd's namespace `tl-<lab>-etcd`: `eth0` 10.200.0.2/24 on the wan, underlay end `wetcd`.
+    pub etcd: Host,
+    /// One per cluster, in cluster order.
+    pub gateways: Vec<GatewayPlan>,
+}
+
+/// A cluster's east-west gateway and network edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayPlan {
+    /// The cluster's name.
+    pub cluster: String,
+    /// `tl-<lab>-<cluster>-gw`: `eth0` 10.c.0.3/24 on the cluster bridge, underlay end `c<c>gw`.
+    pub host: Host,
+    /// Its [`WAN_IF`] address on the wan: 10.200.0.(10+c).
+    pub wan_ip: Ipv4Addr,
+    /// The underlay end of [`WAN_IF`], on the wan bridge: `w<c>gw`.
+    pub wan_uplink: String,
+    /// The cluster's addresses, which it masquerades towards the wan: 10.c.0.0/16.
+    pub cluster_cidr: Ipv4Addr,
 }
 
 /// One cluster: its bridge, control-plane host, nodes and services.
@@ -50,6 +103,11 @@ pub struct ClusterPlan {
     pub cp: Host,
     pub nodes: Vec<NodePlan>,
     pub services: Vec<ServicePlan>,
+    /// The network it joins the federation with (default: its name).
+    pub network: String,
+    /// Its region and zone in the federation (empty: none).
+    pub region: String,
+    pub zone: String,
     /// Flags appended to trellisd's and each ztunnel's command line (the topology's).
     pub trellisd_args: Vec<String>,
     pub ztunnel_args: Vec<String>,
@@ -115,6 +173,8 @@ pub struct ServicePlan {
     pub port: u16,
     pub target_port: u16,
     pub selector: BTreeMap<String, String>,
+    /// Exported to the federation (label `trellis.io/global: "true"`).
+    pub global: bool,
 }
 
 impl ClusterPlan {
@@ -126,6 +186,48 @@ impl ClusterPlan {
     /// The trust domain trellisd defaults to.
     pub fn trust_domain(&self) -> String {
         format!("{}.trellis.local", self.name)
+    }
+}
+
+impl FederationPlan {
+    /// etcd's client URL: `https://10.200.0.2:2379`.
+    pub fn etcd_url(&self) -> String {
+        format!("https://{}:{ETCD_PORT}", self.etcd.ip)
+    }
+}
+
+impl GatewayPlan {
+    /// Where other clusters tunnel to: `10.200.0.(10+c):15008` (`federation join --gateway`).
+    pub fn wan_hbone(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(self.wan_ip, HBONE_PORT)
+    }
+
+    /// The nftables ruleset (`nft -f`) of the gateway's namespace: what leaves the cluster for
+    /// the wan is masqueraded; forwarded are replies, and new connections from the cluster to
+    /// the wan for tunnels and etcd only; everything else, the wan into the cluster included,
+    /// is dropped.
+    pub fn edge_rules(&self) -> String {
+        let mut r = String::new();
+        let cidr = format!("{}/16", self.cluster_cidr);
+        let _ = writeln!(r, "table ip {EDGE_TABLE} {{");
+        let _ = writeln!(r, "  chain postrouting {{");
+        let _ = writeln!(r, "    type nat hook postrouting priority srcnat; policy accept;");
+        let _ = writeln!(r, "    ip saddr {cidr} oifname \"{WAN_IF}\" masquerade");
+        let _ = writeln!(r, "  }}");
+        let _ = writeln!(r, "  chain forward {{");
+        let _ = writeln!(r, "    type filter hook forward priority filter; policy drop;");
+        let _ = writeln!(r, "    ct state established,related accept");
+        let _ = writeln!(
+            r,
+            "    iifname \"eth0\" oifname \"{WAN_IF}\" ip saddr {cidr} ct state new tcp dport {{ {HBONE_PORT}, {ETCD_PORT} }} accept"
+        );
+        let _ = writeln!(
+            r,
+            "    iifname \"eth0\" oifname \"{WAN_IF}\" ip saddr {cidr} ct state new udp dport {QUIC_PORT} accept"
+        );
+        let _ = writeln!(r, "  }}");
+        let _ = writeln!(r, "}}");
+        r
     }
 }
 
@@ -154,6 +256,15 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
         spec::check_short_name("cluster", &c.name).context("clusters")?;
         if clusters.iter().any(|p| p.name == c.name) {
             bail!("clusters: cluster {:?} is listed twice", c.name);
+        }
+        let what = format!("cluster {}", c.name);
+        if let Some(network) = &c.network {
+            check_label(&what, "network", network)?;
+        }
+        for (field, value) in [("region", &c.region), ("zone", &c.zone)] {
+            if !value.is_empty() {
+                check_label(&what, field, value)?;
+            }
         }
         if c.nodes == 0 || c.nodes as usize > MAX_PER_PARENT {
             bail!(
@@ -189,6 +300,9 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
             },
             nodes,
             services: Vec::new(),
+            network: c.network.clone().unwrap_or_else(|| c.name.clone()),
+            region: c.region.clone(),
+            zone: c.zone.clone(),
             trellisd_args: c.trellisd_args.clone(),
             ztunnel_args: c.ztunnel_args.clone(),
         });
@@ -235,6 +349,7 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
             port: s.port,
             target_port: s.target_port.unwrap_or(s.port),
             selector: s.selector.clone(),
+            global: s.global,
         });
     }
     for p in &topo.pods {
@@ -300,11 +415,13 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
             run,
         });
     }
+    let federation = federation(lab, &clusters)?;
     let plan = Plan {
         lab: lab.to_string(),
         underlay: format!("tl-{lab}-u"),
         clusters,
         namespaces: topo.namespaces.clone(),
+        federation,
     };
     let mut seen = BTreeSet::new();
     for ns in plan.netns() {
@@ -315,13 +432,74 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
+/// The federation part of the plan: none for a single cluster.
+fn federation(lab: &str, clusters: &[ClusterPlan]) -> anyhow::Result<Option<FederationPlan>> {
+    if clusters.len() < 2 {
+        return Ok(None);
+    }
+    let bridge = "br-wan".to_string();
+    for (i, c) in clusters.iter().enumerate() {
+        if c.bridge == bridge {
+            bail!(
+                "cluster {}: the name is reserved in a lab of several clusters (its bridge would be {bridge}, the wan's): rename it",
+                c.name
+            );
+        }
+        if let Some(other) = clusters[..i].iter().find(|o| o.network == c.network) {
+            bail!(
+                "cluster {}: network {:?} is cluster {}'s too, but each lab cluster has a network of its own \
+                 (its pods are reached only through its gateway): give them different networks",
+                c.name,
+                c.network,
+                other.name
+            );
+        }
+    }
+    let wan = |last: u8| Ipv4Addr::new(10, 200, 0, last);
+    let gateways = clusters
+        .iter()
+        .map(|c| GatewayPlan {
+            cluster: c.name.clone(),
+            host: Host {
+                netns: format!("tl-{lab}-{}-gw", c.name),
+                ip: Ipv4Addr::new(10, c.index, 0, 3),
+                uplink: format!("c{}gw", c.index),
+            },
+            wan_ip: wan(10 + c.index),
+            wan_uplink: format!("w{}gw", c.index),
+            cluster_cidr: Ipv4Addr::new(10, c.index, 0, 0),
+        })
+        .collect();
+    Ok(Some(FederationPlan {
+        bridge,
+        network: WAN_NETWORK,
+        etcd: Host {
+            netns: format!("tl-{lab}-etcd"),
+            ip: wan(2),
+            uplink: "wetcd".into(),
+        },
+        gateways,
+    }))
+}
+
 impl Plan {
-    /// Every network namespace, in creation order (underlay, then per cluster: control plane,
-    /// nodes, pods).
+    /// Cluster `c`'s east-west gateway, in a federation.
+    pub fn gateway(&self, c: &ClusterPlan) -> Option<&GatewayPlan> {
+        self.federation.as_ref()?.gateways.iter().find(|g| g.cluster == c.name)
+    }
+
+    /// Every network namespace, in creation order (underlay, etcd, then per cluster: control
+    /// plane, gateway, nodes, pods).
     pub fn netns(&self) -> Vec<String> {
         let mut all = vec![self.underlay.clone()];
+        if let Some(f) = &self.federation {
+            all.push(f.etcd.netns.clone());
+        }
         for c in &self.clusters {
             all.push(c.cp.netns.clone());
+            if let Some(g) = self.gateway(c) {
+                all.push(g.host.netns.clone());
+            }
             all.extend(c.nodes.iter().map(|n| n.host.netns.clone()));
             all.extend(c.nodes.iter().flat_map(|n| n.pods.iter().map(|p| p.netns.clone())));
         }
@@ -432,9 +610,21 @@ mod tests {
             ]
         );
         assert_eq!(n1.pods[1].netns, "tl-demo-east-demo-client");
-        assert_eq!(n2.pods[0].ip, Ipv4Addr::new(10, 1, 2, 10));
+        assert!(n2.pods.is_empty());
         assert_eq!(east.services[0].vip, Ipv4Addr::new(10, 101, 0, 10));
         assert_eq!(east.services[0].target_port, 8080);
+        assert!(east.services[0].global);
+        assert_eq!(east.network, "east");
+        let west = &p.clusters[1];
+        assert_eq!((west.index, west.bridge.as_str()), (2, "br-west"));
+        assert_eq!(west.nodes.len(), 1);
+        let v2 = &west.nodes[0].pods[0];
+        assert_eq!(
+            (v2.name.as_str(), v2.netns.as_str(), v2.ip),
+            ("hello-v2", "tl-demo-west-demo-hello-v2", Ipv4Addr::new(10, 2, 1, 10))
+        );
+        assert_eq!(west.services[0].vip, Ipv4Addr::new(10, 102, 0, 10));
+        assert!(west.services[0].global);
         assert_eq!(
             n1.pods[1].run,
             Some(PodRun::Client {
@@ -456,6 +646,156 @@ mod tests {
             assert!(c.nodes.iter().all(|n| n.host.uplink.len() <= 15));
         }
         assert_eq!(p.clusters[98].nodes[199].host.ip, Ipv4Addr::new(10, 99, 0, 210));
+        let f = p.federation.as_ref().unwrap();
+        assert!(f.bridge.len() <= 15 && f.etcd.uplink.len() <= 15 && WAN_IF.len() <= 15);
+        for g in &f.gateways {
+            assert!(g.host.uplink.len() <= 15 && g.wan_uplink.len() <= 15);
+        }
+        let last = &f.gateways[98];
+        assert_eq!(
+            (last.host.uplink.as_str(), last.wan_uplink.as_str()),
+            ("c99gw", "w99gw")
+        );
+        assert_eq!(last.wan_ip, Ipv4Addr::new(10, 200, 0, 109));
+    }
+
+    #[test]
+    fn a_federation_gets_the_wan_etcd_and_a_gateway_per_cluster() {
+        let p = demo();
+        let f = p.federation.as_ref().expect("two clusters are a federation");
+        assert_eq!((f.bridge.as_str(), f.network), ("br-wan", Ipv4Addr::new(10, 200, 0, 0)));
+        assert_eq!(
+            (f.etcd.netns.as_str(), f.etcd.ip, f.etcd.uplink.as_str()),
+            ("tl-demo-etcd", Ipv4Addr::new(10, 200, 0, 2), "wetcd")
+        );
+        assert_eq!(f.etcd_url(), "https://10.200.0.2:2379");
+        let gws: Vec<_> = f
+            .gateways
+            .iter()
+            .map(|g| {
+                (
+                    g.cluster.as_str(),
+                    g.host.netns.as_str(),
+                    g.host.ip,
+                    g.host.uplink.as_str(),
+                    g.wan_ip,
+                    g.wan_uplink.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            gws,
+            [
+                (
+                    "east",
+                    "tl-demo-east-gw",
+                    Ipv4Addr::new(10, 1, 0, 3),
+                    "c1gw",
+                    Ipv4Addr::new(10, 200, 0, 11),
+                    "w1gw"
+                ),
+                (
+                    "west",
+                    "tl-demo-west-gw",
+                    Ipv4Addr::new(10, 2, 0, 3),
+                    "c2gw",
+                    Ipv4Addr::new(10, 200, 0, 12),
+                    "w2gw"
+                ),
+            ]
+        );
+        assert_eq!(
+            p.gateway(&p.clusters[1]).unwrap().wan_hbone().to_string(),
+            "10.200.0.12:15008"
+        );
+        assert_eq!(
+            p.gateway(&p.clusters[0]).unwrap().cluster_cidr,
+            Ipv4Addr::new(10, 1, 0, 0)
+        );
+        assert_eq!(GATEWAY_NODE, "east-west-gateway");
+        assert_eq!(
+            p.netns(),
+            [
+                "tl-demo-u",
+                "tl-demo-etcd",
+                "tl-demo-east-cp",
+                "tl-demo-east-gw",
+                "tl-demo-east-node-1",
+                "tl-demo-east-node-2",
+                "tl-demo-east-demo-hello-v1",
+                "tl-demo-east-demo-client",
+                "tl-demo-west-cp",
+                "tl-demo-west-gw",
+                "tl-demo-west-node-1",
+                "tl-demo-west-demo-hello-v2",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_cluster_has_no_federation() {
+        let p = plan("t", &spec::parse("t", "clusters: [{name: wan, nodes: 1}]").unwrap()).unwrap();
+        assert_eq!(p.federation, None);
+        assert_eq!(p.gateway(&p.clusters[0]), None);
+        assert_eq!(p.netns(), ["tl-t-u", "tl-t-wan-cp", "tl-t-wan-node-1"]);
+    }
+
+    #[test]
+    fn the_edge_forwards_only_tunnels_and_etcd_to_the_wan() {
+        let p = demo();
+        let rules = p.gateway(&p.clusters[1]).unwrap().edge_rules();
+        assert!(rules.starts_with("table ip trellis_lab_edge {\n"), "{rules}");
+        assert!(
+            rules.contains("ip saddr 10.2.0.0/16 oifname \"wan0\" masquerade"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("type filter hook forward priority filter; policy drop;"),
+            "{rules}"
+        );
+        assert!(rules.contains("ct state established,related accept"), "{rules}");
+        let new: Vec<&str> = rules.lines().filter(|l| l.contains("ct state new")).collect();
+        assert_eq!(
+            new,
+            [
+                "    iifname \"eth0\" oifname \"wan0\" ip saddr 10.2.0.0/16 ct state new tcp dport { 15008, 2379 } accept",
+                "    iifname \"eth0\" oifname \"wan0\" ip saddr 10.2.0.0/16 ct state new udp dport 15009 accept",
+            ],
+            "{rules}"
+        );
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let text = "clusters: [{name: a, nodes: 1, network: n, region: eu-1, zone: eu-1a}, {name: b, nodes: 1}]";
+        let p = plan("t", &spec::parse("t", text).unwrap()).unwrap();
+        let a = &p.clusters[0];
+        assert_eq!(
+            (a.network.as_str(), a.region.as_str(), a.zone.as_str()),
+            ("n", "eu-1", "eu-1a")
+        );
+        assert_eq!(p.clusters[1].network, "b");
+        assert!(err("clusters: [{name: a, nodes: 1, network: N}]").contains("cluster a: network \"N\" is not valid"));
+        assert!(err("clusters: [{name: a, nodes: 1, zone: 'z 1'}]").contains("cluster a: zone \"z 1\" is not valid"));
+        let shared = err("clusters: [{name: a, nodes: 1, network: n}, {name: b, nodes: 1, network: n}]");
+        assert!(
+            shared.contains("cluster b: network \"n\" is cluster a's too"),
+            "{shared}"
+        );
+        let shared = err("clusters: [{name: a, nodes: 1, network: b}, {name: b, nodes: 1}]");
+        assert!(
+            shared.contains("cluster b: network \"b\" is cluster a's too"),
+            "{shared}"
+        );
+        let wan = err("clusters: [{name: a, nodes: 1}, {name: wan, nodes: 1}]");
+        assert!(wan.contains("cluster wan: the name is reserved"), "{wan}");
+    }
+
+    #[test]
+    fn a_gateway_namespace_colliding_with_a_pod_is_refused() {
+        let text = "clusters: [{name: a, nodes: 1}, {name: a-b, nodes: 1}]\nnamespaces: [{name: b}]\n\
+            pods: [{name: gw, namespace: b, cluster: a, node: node-1}]\n";
+        assert!(err(text).contains("share the network namespace tl-t-a-b-gw"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 use super::state::{Recorded, State};
 
@@ -42,12 +42,7 @@ pub fn start(state: &State, launch: &Launch) -> anyhow::Result<u32> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err_log);
-    // The lab's own settings come from flags; the caller's TRELLIS_* must not leak in.
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(|k| k.starts_with("TRELLIS_")) {
-            cmd.env_remove(k);
-        }
-    }
+    scrub_env(&mut cmd);
     cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
     // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal and session
     // so it outlives `trellis lab up` and no terminal signal reaches it.
@@ -75,6 +70,36 @@ pub fn start(state: &State, launch: &Launch) -> anyhow::Result<u32> {
         argv: launch.argv.clone(),
     })?;
     Ok(pid)
+}
+
+/// The lab's own settings come from flags; the caller's TRELLIS_* must not leak in.
+fn scrub_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("TRELLIS_")) {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Runs `argv` inside network namespace `ns` to completion (stdin closed, the caller's
+/// TRELLIS_* variables removed) and returns its stdout; a failure names the command line and
+/// carries its stderr.
+pub fn run_in_netns(ns: &str, argv: &[String]) -> anyhow::Result<String> {
+    let shown = format!("ip netns exec {ns} {}", argv.join(" "));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(argv).stdin(Stdio::null());
+    scrub_env(&mut cmd);
+    let out = cmd.output().with_context(|| format!("running `{shown}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = if stderr.trim().is_empty() {
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        } else {
+            stderr.trim().to_string()
+        };
+        bail!("`{shown}` failed ({}): {said}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Waits (up to a second) until the just-started `pid` shows its command line: for a moment

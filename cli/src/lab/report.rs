@@ -1,13 +1,14 @@
-//! What the lab tells its user: the summary after `lab up`, and `lab status` (processes, each
-//! node's traffic counters, the clients' last calls, each cluster's `trellis status`).
+//! What the lab tells its user: the summary after `lab up`, and `lab status` (processes, etcd
+//! and the gateways of a federation, each node's traffic counters, the clients' last calls, each
+//! cluster's `trellis status`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use trellis_admin::client::get_blocking;
 
-use super::netns::in_netns;
-use super::plan::{self, Plan, PodRun};
+use super::netns::{accepts, in_netns};
+use super::plan::{self, ClusterPlan, Plan, PodRun};
 use super::procs;
 use super::state::State;
 use super::up;
@@ -59,6 +60,27 @@ pub fn summary(plan: &Plan, state: &State) -> String {
             ));
         }
     }
+    if let Some(f) = &plan.federation {
+        out.push_str(&format!(
+            "federation: etcd {} in {} (certificates in {})\n",
+            f.etcd_url(),
+            f.etcd.netns,
+            state.etcd_pki().display()
+        ));
+        for c in &plan.clusters {
+            if let Some(gw) = plan.gateway(c) {
+                out.push_str(&format!(
+                    "  cluster {:<8} network {}{}: gateway {} (wan {}) netns {}\n",
+                    c.name,
+                    c.network,
+                    locality(c),
+                    gw.host.ip,
+                    gw.wan_hbone(),
+                    gw.host.netns
+                ));
+            }
+        }
+    }
     let lab_flag = lab_flag(plan, state);
     out.push_str(&format!("logs: {}\n", state.dir.join("logs").display()));
     out.push_str(&format!("status:   trellis lab status{lab_flag}\n"));
@@ -69,6 +91,17 @@ pub fn summary(plan: &Plan, state: &State) -> String {
             c.name,
             state.manifests(&c.name).display()
         ));
+    }
+    out
+}
+
+/// A cluster's region and zone, when it has them: `, region r, zone z`.
+fn locality(c: &ClusterPlan) -> String {
+    let mut out = String::new();
+    for (what, value) in [("region", &c.region), ("zone", &c.zone)] {
+        if !value.is_empty() {
+            out.push_str(&format!(", {what} {value}"));
+        }
     }
     out
 }
@@ -96,6 +129,9 @@ pub fn status(plan: &Plan, state: &State) -> String {
             )
         };
         out.push_str(&format!("  {:<36} pid {:<8} {alive}\n", p.name, p.pid));
+    }
+    if plan.federation.is_some() {
+        out.push_str(&federation_status(plan, state));
     }
     for c in &plan.clusters {
         out.push_str(&format!("cluster {}:\n  nodes:\n", c.name));
@@ -144,6 +180,46 @@ pub fn status(plan: &Plan, state: &State) -> String {
         for line in text.lines() {
             out.push_str(&format!("    {line}\n"));
         }
+    }
+    out
+}
+
+/// The federation part of `lab status`: whether etcd accepts connections and each gateway is
+/// ready (the members' sync state is in each cluster's `trellis status`).
+fn federation_status(plan: &Plan, state: &State) -> String {
+    let Some(f) = &plan.federation else {
+        return String::new();
+    };
+    let etcd = SocketAddr::from((f.etcd.ip, plan::ETCD_PORT));
+    let reach = match in_netns(&f.etcd.netns, || accepts(etcd)) {
+        Ok(true) => "accepts connections".to_string(),
+        Ok(false) => format!(
+            "does not accept connections (see {})",
+            state.log(up::ETCD_NAME).display()
+        ),
+        Err(e) => format!("cannot enter {}: {e}", f.etcd.netns),
+    };
+    let mut out = format!("federation:\n  etcd {:<30} {reach}\n", f.etcd_url());
+    for c in &plan.clusters {
+        let Some(gw) = plan.gateway(c) else {
+            continue;
+        };
+        let ready = SocketAddr::from((gw.host.ip, plan::READY_PORT));
+        let probe = in_netns(&gw.host.netns, || {
+            get_blocking(ready, "/healthz/ready", Duration::from_secs(3))
+        });
+        let line = match probe {
+            Ok(Ok((200, _))) => "ready".to_string(),
+            Ok(Ok((status, _))) => format!("not ready: http://{ready}/healthz/ready answered {status}"),
+            Ok(Err(e)) => format!("not ready: {e}"),
+            Err(e) => format!("cannot enter {}: {e}", gw.host.netns),
+        };
+        out.push_str(&format!(
+            "  gateway {:<8} {:<10} wan {:<20} {line}\n",
+            c.name,
+            gw.host.ip.to_string(),
+            gw.wan_hbone().to_string()
+        ));
     }
     out
 }

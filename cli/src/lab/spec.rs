@@ -31,11 +31,24 @@ pub struct Topology {
 /// One cluster: a control plane and `nodes` nodes named `node-1`..`node-N`, optionally with
 /// flags appended to its processes' command lines (`trellisdArgs: [--svid-ttl-seconds, "60"]`,
 /// `ztunnelArgs: [...]`: the lab's own way to try a setting, as a test or a user would).
+///
+/// With two or more clusters the lab is a federation, and `network`, `region` and `zone` are
+/// what the cluster joins with (`trellis federation join --network --region --zone`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Cluster {
     pub name: String,
     pub nodes: u32,
+    /// The cluster's network. Default: the cluster's name (every lab cluster has a network of
+    /// its own, reached only through its east-west gateway).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Default: none.
+    #[serde(default)]
+    pub region: String,
+    /// Default: none.
+    #[serde(default)]
+    pub zone: String,
     #[serde(default)]
     pub trellisd_args: Vec<String>,
     #[serde(default)]
@@ -66,6 +79,10 @@ pub struct Service {
     pub target_port: Option<u16>,
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Export it to the federation (label `trellis.io/global: "true"`): the services of that
+    /// namespace and name in every cluster are one global service.
+    #[serde(default)]
+    pub global: bool,
 }
 
 /// A pod: a network namespace behind its node, optionally running a demo process.
@@ -150,10 +167,18 @@ mod tests {
     #[test]
     fn the_demo_topology_parses() {
         let t = parse("demo.yaml", DEMO).unwrap();
-        assert_eq!(t.clusters[0].name, "east");
-        assert_eq!(t.clusters[0].nodes, 2);
+        let clusters: Vec<_> = t.clusters.iter().map(|c| (c.name.as_str(), c.nodes)).collect();
+        assert_eq!(clusters, [("east", 2), ("west", 1)]);
+        assert!(t.clusters.iter().all(|c| c.network.is_none() && c.region.is_empty()));
         assert!(t.namespaces[0].ambient);
+        let services: Vec<_> = t
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.cluster.as_deref(), s.global))
+            .collect();
+        assert_eq!(services, [("hello", Some("east"), true), ("hello", Some("west"), true)]);
         assert_eq!(t.pods.len(), 3);
+        assert_eq!(t.pods[1].cluster.as_deref(), Some("west"));
         assert!(matches!(t.pods[2].run, Some(Run::Client { interval_ms: 1000, .. })));
     }
 
@@ -163,6 +188,30 @@ mod tests {
         let err = parse("t.yaml", text).unwrap_err().to_string();
         assert!(err.contains("zones"), "{err}");
         assert!(err.starts_with("t.yaml: line 4"), "{err}");
+    }
+
+    #[test]
+    fn federation_fields_parse_and_default() {
+        let text = "clusters:\n  - {name: a, nodes: 1, network: n1, region: r, zone: z}\n  - {name: b, nodes: 1}\n\
+            namespaces: [{name: n}]\nservices: [{name: s, namespace: n, port: 80, global: true}]\n";
+        let t = parse("t.yaml", text).unwrap();
+        let a = &t.clusters[0];
+        assert_eq!(
+            (a.network.as_deref(), a.region.as_str(), a.zone.as_str()),
+            (Some("n1"), "r", "z")
+        );
+        let b = &t.clusters[1];
+        assert_eq!(
+            (b.network.as_deref(), b.region.as_str(), b.zone.as_str()),
+            (None, "", "")
+        );
+        assert!(t.services[0].global);
+        let t = parse(
+            "t.yaml",
+            "clusters: [{name: a, nodes: 1}]\nservices: [{name: s, namespace: n, port: 80}]\n",
+        )
+        .unwrap();
+        assert!(!t.services[0].global);
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! <state>/<cluster>/manifests/   what trellisd discovers (ns-<namespace>.yaml, lab.yaml)
 //! <state>/<cluster>/ca/          the cluster CA (trellisd's --ca-dir)
 //! <state>/<cluster>/tokens/<node> one-time join tokens (0600)
+//! <state>/<cluster>/nodes/<node>/ a ztunnel's --state-dir (the gateway's too: east-west-gateway)
+//! <state>/<cluster>/edge.nft     a federated cluster's gateway ruleset, as installed
+//! <state>/etcd/pki/              a federation's etcd CA, server and client certificates (keys 0600)
+//! <state>/etcd/data/             etcd's --data-dir
 //! <state>/logs/<process>.log     stdout and stderr of each process
 //! <state>/pids/<process>.pid     its pid; <process>.argv: its command line, NUL-separated
 //! ```
@@ -86,6 +90,32 @@ impl State {
     /// A node's ztunnel state directory (its saved node SVID).
     pub fn node_state(&self, cluster: &str, node: &str) -> PathBuf {
         self.dir.join(cluster).join("nodes").join(node)
+    }
+
+    /// The nftables ruleset of a federated cluster's gateway namespace.
+    pub fn edge_rules(&self, cluster: &str) -> PathBuf {
+        self.dir.join(cluster).join("edge.nft")
+    }
+
+    /// etcd's certificates and keys: `ca.pem`, `server.pem`, and `<user>.pem` per etcd user,
+    /// each key next to its certificate as `<name>-key.pem`.
+    pub fn etcd_pki(&self) -> PathBuf {
+        self.dir.join("etcd").join("pki")
+    }
+
+    /// The certificate `<name>.pem` in [`State::etcd_pki`].
+    pub fn etcd_cert(&self, name: &str) -> PathBuf {
+        self.etcd_pki().join(format!("{name}.pem"))
+    }
+
+    /// The key `<name>-key.pem` in [`State::etcd_pki`].
+    pub fn etcd_key(&self, name: &str) -> PathBuf {
+        self.etcd_pki().join(format!("{name}-key.pem"))
+    }
+
+    /// etcd's `--data-dir`.
+    pub fn etcd_data(&self) -> PathBuf {
+        self.dir.join("etcd").join("data")
     }
 
     pub fn log(&self, process: &str) -> PathBuf {
