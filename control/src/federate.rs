@@ -20,7 +20,9 @@ use trellis_federation::sync::{self, EtcdConfig, Publication, SyncState};
 use trellis_federation::view::Federation;
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_mesh::inventory::{FederationObj, Inventory, Protocol, WorkloadObj};
-use trellis_mesh::model::{is_enrolled, selects, ClusterInfo, Entry, Remote, RemoteEndpoints, ServerSlice};
+use trellis_mesh::model::{
+    is_enrolled, selects, ClusterInfo, EndpointChunk, Entry, Remote, RemoteEndpoints, ServerSlice,
+};
 
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
@@ -215,26 +217,40 @@ pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerS
     out
 }
 
+/// Endpoint lists already converted, by (cluster, namespace, name), with the record and the
+/// member's record they were made from: [`remote_endpoints`] reuses one (the same pointer) while
+/// both are unchanged, so a change in one cluster's service costs that service, not the
+/// federation.
+#[derive(Debug, Default)]
+pub struct Converted(BTreeMap<(String, String, String), (Arc<EndpointsRecord>, ClusterRecord, EndpointChunk)>);
+
+/// How this cluster's nodes reach one member's endpoints.
+enum Reach<'a> {
+    /// Through their nodes: the member is on this cluster's network.
+    Direct,
+    /// Through the member's gateway, which presents this identity.
+    Gateway(&'a Gateway, SpiffeId),
+}
+
 /// The endpoints other live members publish for each global service, as this cluster's nodes
 /// dial them: a member on `network` (this cluster's) by its pods' addresses through their nodes;
 /// a member with a gateway through that gateway, one endpoint per identity standing for all the
 /// pods behind it. A member on another network without a gateway cannot be reached: its
-/// endpoints are left out, with a line in the returned problems.
+/// endpoints are left out, with a line in the returned problems. `cache` keeps what is
+/// unchanged from one call to the next.
 pub fn remote_endpoints(
     federation: &Federation,
     cluster: &ClusterInfo,
     network: &str,
+    cache: &mut Converted,
 ) -> (RemoteEndpoints, Vec<String>) {
     let mut out = RemoteEndpoints::new();
     let mut problems = Vec::new();
+    let mut kept = Converted::default();
     for (name, m) in &federation.members {
         if name == &cluster.name || m.trust_domain == cluster.trust_domain {
             continue;
         }
-        let locality = Some(pb::Locality {
-            region: m.record.region.clone(),
-            zone: m.record.zone.clone(),
-        });
         let gateway = match &m.record.gateway {
             Some(g) => match g.identity(&m.trust_domain) {
                 Ok(id) => Some((g, id)),
@@ -249,65 +265,91 @@ pub fn remote_endpoints(
             if !m.services.contains_key(&(ns.clone(), svc.clone())) {
                 continue;
             }
-            let list = out.entry((ns.clone(), svc.clone())).or_default();
-            if !record.endpoints.is_empty() && m.record.network != network {
-                problems.push(format!(
-                    "cluster {name} lists pods of {ns}/{svc} on network {}, not this cluster's {network}, and has no gateway here; not reachable",
-                    m.record.network
-                ));
+            let reach = if !record.endpoints.is_empty() {
+                if m.record.network != network {
+                    problems.push(format!(
+                        "cluster {name} lists pods of {ns}/{svc} on network {}, not this cluster's {network}, and has no gateway here; not reachable",
+                        m.record.network
+                    ));
+                    continue;
+                }
+                Reach::Direct
+            } else if record.behind_gateway.is_empty() {
                 continue;
-            }
-            for e in &record.endpoints {
-                list.push(pb::Endpoint {
-                    workload_name: format!("{name}/{}", e.address),
-                    workload_namespace: ns.clone(),
-                    cluster: name.clone(),
-                    address: trellis_api::addr::to_bytes(e.address),
-                    node: e.node.clone(),
-                    healthy: true,
-                    locality: Some(pb::Locality {
-                        region: m.record.region.clone(),
-                        zone: if e.zone.is_empty() {
-                            m.record.zone.clone()
-                        } else {
-                            e.zone.clone()
-                        },
-                    }),
-                    identity: e.identity.clone(),
-                    enrolled: true,
-                    node_address: trellis_api::addr::to_bytes(e.node_address),
-                    ..Default::default()
-                });
-            }
-            if record.behind_gateway.is_empty() {
-                continue;
-            }
-            let Some((g, gateway_id)) = &gateway else {
-                problems.push(format!(
-                    "cluster {name} counts endpoints of {ns}/{svc} behind a gateway it does not publish; not reachable"
-                ));
-                continue;
+            } else {
+                match &gateway {
+                    Some((g, id)) => Reach::Gateway(g, id.clone()),
+                    None => {
+                        problems.push(format!(
+                            "cluster {name} counts endpoints of {ns}/{svc} behind a gateway it does not publish; not reachable"
+                        ));
+                        continue;
+                    }
+                }
             };
-            for group in &record.behind_gateway {
-                list.push(pb::Endpoint {
-                    workload_name: format!("{name}/gateway"),
-                    workload_namespace: ns.clone(),
-                    cluster: name.clone(),
-                    address: trellis_api::addr::to_bytes(g.address),
-                    node: g.node.clone(),
-                    healthy: true,
-                    locality: locality.clone(),
-                    identity: group.identity.clone(),
-                    enrolled: true,
-                    node_address: trellis_api::addr::to_bytes(g.address),
-                    gateway_identity: gateway_id.to_string(),
-                    gateway_port: u32::from(g.hbone_port),
-                    weight: group.count,
-                });
-            }
+            let key = (name.clone(), ns.clone(), svc.clone());
+            let chunk = match cache.0.remove(&key) {
+                Some((r, c, chunk)) if Arc::ptr_eq(&r, record) && c == m.record => chunk,
+                _ => Arc::new(convert(name, ns, &m.record, record, &reach)),
+            };
+            out.entry((ns.clone(), svc.clone())).or_default().push(chunk.clone());
+            kept.0.insert(key, (record.clone(), m.record.clone(), chunk));
         }
     }
+    *cache = kept;
     (out, problems)
+}
+
+/// One member's endpoints of one service, as this cluster's nodes dial them.
+fn convert(name: &str, ns: &str, member: &ClusterRecord, record: &EndpointsRecord, reach: &Reach) -> Vec<pb::Endpoint> {
+    let locality = |zone: &str| {
+        Some(pb::Locality {
+            region: member.region.clone(),
+            zone: if zone.is_empty() {
+                member.zone.clone()
+            } else {
+                zone.to_string()
+            },
+        })
+    };
+    match reach {
+        Reach::Direct => record
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                workload_name: format!("{name}/{}", e.address),
+                workload_namespace: ns.to_string(),
+                cluster: name.to_string(),
+                address: trellis_api::addr::to_bytes(e.address),
+                node: e.node.clone(),
+                healthy: true,
+                locality: locality(&e.zone),
+                identity: e.identity.clone(),
+                enrolled: true,
+                node_address: trellis_api::addr::to_bytes(e.node_address),
+                ..Default::default()
+            })
+            .collect(),
+        Reach::Gateway(g, gateway_id) => record
+            .behind_gateway
+            .iter()
+            .map(|group| pb::Endpoint {
+                workload_name: format!("{name}/gateway"),
+                workload_namespace: ns.to_string(),
+                cluster: name.to_string(),
+                address: trellis_api::addr::to_bytes(g.address),
+                node: g.node.clone(),
+                healthy: true,
+                locality: locality(""),
+                identity: group.identity.clone(),
+                enrolled: true,
+                node_address: trellis_api::addr::to_bytes(g.address),
+                gateway_identity: gateway_id.to_string(),
+                gateway_port: u32::from(g.hbone_port),
+                weight: group.count,
+            })
+            .collect(),
+    }
 }
 
 /// Reads a credential file named by the membership: a regular file of sane size.
@@ -352,6 +394,7 @@ pub fn spawn(
         let mut running: Option<Running> = None;
         let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
         let mut unreachable: Vec<String> = Vec::new();
+        let mut converted = Converted::default();
         loop {
             let d = discovered.borrow_and_update().clone();
             if d.synced {
@@ -416,7 +459,7 @@ pub fn spawn(
             let remote = match &running {
                 Some((m, _, state, _)) => {
                     let now = state.borrow().clone();
-                    let (endpoints, problems) = remote_endpoints(&now.federation, &cluster, &m.network);
+                    let (endpoints, problems) = remote_endpoints(&now.federation, &cluster, &m.network, &mut converted);
                     for p in problems.iter().filter(|p| !unreachable.contains(p)) {
                         tracing::warn!(problem = %p, "remote endpoints left out");
                     }
@@ -458,7 +501,7 @@ pub fn spawn(
                 }
             };
             remote_tx.send_if_modified(|r| {
-                let changed = **r != remote;
+                let changed = !r.same(&remote);
                 if changed {
                     *r = Arc::new(remote);
                 }
@@ -622,7 +665,7 @@ spec:
                 trust_domain: td,
                 bundle: None,
                 services: BTreeMap::from([(key.clone(), service)]),
-                endpoints: BTreeMap::from([(key, record)]),
+                endpoints: BTreeMap::from([(key, Arc::new(record))]),
             }
         };
         let pods = |name: &str| EndpointsRecord {
@@ -654,8 +697,22 @@ spec:
 
     #[test]
     fn remote_endpoints_are_pods_on_this_network_and_gateways_elsewhere() {
-        let (eps, problems) = remote_endpoints(&members(), &cluster(), "east");
-        let hello = &eps[&("demo".to_string(), "hello".to_string())];
+        let mut cache = Converted::default();
+        let federation = members();
+        let (eps, problems) = remote_endpoints(&federation, &cluster(), "east", &mut cache);
+        let key = ("demo".to_string(), "hello".to_string());
+        let chunks = &eps[&key];
+        let (again, _) = remote_endpoints(&federation, &cluster(), "east", &mut cache);
+        assert!(
+            chunks.iter().zip(&again[&key]).all(|(a, b)| Arc::ptr_eq(a, b)),
+            "unchanged records: the same chunks, not converted again"
+        );
+        let (fresh, _) = remote_endpoints(&members(), &cluster(), "east", &mut cache);
+        assert!(
+            !chunks.iter().zip(&fresh[&key]).any(|(a, b)| Arc::ptr_eq(a, b)),
+            "new records: converted again"
+        );
+        let hello: Vec<pb::Endpoint> = chunks.iter().flat_map(|c| c.iter().cloned()).collect();
         let north: Vec<_> = hello.iter().filter(|e| e.cluster == "north").collect();
         assert_eq!(north.len(), 1);
         assert!(

@@ -70,6 +70,8 @@ pub fn spawn(
         let mut previous: Option<Arc<MeshModel>> = None;
         let mut last_inventory: Option<Arc<Discovered>> = None;
         let mut federation = Arc::new(Remote::default());
+        // What `previous` was merged with.
+        let mut merged = federation.clone();
         loop {
             tokio::select! {
                 changed = discovered.changed() => if changed.is_err() { return },
@@ -80,7 +82,7 @@ pub fn spawn(
             tokio::time::sleep(COALESCE).await;
             let snapshot = discovered.borrow_and_update().clone();
             let remote_now = remote.borrow_and_update().clone();
-            let federation_changed = !Arc::ptr_eq(&remote_now, &federation);
+            let federation_changed = !Arc::ptr_eq(&remote_now, &merged);
             federation = remote_now;
             metrics.discovery_problems.set(snapshot.problems.len() as i64);
             // Until discovery has seen everything once, its inventory may lack what exists: no
@@ -100,7 +102,12 @@ pub fn spawn(
                 let Some(prev) = previous.clone() else { continue };
                 let mut model = (*prev).clone();
                 model.federation = federation.entries.clone();
-                let changed = with_remote_endpoints(&mut model, &cluster.name, &federation.endpoints);
+                let changed = with_remote_endpoints(
+                    &mut model,
+                    &cluster.name,
+                    &federation.endpoints,
+                    Some(&merged.endpoints),
+                );
                 (model, Some((version, Arc::new(changed))))
             } else {
                 let started = Instant::now();
@@ -110,7 +117,12 @@ pub fn spawn(
                     .map(|(i, m)| (&i.inventory, m));
                 let (mut model, mut changed) = build(&snapshot.inventory, &cluster, prior);
                 model.federation = federation.entries.clone();
-                changed.extend(with_remote_endpoints(&mut model, &cluster.name, &federation.endpoints));
+                changed.extend(with_remote_endpoints(
+                    &mut model,
+                    &cluster.name,
+                    &federation.endpoints,
+                    None,
+                ));
                 metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
                 metrics.services.set(snapshot.inventory.services.len() as i64);
@@ -121,6 +133,7 @@ pub fn spawn(
             version = versions.next(SystemTime::now());
             metrics.model_version.set(version as i64);
             previous = Some(model.clone());
+            merged = federation.clone();
             last_inventory = Some(snapshot.clone());
             let published = Published {
                 version,

@@ -201,6 +201,18 @@ impl EndpointsRecord {
     /// Checks the fields, and that every endpoint's identity is of `trust_domain` (the owning
     /// cluster's): a cluster cannot publish endpoints that claim another domain's identities.
     pub fn check(&self, trust_domain: &TrustDomain) -> Result<(), String> {
+        match self.claimed()? {
+            Some((claimed, first)) if &claimed != trust_domain => {
+                Err(format!("{first}, outside the cluster's trust domain {trust_domain}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks every field but the owner, and returns the one trust domain the identities are
+    /// of (with the first of them, for an error), if any: [`Self::check`] in two halves, so a
+    /// reader checks a big value once when it arrives and only compares domains after.
+    pub fn claimed(&self) -> Result<Option<(TrustDomain, String)>, String> {
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(format!(
                 "{} endpoints; the limit is {MAX_ENDPOINTS}",
@@ -213,17 +225,22 @@ impl EndpointsRecord {
         if self.behind_gateway.len() > MAX_PORTS {
             return Err(format!("more than {MAX_PORTS} behindGateway identities"));
         }
-        let own = |what: &str, identity: &str| -> Result<SpiffeId, String> {
+        let mut claimed: Option<(TrustDomain, String)> = None;
+        let mut claim = |what: String, identity: &str| -> Result<(), String> {
             let id = SpiffeId::parse(identity).map_err(|why| format!("{what}: identity: {why}"))?;
-            if id.trust_domain() != trust_domain {
-                return Err(format!(
-                    "{what} claims {id}, outside the cluster's trust domain {trust_domain}"
-                ));
+            match &claimed {
+                None => claimed = Some((id.trust_domain().clone(), format!("{what} claims {id}"))),
+                Some((td, _)) if td != id.trust_domain() => {
+                    return Err(format!(
+                        "{what} claims {id}, and another endpoint an identity of {td}: a cluster publishes only its own trust domain"
+                    ))
+                }
+                Some(_) => {}
             }
-            Ok(id)
+            Ok(())
         };
         for e in &self.endpoints {
-            own(&format!("endpoint {}", e.address), &e.identity)?;
+            claim(format!("endpoint {}", e.address), &e.identity)?;
             name("node", &e.node)?;
             for a in [e.address, e.node_address] {
                 if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
@@ -232,7 +249,7 @@ impl EndpointsRecord {
             }
         }
         for g in &self.behind_gateway {
-            own("behindGateway", &g.identity)?;
+            claim("behindGateway".into(), &g.identity)?;
             if g.count == 0 || g.count as usize > MAX_ENDPOINTS {
                 return Err(format!(
                     "behindGateway {}: count {} is not 1 to {MAX_ENDPOINTS}",
@@ -240,7 +257,7 @@ impl EndpointsRecord {
                 ));
             }
         }
-        Ok(())
+        Ok(claimed)
     }
 }
 

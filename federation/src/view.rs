@@ -12,6 +12,7 @@
 //! count only under a live member.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use trellis_identity::{TrustBundle, TrustDomain};
 
@@ -96,7 +97,9 @@ pub enum Value {
     /// The raw JSON; parsed against the trust domain of its key.
     Bundle(TrustBundle),
     Service(ServiceRecord),
-    Endpoints(EndpointsRecord),
+    /// Checked when it arrives, but for its owner: the trust domain its identities claim (with
+    /// the first of them) is compared with the member's in [`View::federation`].
+    Endpoints(Arc<EndpointsRecord>, Option<(TrustDomain, String)>),
     Traffic(TrafficRecord),
 }
 
@@ -123,7 +126,8 @@ pub struct Member {
     pub bundle: Option<TrustBundle>,
     /// (namespace, name) → service.
     pub services: BTreeMap<(String, String), ServiceRecord>,
-    pub endpoints: BTreeMap<(String, String), EndpointsRecord>,
+    /// Shared with the view: a new Federation copies pointers, not endpoints.
+    pub endpoints: BTreeMap<(String, String), Arc<EndpointsRecord>>,
 }
 
 /// Everything [`View::federation`] accepts, by cluster name, and what it refused.
@@ -167,7 +171,11 @@ fn parse_value(key: &Key, value: &[u8]) -> Result<Value, String> {
             Value::Service(record)
         }
         // The trust-domain check needs the cluster record: done in `federation`.
-        Key::Endpoints { .. } => Value::Endpoints(decode(value)?),
+        Key::Endpoints { .. } => {
+            let record: EndpointsRecord = decode(value)?;
+            let claimed = record.claimed()?;
+            Value::Endpoints(Arc::new(record), claimed)
+        }
         Key::Traffic { .. } => {
             let record: TrafficRecord = decode(value)?;
             record.check()?;
@@ -349,15 +357,18 @@ impl View {
                         namespace,
                         name,
                     },
-                    Value::Endpoints(e),
+                    Value::Endpoints(e, claimed),
                 ) => {
                     let raw = crate::keys::endpoints(cluster, namespace, name);
                     match out.members.get_mut(cluster) {
-                        Some(m) => match e.check(&m.trust_domain) {
-                            Ok(()) => {
+                        Some(m) => match claimed {
+                            Some((td, first)) if td != &m.trust_domain => out.problems.push((
+                                raw,
+                                format!("{first}, outside the cluster's trust domain {}", m.trust_domain),
+                            )),
+                            _ => {
                                 m.endpoints.insert((namespace.clone(), name.clone()), e.clone());
                             }
-                            Err(why) => out.problems.push((raw, why)),
                         },
                         None => out.problems.push((raw, format!("cluster {cluster} is not a member"))),
                     }

@@ -52,23 +52,53 @@ impl Entry {
 /// One node's view as the server holds it.
 pub type ServerSlice = BTreeMap<ResKey, Arc<Entry>>;
 
-/// Endpoints of global services in other clusters, by (namespace, name) of the service.
-pub type RemoteEndpoints = BTreeMap<(String, String), Vec<pb::Endpoint>>;
+/// One other cluster's endpoints of one service. Shared: while they do not change, one
+/// federation state and the next hold the same pointer, which is how unchanged services are
+/// told apart cheaply.
+pub type EndpointChunk = Arc<Vec<pb::Endpoint>>;
+
+/// Endpoints of global services in other clusters, by (namespace, name) of the service: one
+/// chunk per cluster.
+pub type RemoteEndpoints = BTreeMap<(String, String), Vec<EndpointChunk>>;
 
 /// What the federation adds to the model: cluster-scoped resources (RemoteCluster,
 /// TrustBundle) and the other clusters' endpoints of global services.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Remote {
     pub entries: ServerSlice,
     pub endpoints: RemoteEndpoints,
+}
+
+impl Remote {
+    /// Whether `other` holds the same: equal entries, and the very same endpoint chunks.
+    pub fn same(&self, other: &Remote) -> bool {
+        self.entries == other.entries
+            && self.endpoints.len() == other.endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(&other.endpoints)
+                .all(|((k, a), (l, b))| k == l && same_chunks(a, b))
+    }
+}
+
+fn same_chunks(a: &[EndpointChunk], b: &[EndpointChunk]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
 /// Sets the endpoints other clusters serve for this cluster's global services: each global
 /// Service of `model` gets its own cluster's endpoints followed by `remote`'s for the same
 /// namespace and name (namespace sameness: one global service across clusters, as Cilium has
 /// it, exported by the label in each cluster that takes part). A service that is not global
-/// here gets none. Returns the namespaces whose services changed.
-pub fn with_remote_endpoints(model: &mut MeshModel, cluster: &str, remote: &RemoteEndpoints) -> BTreeSet<String> {
+/// here gets none. `before` is what `model` was last given, when nothing else changed since: a
+/// service whose chunks are the same pointers as then is left as it is. Returns the
+/// namespaces whose services changed.
+pub fn with_remote_endpoints(
+    model: &mut MeshModel,
+    cluster: &str,
+    remote: &RemoteEndpoints,
+    before: Option<&RemoteEndpoints>,
+) -> BTreeSet<String> {
     let mut changed = BTreeSet::new();
     for (ns, n) in model.namespaces.iter_mut() {
         let mut updates = Vec::new();
@@ -76,14 +106,19 @@ pub fn with_remote_endpoints(model: &mut MeshModel, cluster: &str, remote: &Remo
             let Some(Variant::Service(s)) = &entry.resource.kind else {
                 continue;
             };
-            let local = s.endpoints.iter().filter(|e| e.cluster == cluster);
+            let id = (key.namespace.clone(), key.name.clone());
             let others = match s.global {
-                true => remote
-                    .get(&(key.namespace.clone(), key.name.clone()))
-                    .map(Vec::as_slice),
-                false => None,
+                true => remote.get(&id).map(Vec::as_slice).unwrap_or_default(),
+                false => &[],
             };
-            let endpoints: Vec<pb::Endpoint> = local.chain(others.unwrap_or_default()).cloned().collect();
+            if let Some(before) = before {
+                let then = before.get(&id).map(Vec::as_slice).unwrap_or_default();
+                if s.global && same_chunks(then, others) {
+                    continue;
+                }
+            }
+            let local = s.endpoints.iter().filter(|e| e.cluster == cluster);
+            let endpoints: Vec<pb::Endpoint> = local.chain(others.iter().flat_map(|c| c.iter())).cloned().collect();
             if endpoints != s.endpoints {
                 let mut s = s.clone();
                 s.endpoints = endpoints;
@@ -807,17 +842,22 @@ spec: {selector: {matchLabels: {app: payments}}}
             cluster: "west".into(),
             ..Default::default()
         };
-        let remote: RemoteEndpoints = BTreeMap::from([(("shop".to_string(), "cart".to_string()), vec![west])]);
-        let changed = with_remote_endpoints(&mut model, "east", &remote);
+        let remote: RemoteEndpoints =
+            BTreeMap::from([(("shop".to_string(), "cart".to_string()), vec![Arc::new(vec![west])])]);
+        let changed = with_remote_endpoints(&mut model, "east", &remote, None);
         assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
         let mut want = local.clone();
         want.push("west/west/gateway".into());
         assert_eq!(endpoints(&model), want, "local first, then the other clusters'");
         assert!(
-            with_remote_endpoints(&mut model, "east", &remote).is_empty(),
+            with_remote_endpoints(&mut model, "east", &remote, None).is_empty(),
             "the same endpoints again change nothing"
         );
-        let changed = with_remote_endpoints(&mut model, "east", &RemoteEndpoints::new());
+        assert!(
+            with_remote_endpoints(&mut model, "east", &remote, Some(&remote)).is_empty(),
+            "nor the same chunks, not even looked at"
+        );
+        let changed = with_remote_endpoints(&mut model, "east", &RemoteEndpoints::new(), Some(&remote));
         assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
         assert_eq!(endpoints(&model), local, "the remote cluster gone, its endpoints go");
     }

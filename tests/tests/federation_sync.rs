@@ -271,7 +271,7 @@ async fn garbage_in_etcd_is_refused_by_key_and_the_last_good_state_stays() {
         (keys::bundle("nobody.trellis.local"), bundle_json(dir.path(), "nobody.trellis.local").0),
         (
             keys::endpoints("west", "demo", "forged"),
-            r#"{"endpoints":[{"address":"10.2.1.66","identity":"spiffe://east.trellis.local/ns/demo/sa/hello","node":"node-1"}]}"#
+            r#"{"endpoints":[{"address":"10.2.1.66","identity":"spiffe://east.trellis.local/ns/demo/sa/hello","node":"node-1","nodeAddress":"10.2.0.11"}]}"#
                 .to_string(),
         ),
         (keys::service("west", "demo", "huge"), format!("{{\"ports\":[], \"pad\":\"{}\"}}", "x".repeat(1 << 20))),
