@@ -13,9 +13,13 @@ case "${1:-}" in
       -p trellis-cli --bin trellis -p trellis-bench --bin netbench --bin data_plane
     exec target/release/data_plane ;;
   federation)
-    # Starts its own etcd (Debian's etcd-server: bash deploy/install-deps.sh) on loopback.
-    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-bench --bin federation
-    exec target/release/federation ;;
+    # Starts its own etcd (Debian's etcd-server: bash deploy/install-deps.sh) on loopback, then
+    # (root: a two-cluster lab) the cross-cluster overhead through the gateways.
+    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
+      -p trellis-cli --bin trellis -p trellis-bench --bin netbench --bin federation --bin cross_cluster
+    target/release/federation
+    echo
+    exec target/release/cross_cluster ;;
   *)
     echo "usage: bash bench/run.sh control-plane|data-plane|federation" >&2; exit 2 ;;
 esac

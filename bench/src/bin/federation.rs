@@ -296,11 +296,16 @@ async fn scale(bin: &Path, etcd: &Etcd, root: &mut Client, dir: &Path) -> anyhow
         };
         let key = keys::endpoints(&format!("sim-{n:02}"), "demo", &format!("svc-{k}"));
         let value = encode(&endpoints(n, k, count));
-        let before = all(&node[0].borrow());
+        // The node holds the change once that one service has that many endpoints of that cluster.
+        let cluster = format!("sim-{n:02}");
+        let service = trellis_api::slice::ResKey::new(trellis_api::config::v1::Kind::Service, &format!("demo/svc-{k}"));
+        let of_cluster = move |a: &Applied| match a.slice.get(&service).and_then(|r| r.kind.as_ref()) {
+            Some(Variant::Service(s)) => s.endpoints.iter().filter(|e| e.cluster == cluster).count(),
+            _ => 0,
+        };
         let t0 = Instant::now();
         root.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
-        let expected = if count == PER_SERVICE { before + 1 } else { before - 1 };
-        all_hold(&mut node, Duration::from_secs(10), |a| all(a) == expected).await?;
+        all_hold(&mut node, Duration::from_secs(10), |a| of_cluster(a) == count).await?;
         latencies.push(t0.elapsed());
     }
     latencies.sort();
