@@ -222,7 +222,10 @@ pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerS
 /// both are unchanged, so a change in one cluster's service costs that service, not the
 /// federation.
 #[derive(Debug, Default)]
-pub struct Converted(BTreeMap<(String, String, String), (Arc<EndpointsRecord>, ClusterRecord, EndpointChunk)>);
+pub struct Converted(BTreeMap<ServiceOf, (Arc<EndpointsRecord>, ClusterRecord, EndpointChunk)>);
+
+/// (cluster, namespace, name) of a service.
+type ServiceOf = (String, String, String);
 
 /// How this cluster's nodes reach one member's endpoints.
 enum Reach<'a> {

@@ -171,6 +171,7 @@ fn tunnel_flood(lab: &Lab, opened: mpsc::Sender<(usize, usize)>) -> TunnelFlood 
                 node: NODE1_HBONE.parse().expect("node-1"),
                 destination: SpiffeId::parse(SINK).expect("sink's ID"),
                 protocol: Protocol::Http2,
+                via: None,
             });
             let target: SocketAddr = SINK_POD.parse().expect("sink");
             let mut tasks = tokio::task::JoinSet::new();

@@ -68,6 +68,7 @@ fn baggage_flood(lab: &Lab) -> usize {
                 node: NODE1_HBONE.parse().expect("node-1"),
                 destination: SpiffeId::parse(TGT).expect("tgt's ID"),
                 protocol: Protocol::Http2,
+                via: None,
             });
             let target: SocketAddr = TGT_POD.parse().expect("tgt");
             let mut tasks = tokio::task::JoinSet::new();

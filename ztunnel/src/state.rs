@@ -48,7 +48,7 @@ pub struct Endpoint {
     pub healthy: bool,
     /// Set when the endpoint stands for the pods of another network behind that cluster's
     /// east-west gateway (`ip` and `node_address` are then the gateway's).
-    pub gateway: Option<GatewayHop>,
+    pub gateway: Option<Arc<GatewayHop>>,
 }
 
 /// An east-west gateway in front of another network's pods.
@@ -415,11 +415,11 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
             if !e.enrolled {
                 return Err("behind a gateway, but not enrolled: only tunnels cross gateways".into());
             }
-            Some(GatewayHop {
+            Some(Arc::new(GatewayHop {
                 address: SocketAddr::new(node_address.unwrap_or(ip), port),
                 identity,
                 weight: e.weight.max(1),
-            })
+            }))
         }
     };
     Ok(Endpoint {

@@ -236,8 +236,6 @@ fn latency(to: SocketAddr, count: usize, warmup: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `p` quantile (0..=1) of `sorted`, which is not empty.
-
 fn connrate(to: SocketAddr, run: Duration, workers: usize) -> anyhow::Result<()> {
     anyhow::ensure!(workers > 0, "--workers must be at least 1");
     let done = AtomicU64::new(0);
