@@ -3,20 +3,21 @@
 //! of west through west's gateway; west's node sees east's workload identity (its policy
 //! applies to it); the inner connection is pooled; the gateway relays only global services.
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{ca, certs_for, echo, id, Ca};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::{key_of, Slice};
-use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
-};
+use trellis_identity::{BundleSet, CertManager, TrustBundle, TrustDomain};
 use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Via};
 use trellis_ztunnel::hbone::server::{self, Handler, LocalCerts};
@@ -33,36 +34,8 @@ const GATEWAY: &str = "spiffe://west.trellis.local/trellis/node/east-west-gatewa
 const WEB: &str = "spiffe://east.trellis.local/ns/shop/sa/web";
 const API: &str = "spiffe://east.trellis.local/ns/shop/sa/api";
 
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
-
-struct Ca {
-    _dir: tempfile::TempDir,
-    ca: Arc<CertificateAuthority>,
-}
-
-fn ca(td: &str) -> Ca {
-    let dir = tempfile::tempdir().unwrap();
-    let td = TrustDomain::new(td).unwrap();
-    let ca = CertificateAuthority::load_or_create(dir.path(), &td, IssuancePolicy::default()).unwrap();
-    Ca {
-        _dir: dir,
-        ca: Arc::new(ca),
-    }
-}
-
 fn bundle(ca: &Ca) -> TrustBundle {
     TrustBundle::new(ca.ca.trust_domain().clone(), ca.ca.roots().to_vec())
-}
-
-async fn certs_for(ca: &Ca, ids: &[&str]) -> CertManager {
-    let certs = CertManager::new(ca.ca.clone(), ManagerConfig::default());
-    for s in ids {
-        certs.ensure(&id(s));
-        certs.wait_for(&id(s), Duration::from_secs(5)).await.expect("SVID");
-    }
-    certs
 }
 
 /// West's cluster as its node and its gateway see it: cart-1 (at 127.0.0.1, node-1 at `node`)
@@ -159,21 +132,6 @@ fn proxy(node: &str, state: ProxyState, certs: CertManager, bundles: BundleSet) 
         Arc::new(Metrics::default()),
         IdleTimeouts::default(),
     )
-}
-
-/// An echo server on loopback (west's workload).
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
-    addr
 }
 
 /// West's node and gateway, and east's pool, each with its own view of the federation.

@@ -5,20 +5,21 @@
 //! Connections are counted by a [`Front`], a TCP relay in front of the node's HBONE port: each
 //! connection it accepts is one TLS and HTTP/2 handshake of the pool.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{ca, certs_for, echo, id, Ca};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
 use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::{key_of, Slice};
-use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
-};
+use trellis_identity::{BundleSet, TrustBundle, TrustDomain};
 use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::server::{self, LocalCerts};
@@ -31,35 +32,6 @@ use trellis_ztunnel::state::ProxyState;
 const CART: &str = "spiffe://east.trellis.local/ns/shop/sa/cart";
 const WEB: &str = "spiffe://east.trellis.local/ns/shop/sa/web";
 const API: &str = "spiffe://east.trellis.local/ns/shop/sa/api";
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
-
-struct Ca {
-    _dir: tempfile::TempDir,
-    ca: Arc<CertificateAuthority>,
-}
-
-fn ca(td: &str) -> Ca {
-    let dir = tempfile::tempdir().unwrap();
-    let ca =
-        CertificateAuthority::load_or_create(dir.path(), &TrustDomain::new(td).unwrap(), IssuancePolicy::default())
-            .unwrap();
-    Ca {
-        _dir: dir,
-        ca: Arc::new(ca),
-    }
-}
-
-async fn certs_for(ca: &Ca, ids: &[&str]) -> CertManager {
-    let certs = CertManager::new(ca.ca.clone(), ManagerConfig::default());
-    for s in ids {
-        certs.ensure(&id(s));
-        certs.wait_for(&id(s), Duration::from_secs(5)).await.expect("SVID");
-    }
-    certs
-}
 
 /// cart-1 at 127.0.0.1 on this "node", enrolled; optionally a policy denying `api`.
 fn slice(deny_api: bool) -> Slice {
@@ -95,21 +67,6 @@ fn slice(deny_api: bool) -> Slice {
         .into_iter()
         .map(|r| (key_of(&r).unwrap(), Arc::new(r)))
         .collect()
-}
-
-/// An echo server on loopback (the workload).
-async fn echo() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
-    addr
 }
 
 struct Node {
