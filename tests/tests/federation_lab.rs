@@ -2,7 +2,8 @@
 //! certificates, etcd's users and roles) and joined by `trellis lab up` itself: a client of east
 //! reaches a global service that only west serves, through the two east-west gateways, in mutual
 //! TLS end to end; the wire between the networks carries only tunnels; west's policy sees east's
-//! workload; etcd's loss is survived and reported; a cluster that leaves is refused again.
+//! workload; etcd's loss is survived and reported; a cluster that leaves is refused, and
+//! accepted again once it rejoins.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -189,4 +190,38 @@ fn east_reaches_west_through_the_gateways_in_mutual_tls_and_west_decides() {
         "west's client is refused once west left"
     );
     eprintln!("west left: refused within {:?}", started.elapsed());
+
+    // West joins again (as `lab up` did, with its own etcd certificate): accepted again.
+    let pki = lab.state_dir.join("etcd").join("pki");
+    let file = |name: &str| pki.join(name).display().to_string();
+    let manifests = lab.manifests("west").display().to_string();
+    let out = lab.exec(
+        &lab.control_ns("west"),
+        "trellis",
+        &[
+            "federation",
+            "join",
+            "--cluster",
+            "west",
+            "--etcd",
+            "https://10.200.0.2:2379",
+            "--etcd-ca",
+            &file("ca.pem"),
+            "--etcd-cert",
+            &file("trellis-cluster-west.pem"),
+            "--etcd-key",
+            &file("trellis-cluster-west-key.pem"),
+            "--network",
+            "west",
+            "--gateway",
+            "10.200.0.12:15008",
+            "--manifests",
+            &manifests,
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    lab.call_until(&west_client, WEST_NEAR, Duration::from_secs(30), |r| r.is_ok())
+        .expect("west's client is accepted in east again once west rejoined");
+    lab.call_until(&east_client, EAST_FAR, Duration::from_secs(30), |r| r.is_ok())
+        .expect("and east reaches far in west again");
 }
