@@ -6,11 +6,14 @@
 //! Connections are counted by a relay in front of the node's HBONE port: each connection it
 //! accepts is one TLS and HTTP/2 handshake of the client.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use common::{echo, id};
 use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,8 +23,7 @@ use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::{key_of, Slice};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
 use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, HeldSvid, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle,
-    TrustDomain,
+    BundleSet, CertManager, CertificateAuthority, HeldSvid, IssuancePolicy, ManagerConfig, TrustBundle, TrustDomain,
 };
 use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, Pool, Tunnel};
@@ -37,10 +39,6 @@ const CART: &str = "spiffe://east.trellis.local/ns/shop/sa/cart";
 const WEB: &str = "spiffe://east.trellis.local/ns/shop/sa/web";
 /// The client SVIDs' lifetime: renewed at about half of it.
 const SHORT_TTL: Duration = Duration::from_secs(4);
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
 
 /// A node serving cart-1 (the echo server below) on an HBONE port, with a CA that issues SVIDs
 /// down to one second.
@@ -113,21 +111,6 @@ async fn node() -> Node {
         ca,
         _dir: dir,
     }
-}
-
-/// An echo server on loopback (the workload).
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
-    addr
 }
 
 /// A TCP relay to `node`, counting the connections dialled through it.

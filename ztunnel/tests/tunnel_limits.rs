@@ -2,11 +2,14 @@
 //! the flood gets at most its identity's share of tunnels (503 beyond), and another identity's
 //! tunnels keep opening and carrying bytes as fast as without the flood.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{echo, id};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use trellis_api::config::v1 as pb;
@@ -14,7 +17,7 @@ use trellis_api::config::v1::resource::Kind as Variant;
 use trellis_api::slice::{key_of, Slice};
 use trellis_e2e::flood::{p99, within_twice};
 use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
+    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, TrustBundle, TrustDomain,
 };
 use trellis_ztunnel::hbone::idle::IdleTimeouts;
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
@@ -38,10 +41,6 @@ const LIMITS: TunnelLimits = TunnelLimits {
 /// Tunnels web opens (and uses) with and without the flood.
 const ROUNDS: usize = 300;
 
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
-
 /// cart-1 at 127.0.0.1 on this "node", enrolled, no policy.
 fn slice() -> Slice {
     let resources = [pb::Resource {
@@ -61,21 +60,6 @@ fn slice() -> Slice {
         .into_iter()
         .map(|r| (key_of(&r).unwrap(), Arc::new(r)))
         .collect()
-}
-
-/// An echo server on loopback (the workload).
-async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
-    addr
 }
 
 async fn certs_for(ca: &Arc<CertificateAuthority>, ids: &[&str]) -> CertManager {
