@@ -112,15 +112,13 @@ impl Gateway {
             connection_security_policy: "mutual_tls".into(),
             ..Default::default()
         };
-        let candidates = relayable(&service, &self.proxy.cluster, wanted.as_ref());
-        let balancer = self.proxy.balancer(&service.namespace, &service.name);
-        let order: Vec<Endpoint> = balancer
-            .pick(&candidates.into_iter().cloned().collect::<Vec<_>>())
+        let candidates: Vec<Endpoint> = relayable(&service, &self.proxy.cluster, wanted.as_ref())
             .into_iter()
             .cloned()
             .collect();
+        let balancer = self.proxy.balancer(&service.namespace, &service.name);
         let mut upstream = None;
-        for endpoint in &order {
+        for endpoint in balancer.pick(&candidates) {
             let Some(node) = endpoint.node_address else { continue };
             let node = SocketAddr::new(node, PORT);
             match dial(node).await {
