@@ -19,8 +19,9 @@ pub enum EditError {
     Invalid(String),
     #[error("{path}: {why}")]
     File { path: PathBuf, why: String },
-    #[error("namespace {namespace} has no label {key}; nothing to remove")]
-    NoSuchLabel { namespace: String, key: String },
+    /// `object` names it: `namespace shop`, `service shop/cart`.
+    #[error("{object} has no label {key}; nothing to remove")]
+    NoSuchLabel { object: String, key: String },
 }
 
 /// Checks a Kubernetes label key (`[prefix/]name`) and value.
@@ -201,6 +202,30 @@ fn manifest_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>), EditError> {
     Ok((root, files))
 }
 
+/// `labels` with `key` set to `value`, or removed (`None`): removing a label that is not there is
+/// an error naming the `object`.
+fn relabel(
+    labels: &BTreeMap<String, String>,
+    key: &str,
+    value: Option<&str>,
+    object: impl FnOnce() -> String,
+) -> Result<BTreeMap<String, String>, EditError> {
+    let mut labels = labels.clone();
+    match value {
+        Some(v) => {
+            labels.insert(key.to_string(), v.to_string());
+        }
+        None if labels.remove(key).is_none() => {
+            return Err(EditError::NoSuchLabel {
+                object: object(),
+                key: key.to_string(),
+            })
+        }
+        None => {}
+    }
+    Ok(labels)
+}
+
 /// Sets (`Some(value)`) or removes (`None`) a label on namespace `namespace` in the manifest
 /// directory `dir`. Returns the file written.
 pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&str>) -> Result<PathBuf, EditError> {
@@ -216,20 +241,7 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
         let Some((ns, _)) = inventory.namespaces.get(namespace) else {
             continue;
         };
-        let mut labels = ns.labels.clone();
-        match value {
-            Some(v) => {
-                labels.insert(key.to_string(), v.to_string());
-            }
-            None => {
-                if labels.remove(key).is_none() {
-                    return Err(EditError::NoSuchLabel {
-                        namespace: namespace.to_string(),
-                        key: key.to_string(),
-                    });
-                }
-            }
-        }
+        let labels = relabel(&ns.labels, key, value, || format!("namespace {namespace}"))?;
         let file_error = |why: String| EditError::File {
             path: path.clone(),
             why,
@@ -252,7 +264,7 @@ pub fn label_namespace(dir: &Path, namespace: &str, key: &str, value: Option<&st
     }
     let Some(v) = value else {
         return Err(EditError::NoSuchLabel {
-            namespace: namespace.to_string(),
+            object: format!("namespace {namespace}"),
             key: key.to_string(),
         });
     };
@@ -318,19 +330,7 @@ pub fn label_service(
         let Some((svc, _)) = inventory.services.get(&wanted) else {
             continue;
         };
-        let mut labels = svc.labels.clone();
-        match value {
-            Some(v) => {
-                labels.insert(key.to_string(), v.to_string());
-            }
-            None => {
-                if labels.remove(key).is_none() {
-                    return Err(EditError::Invalid(format!(
-                        "service {namespace}/{name} has no label {key}; nothing to remove"
-                    )));
-                }
-            }
-        }
+        let labels = relabel(&svc.labels, key, value, || format!("service {namespace}/{name}"))?;
         let file_error = |why: String| EditError::File {
             path: path.clone(),
             why,
