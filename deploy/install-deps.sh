@@ -24,6 +24,7 @@ want iproute2 ip tc                # lab namespaces, links, netem
 want etcd-server etcd              # the federation store (tests start their own)
 want build-essential cc c++ make   # aws-lc-sys builds C, libFuzzer (cargo fuzz) C++
 want ca-certificates /etc/ssl/certs/ca-certificates.crt   # cargo fetching crates over HTTPS
+want python3 python3               # the federation lab test's wan capture (a raw socket, tests/tests/federation_lab.rs)
 want prometheus promtool           # promtool check metrics on every /metrics (tests/tests/telemetry.rs); only promtool is used
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -40,7 +41,7 @@ fi
 # Check again what the build and the tests will open, so a package that installs without the
 # file we need is reported here and not as a build error ten minutes later.
 missing=()
-for thing in protoc nft ip tc etcd cc c++ promtool /usr/include/google/protobuf/struct.proto; do
+for thing in protoc nft ip tc etcd cc c++ python3 promtool /usr/include/google/protobuf/struct.proto; do
   if [[ $thing == /* ]]; then [ -e "$thing" ] || missing+=("$thing"); else command -v "$thing" >/dev/null 2>&1 || missing+=("$thing"); fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
