@@ -161,7 +161,7 @@ fn federation(admin: SocketAddr) -> Result<Value, String> {
 
 /// Polls trellisd until `done` holds on its federation status, up to `timeout`; prints each new
 /// `progress` line on the way. The last status, or why it could not be read.
-fn wait(
+pub fn wait(
     admin: SocketAddr,
     timeout: Duration,
     done: impl Fn(&Value) -> bool,

@@ -464,35 +464,23 @@ fn wait_federation(plan: &Plan) -> anyhow::Result<()> {
     let members: Vec<&str> = plan.clusters.iter().map(|c| c.name.as_str()).collect();
     let deadline = Instant::now() + FEDERATION_TIMEOUT;
     for c in &plan.clusters {
-        let mut said = String::new();
-        loop {
-            let read = in_netns(&c.cp.netns, || crate::status::fetch(admin))
-                .map_err(|e| format!("cannot enter {}: {e}", c.cp.netns))
-                .and_then(|r| r)
-                .map(|v| v["federation"].clone());
-            let line = match &read {
-                Ok(fed) if synced_with(fed, &members) => break,
-                Ok(fed) => sync_progress(fed, &members),
-                Err(e) => e.clone(),
-            };
-            if line != said {
-                eprintln!("lab up: cluster {}: {line}", c.name);
-                said = line;
-            }
-            if Instant::now() >= deadline {
-                let last = match &read {
-                    Ok(fed) => crate::federation::render(fed),
-                    Err(e) => format!("{e}\n"),
-                };
-                bail!(
-                    "cluster {}'s trellisd had not synced with every member ({}) after {} s; its federation status:\n{}",
-                    c.name,
-                    members.join(", "),
-                    FEDERATION_TIMEOUT.as_secs(),
-                    last.trim_end()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let waited = in_netns(&c.cp.netns, || {
+            crate::federation::wait(
+                admin,
+                deadline.saturating_duration_since(Instant::now()),
+                |f| synced_with(f, &members),
+                |f| format!("lab up: cluster {}: {}", c.name, sync_progress(f, &members)),
+            )
+        })
+        .with_context(|| format!("cannot enter {}", c.cp.netns))?;
+        if let Err((why, last)) = waited {
+            bail!(
+                "cluster {}'s trellisd had not synced with every member ({}) within {} s ({why}); its federation status:\n{}",
+                c.name,
+                members.join(", "),
+                FEDERATION_TIMEOUT.as_secs(),
+                last.map(|f| crate::federation::render(&f)).unwrap_or_default().trim_end()
+            );
         }
         eprintln!("lab up: cluster {}: synced with {}", c.name, members.join(", "));
     }
