@@ -467,6 +467,8 @@ fn build_namespace(inv: &Inventory, cluster: &ClusterInfo, previous: Option<&NsM
                 endpoints,
                 global: s.labels.get(GLOBAL).map(String::as_str) == Some("true"),
                 waypoint: waypoint_for(&s.labels, &key.namespace, labels),
+                // Set by the federation's traffic record, when there is one.
+                cluster_weights: Default::default(),
             })),
         };
         let entry = intern(previous.map(|p| &p.services), pb::Kind::Service, key, resource);

@@ -146,6 +146,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         bundles.clone(),
         metrics.clone(),
         config.idle_timeouts(),
+        Duration::from_millis(config.connect_timeout_ms),
     );
     tokio::spawn(apply_config(
         config.clone(),

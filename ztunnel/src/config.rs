@@ -113,6 +113,12 @@ pub struct Config {
     /// (its default is one hour too); 0: never.
     #[arg(long, env = "TRELLIS_TUNNEL_IDLE_TIMEOUT_SECONDS", default_value_t = 3600)]
     pub tunnel_idle_timeout_seconds: u64,
+    /// How long one attempt to reach an endpoint may take (dial, TLS and HTTP/2 handshakes,
+    /// the CONNECT's answer) before the endpoint, and its node or gateway, is ejected and the
+    /// connection retried on the next one. Keep it above a few round trips to the farthest
+    /// cluster.
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
+    pub connect_timeout_ms: u64,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -154,6 +160,9 @@ impl Config {
         }
         if self.max_tunnels == 0 || self.max_tunnels_per_identity == 0 {
             return Err("--max-tunnels and --max-tunnels-per-identity must be at least 1".into());
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err("--connect-timeout-ms must be at least 1".into());
         }
         if self.nft_timeout_ms == 0 || self.capture_check_ms == 0 {
             return Err("--nft-timeout-ms and --capture-check-ms must be at least 1".into());

@@ -416,6 +416,8 @@ mod tests {
             labels: BTreeMap::new(),
             enrolled: true,
             node_address: None,
+            region: String::new(),
+            zone: String::new(),
         }
     }
 

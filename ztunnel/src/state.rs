@@ -30,14 +30,19 @@ pub struct LocalWorkload {
     pub enrolled: bool,
     /// This node's tunnel address, as trellisd gave it.
     pub node_address: Option<IpAddr>,
+    /// Where it runs, for the locality of the endpoints it calls.
+    pub region: String,
+    pub zone: String,
 }
 
 /// One backend of a service, on any node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub name: String,
-    /// The endpoint's cluster.
+    /// The endpoint's cluster, region and zone.
     pub cluster: String,
+    pub region: String,
+    pub zone: String,
     pub ip: IpAddr,
     pub node: String,
     /// Where that node accepts HBONE tunnels (port 15008); `None` if trellisd did not say.
@@ -75,6 +80,8 @@ pub struct Service {
     /// Service port → target port.
     pub ports: BTreeMap<u16, u16>,
     pub endpoints: Vec<Endpoint>,
+    /// Traffic shifting: cluster → weight; empty means by locality.
+    pub weights: BTreeMap<String, u32>,
 }
 
 /// Where an intercepted connection is going.
@@ -262,6 +269,8 @@ impl ProxyState {
                 endpoint: Endpoint {
                     name: local.name.clone(),
                     cluster: local.cluster.clone(),
+                    region: local.region.clone(),
+                    zone: local.zone.clone(),
                     ip: local.ip,
                     node: String::new(),
                     node_address: local.node_address,
@@ -325,6 +334,8 @@ fn local_workload(w: &pb::Workload) -> Result<LocalWorkload, String> {
         labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         enrolled: w.enrolled,
         node_address,
+        region: w.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
+        zone: w.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
     })
 }
 
@@ -346,6 +357,8 @@ fn remote_workload(book: &pb::WorkloadAddresses, w: &pb::WorkloadAddress) -> Res
     Ok(Endpoint {
         name: w.name.clone(),
         cluster: book.cluster.clone(),
+        region: w.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
+        zone: w.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
         ip,
         node: w.node.clone(),
         node_address,
@@ -390,6 +403,7 @@ fn service(s: &pb::Service) -> Result<(Service, Vec<String>), String> {
         vips,
         ports,
         endpoints,
+        weights: s.cluster_weights.clone(),
     };
     Ok((svc, problems))
 }
@@ -425,6 +439,8 @@ fn endpoint(e: &pb::Endpoint) -> Result<Endpoint, String> {
     Ok(Endpoint {
         name: e.workload_name.clone(),
         cluster: e.cluster.clone(),
+        region: e.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
+        zone: e.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
         ip,
         node: e.node.clone(),
         node_address,

@@ -131,6 +131,7 @@ fn proxy(node: &str, state: ProxyState, certs: CertManager, bundles: BundleSet) 
         bundles,
         Arc::new(Metrics::default()),
         IdleTimeouts::default(),
+        trellis_ztunnel::proxy::DEFAULT_CONNECT_TIMEOUT,
     )
 }
 

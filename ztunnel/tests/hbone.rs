@@ -96,6 +96,7 @@ async fn node() -> Node {
         bundles.clone(),
         metrics.clone(),
         IdleTimeouts::default(),
+        trellis_ztunnel::proxy::DEFAULT_CONNECT_TIMEOUT,
     );
     let local = LocalCerts::new(certs);
     local.set([id(CART)]);
@@ -528,4 +529,110 @@ async fn a_trust_domain_dropped_from_the_federation_loses_its_open_tunnels_and_n
         .open(&key(&node, west_web), node.workload, &[], &Bytes::new())
         .await;
     assert!(again.is_err(), "a new tunnel from west is refused");
+}
+
+/// A TCP relay that forwards both ways until it is told to drop everything, as a node whose
+/// packets are blackholed (no reset, no answer).
+struct Blackhole {
+    addr: SocketAddr,
+    dropping: watch::Sender<bool>,
+}
+
+impl Blackhole {
+    async fn start(node: SocketAddr) -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dropping, dropping_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(node).await else {
+                    continue;
+                };
+                let (client_rx, client_tx) = client.into_split();
+                let (server_rx, server_tx) = server.into_split();
+                tokio::spawn(Self::pipe(client_rx, server_tx, dropping_rx.clone()));
+                tokio::spawn(Self::pipe(server_rx, client_tx, dropping_rx.clone()));
+            }
+        });
+        Blackhole { addr, dropping }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        dropping: watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if !*dropping.borrow() && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_node_fails_every_waiting_open_at_once_and_retryably() {
+    let node = node().await;
+    let pool = Pool::new(certs_for(&node._ca, &[WEB]).await, node.bundles.clone());
+    let hole = Blackhole::start(node.hbone).await;
+    let key = Key {
+        node: hole.addr,
+        ..key(&node, WEB)
+    };
+    let mut tunnel = pool
+        .open(&key, node.workload, &[], &Bytes::new())
+        .await
+        .expect("a tunnel while the node answers");
+    assert_eq!(round_trip(&mut tunnel, b"before").await, b"before");
+
+    hole.dropping.send_replace(true);
+    // Two opens on the pooled connection, with early bytes, 50 ms apart, each with 600 ms to
+    // go: the first's probe (a PING at 150 ms, no answer within 300 ms) closes the connection,
+    // and both fail then, the second well before its own deadline.
+    let early = Bytes::from_static(b"GET / HTTP/1.1\r\n");
+    let timed = |pool: Arc<Pool>, key: Key, early: Bytes| async move {
+        let started = tokio::time::Instant::now();
+        let opened = pool
+            .open_by(&key, node.workload, &[], &early, started + Duration::from_millis(600))
+            .await;
+        (opened.err(), started.elapsed())
+    };
+    let first = tokio::spawn(timed(pool.clone(), key.clone(), early.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(timed(pool.clone(), key.clone(), early.clone()));
+    let (first, first_took) = first.await.unwrap();
+    let (second, second_took) = second.await.unwrap();
+    for (what, e, took) in [("first", &first, first_took), ("second", &second, second_took)] {
+        assert!(
+            matches!(e, Some(e @ OpenError::Unanswered(_)) if e.retryable() && e.hop_failed()),
+            "{what} open: {e:?}"
+        );
+        assert!(took < Duration::from_millis(600), "{what} open took {took:?}");
+    }
+    assert!(
+        second_took < Duration::from_millis(500),
+        "second open took {second_took:?}"
+    );
+    // The tunnel that was open on it ends too, rather than hanging on a dead node.
+    let ended = tokio::time::timeout(Duration::from_secs(2), tunnel.next_chunk()).await;
+    assert!(
+        matches!(ended, Ok(None | Some(Err(_)))),
+        "the open tunnel should end: {ended:?}"
+    );
+
+    // A fresh dial to the dead node sends nothing and times out: safe to retry elsewhere.
+    let started = tokio::time::Instant::now();
+    let fresh = pool
+        .open_by(&key, node.workload, &[], &early, started + Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(&fresh, Err(e @ OpenError::TimedOut(_)) if e.retryable()),
+        "{:?}",
+        fresh.err()
+    );
 }

@@ -90,6 +90,7 @@ async fn node() -> Node {
         bundles.clone(),
         Arc::new(Metrics::default()),
         IdleTimeouts::default(),
+        trellis_ztunnel::proxy::DEFAULT_CONNECT_TIMEOUT,
     );
     let local = LocalCerts::new(certs);
     local.set([id(CART)]);

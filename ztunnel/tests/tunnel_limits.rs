@@ -118,6 +118,7 @@ impl Node {
             bundles.clone(),
             Arc::new(Metrics::default()),
             idle,
+            trellis_ztunnel::proxy::DEFAULT_CONNECT_TIMEOUT,
         );
         let local = LocalCerts::new(certs);
         local.set([id(CART)]);

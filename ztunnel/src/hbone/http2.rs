@@ -13,6 +13,7 @@ use http::{Request, StatusCode};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use trellis_identity::verify::VerifiedChain;
 use trellis_identity::BundleSet;
@@ -81,9 +82,11 @@ where
     let ((send, connection), verified) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| OpenError::Tls(node, io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")))??;
+    let mut connection = connection;
+    let ping = std::sync::Mutex::new(connection.ping_pong());
     let closed = Arc::new(AtomicBool::new(false));
     let on_close = closed.clone();
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let mut trust = trusted.changes();
         tokio::pin!(connection);
         loop {
@@ -111,7 +114,14 @@ where
         }
         on_close.store(true, Ordering::Release);
     });
-    Ok(Arc::new(Http2Connection { node, send, closed }) as Arc<dyn Connection>)
+    Ok(Arc::new(Http2Connection {
+        node,
+        send,
+        closed,
+        ping,
+        dead: watch::channel(false).0,
+        driver: driver.abort_handle(),
+    }) as Arc<dyn Connection>)
 }
 
 /// A client HTTP/2 connection; its driver runs in its own task until the connection ends.
@@ -119,6 +129,11 @@ struct Http2Connection {
     node: SocketAddr,
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// The connection's PING sender, taken by one probe at a time.
+    ping: std::sync::Mutex<Option<h2::PingPong>>,
+    /// Turns true when the connection is killed: opens waiting for an answer give up.
+    dead: watch::Sender<bool>,
+    driver: tokio::task::AbortHandle,
 }
 
 impl Connection for Http2Connection {
@@ -146,7 +161,18 @@ impl Connection for Http2Connection {
             } else {
                 send.send_data(early.clone(), false).err()
             };
-            let response = response.await.map_err(|e| {
+            let mut dead = self.dead.subscribe();
+            // Killed (which happens before its driver is aborted): the broken stream that
+            // follows means the node stopped answering, not that the request failed there.
+            let response = tokio::select! {
+                biased;
+                _ = dead.wait_for(|dead| *dead) => None,
+                response = response => Some(response).filter(|_| !*self.dead.borrow()),
+            };
+            let Some(response) = response else {
+                return Err(StreamFailure::Failed(OpenError::Unanswered(node)));
+            };
+            let response = response.map_err(|e| {
                 if unprocessed(&e) {
                     // Refused before processing (the server's GOAWAY crossed it): as if never sent.
                     StreamFailure::ConnectionGone(OpenError::Protocol(node, h2_io(e)))
@@ -160,6 +186,23 @@ impl Connection for Http2Connection {
                 (status, _) => Ok(Answer::Refused(status)),
             }
         })
+    }
+
+    fn alive(&self, within: std::time::Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let taken = self.ping.lock().unwrap_or_else(|p| p.into_inner()).take();
+            // Another probe holds it, and will decide.
+            let Some(mut ping) = taken else { return true };
+            let answered = tokio::time::timeout(within, ping.ping(h2::Ping::opaque())).await;
+            *self.ping.lock().unwrap_or_else(|p| p.into_inner()) = Some(ping);
+            matches!(answered, Ok(Ok(_)))
+        })
+    }
+
+    fn kill(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.dead.send_replace(true);
+        self.driver.abort();
     }
 
     fn is_closed(&self) -> bool {

@@ -39,6 +39,9 @@ use super::http2::Http2;
 use super::tunnel::{self, Answer, Connection, Protocol, RecvHalf, SendHalf, StreamFailure, Transport};
 use super::{sni_for, IDLE_TIMEOUT, MAX_STREAMS};
 
+/// The deadline of [`Pool::open`], for callers without one of their own.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -60,6 +63,14 @@ pub enum OpenError {
     Unreachable,
     #[error("the destination node answered {0}")]
     Status(StatusCode),
+    /// No connection to the node (or gateway) came up within the attempt's deadline: nothing
+    /// was sent on it.
+    #[error("node {0} did not answer within the connect timeout")]
+    TimedOut(SocketAddr),
+    /// The connection stopped answering altogether (no answer to the CONNECT, none to a PING
+    /// after it): the node is gone or cut off, and is taken as not having received the CONNECT.
+    #[error("node {0} stopped answering (no answer to the CONNECT or to a PING)")]
+    Unanswered(SocketAddr),
 }
 
 impl OpenError {
@@ -73,6 +84,15 @@ impl OpenError {
     /// received the client's bytes, or has answered that it never delivered them.
     pub fn retryable(&self) -> bool {
         self.endpoint_failed() && !matches!(self, Self::Interrupted(..))
+    }
+
+    /// Whether the node (or gateway) itself failed, rather than the workload behind it: then
+    /// every endpoint reached through it is ejected with it.
+    pub fn hop_failed(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(..) | Self::Tls(..) | Self::Protocol(..) | Self::TimedOut(_) | Self::Unanswered(_)
+        )
     }
 
     /// The error an answer other than 200 means.
@@ -99,6 +119,8 @@ impl Clone for OpenError {
             Self::Denied => Self::Denied,
             Self::Unreachable => Self::Unreachable,
             Self::Status(status) => Self::Status(*status),
+            Self::TimedOut(node) => Self::TimedOut(*node),
+            Self::Unanswered(node) => Self::Unanswered(*node),
         }
     }
 }
@@ -342,9 +364,7 @@ impl Pool {
     }
 
     /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
-    /// with the extra request `headers`. `early` (the client's first bytes, possibly empty)
-    /// leaves with the CONNECT instead of a round trip later; the destination ztunnel holds
-    /// them until the workload is connected, and drops them with any answer but 200.
+    /// with the extra request `headers`, within [`OPEN_TIMEOUT`]; see [`Pool::open_by`].
     pub async fn open(
         &self,
         key: &Key,
@@ -352,15 +372,67 @@ impl Pool {
         headers: &[(&str, String)],
         early: &Bytes,
     ) -> Result<Tunnel, OpenError> {
+        let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+        self.open_by(key, authority, headers, early, deadline).await
+    }
+
+    /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
+    /// with the extra request `headers`. `early` (the client's first bytes, possibly empty)
+    /// leaves with the CONNECT instead of a round trip later; the destination ztunnel holds
+    /// them until the workload is connected, and drops them with any answer but 200.
+    ///
+    /// **Deadline.** No connection by `deadline`: [`OpenError::TimedOut`] (nothing was sent).
+    /// A CONNECT still unanswered a quarter of the way to the deadline has its connection
+    /// probed with a PING; no answer to that either, and the connection is closed and every
+    /// open waiting on it fails at once with [`OpenError::Unanswered`] (the node is gone).
+    /// A connection that answers the PING but not the CONNECT by the deadline is slow, not
+    /// gone: the open fails with [`OpenError::TimedOut`] if it sent no early bytes, and with
+    /// [`OpenError::Interrupted`] (not to be replayed) if it did.
+    pub async fn open_by(
+        &self,
+        key: &Key,
+        authority: impl std::fmt::Display,
+        headers: &[(&str, String)],
+        early: &Bytes,
+        deadline: tokio::time::Instant,
+    ) -> Result<Tunnel, OpenError> {
         let mut fresh = false;
         loop {
-            let in_flight = self.connection(key, fresh).await?;
+            let start = tokio::time::Instant::now();
+            let in_flight = tokio::time::timeout_at(deadline, self.connection(key, fresh))
+                .await
+                .map_err(|_| OpenError::TimedOut(key.node))??;
             let mut request = Request::builder().method(Method::CONNECT).uri(authority.to_string());
             for (name, value) in headers {
                 request = request.header(*name, value);
             }
             let request = request.body(()).map_err(|e| OpenError::Status(bad_request(e)))?;
-            let answer = in_flight.0.conn.open(request, early).await;
+            let conn = in_flight.0.conn.clone();
+            let answer = conn.open(request, early);
+            tokio::pin!(answer);
+            let probe_at = start + deadline.saturating_duration_since(start) / 4;
+            let answer = tokio::select! {
+                answer = &mut answer => answer,
+                _ = tokio::time::sleep_until(probe_at) => {
+                    let window = deadline.saturating_duration_since(probe_at) * 2 / 3;
+                    let probed = conn.clone();
+                    let node = key.node;
+                    tokio::spawn(async move {
+                        if !probed.alive(window).await {
+                            tracing::warn!(%node, "HBONE connection answers neither a CONNECT nor a PING: closed, with every tunnel it carries");
+                            probed.kill();
+                        }
+                    });
+                    match tokio::time::timeout_at(deadline, &mut answer).await {
+                        Ok(answer) => answer,
+                        Err(_) if early.is_empty() => return Err(OpenError::TimedOut(key.node)),
+                        Err(_) => {
+                            let slow = io::Error::new(io::ErrorKind::TimedOut, "no answer to the CONNECT in time");
+                            return Err(OpenError::Interrupted(key.node, slow));
+                        }
+                    }
+                }
+            };
             match answer {
                 Ok(Answer::Open(send, recv)) => {
                     return Ok(Tunnel {
@@ -442,7 +514,10 @@ impl Pool {
                             ..key.clone()
                         };
                         let asks = [(DESTINATION_HEADER, key.destination.to_string())];
-                        let tunnel = pool.open(&outer, &via.authority, &asks, &Bytes::new()).await?;
+                        let deadline = tokio::time::Instant::now() + super::HANDSHAKE_TIMEOUT;
+                        let tunnel = pool
+                            .open_by(&outer, &via.authority, &asks, &Bytes::new(), deadline)
+                            .await?;
                         super::http2::handshake(super::nested::TunnelIo::new(tunnel), key.node, name, tls, trusted)
                             .await?
                     }

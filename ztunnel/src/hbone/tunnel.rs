@@ -154,6 +154,11 @@ pub trait Connection: Send + Sync + 'static {
     fn open<'a>(&'a self, request: Request<()>, early: &'a Bytes) -> BoxFuture<'a, Result<Answer, StreamFailure>>;
     /// Whether the connection takes no more tunnels (it closed, or the server is draining it).
     fn is_closed(&self) -> bool;
+    /// Whether the far end answers a PING within `within`.
+    fn alive(&self, within: std::time::Duration) -> BoxFuture<'_, bool>;
+    /// Closes the connection now: its tunnels end, and opens waiting for an answer on it fail
+    /// with [`OpenError::Unanswered`](super::pool::OpenError::Unanswered).
+    fn kill(&self);
 }
 
 /// Dials connections of one [`Protocol`].

@@ -11,6 +11,7 @@
 //! Answers: 200 spliced, 400 malformed (not a CONNECT, an authority that names no service),
 //! 404 no such global service, 503 no node of it answered.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +28,7 @@ use crate::hbone::copy::splice;
 use crate::hbone::pool::DESTINATION_HEADER;
 use crate::hbone::server::{BoxFuture, ConnInfo, Handler};
 use crate::hbone::{dial, PORT};
+use crate::lb::Locality;
 use crate::metrics::ConnLabels;
 use crate::state::{Endpoint, ProxyState, Service};
 
@@ -117,18 +119,35 @@ impl Gateway {
             .cloned()
             .collect();
         let balancer = self.proxy.balancer(&service.namespace, &service.name);
+        let here = Locality {
+            cluster: &self.proxy.cluster,
+            ..Locality::default()
+        };
+        // Half the sources' connect timeout: a dead node costs the source's attempt a retry
+        // here, not the whole gateway's ejection.
+        let within = self.proxy.connect_timeout / 2;
         let mut upstream = None;
-        for endpoint in balancer.pick(&candidates) {
+        let picks = balancer.pick(&candidates, &here, &BTreeMap::new(), &self.proxy.hops, within);
+        for endpoint in picks.iter().map(|p| p.endpoint) {
             let Some(node) = endpoint.node_address else { continue };
             let node = SocketAddr::new(node, PORT);
-            match dial(node).await {
+            let dialled = match tokio::time::timeout(within, dial(node)).await {
+                Ok(dialled) => dialled,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer within the connect timeout",
+                )),
+            };
+            match dialled {
                 Ok(tcp) => {
                     balancer.succeeded(endpoint.ip);
+                    self.proxy.hops.succeeded(node.ip());
                     upstream = Some((tcp, node));
                     break;
                 }
                 Err(e) => {
                     balancer.failed(endpoint.ip);
+                    self.proxy.hops.failed(node.ip());
                     tracing::warn!(%node, service = %labels.destination_service, error = %e, "gateway: node unreachable; trying the next");
                 }
             }

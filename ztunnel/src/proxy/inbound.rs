@@ -250,6 +250,8 @@ mod tests {
             labels: BTreeMap::new(),
             enrolled,
             node_address: None,
+            region: String::new(),
+            zone: String::new(),
         };
         state.local.insert(w.ip, Arc::new(w));
         state

@@ -25,7 +25,7 @@ use trellis_identity::{BundleSet, CertManager};
 
 use crate::hbone::idle::IdleTimeouts;
 use crate::hbone::pool::Pool;
-use crate::lb::Balancer;
+use crate::lb::{Balancer, Ejections};
 use crate::metrics::Metrics;
 use crate::state::ProxyState;
 
@@ -41,8 +41,17 @@ pub struct Proxy {
     pub drain: Drain,
     /// When silent tunnels close.
     pub idle: IdleTimeouts,
+    /// How long one attempt to open a connection to an endpoint may take (dial, handshakes,
+    /// the CONNECT's answer) before the endpoint is ejected and the next one tried.
+    pub connect_timeout: Duration,
     balancers: Mutex<HashMap<(String, String), Arc<Balancer>>>,
+    /// Ejected nodes and gateways, shared by every service.
+    pub hops: Ejections,
 }
+
+/// The default of `--connect-timeout-ms`: above a few round trips between clusters, well below
+/// what a caller notices as a failover.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Proxy {
     pub fn new(
@@ -53,6 +62,7 @@ impl Proxy {
         bundles: BundleSet,
         metrics: Arc<Metrics>,
         idle: IdleTimeouts,
+        connect_timeout: Duration,
     ) -> Arc<Self> {
         let pool = Pool::new(certs.clone(), bundles.clone());
         Arc::new(Self {
@@ -65,7 +75,9 @@ impl Proxy {
             metrics,
             drain: Drain::default(),
             idle,
+            connect_timeout,
             balancers: Mutex::new(HashMap::new()),
+            hops: Ejections::default(),
         })
     }
 

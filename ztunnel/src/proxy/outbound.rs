@@ -1,8 +1,10 @@
 //! Outbound capture (15001): connections of this node's enrolled workloads, redirected here by
 //! nftables with their original destination kept.
 //!
-//! A service VIP is balanced over its healthy endpoints; an endpoint whose connect fails is
-//! ejected and the next one is tried at once, invisibly to the client. Enrolled endpoints are
+//! A service VIP is balanced over its healthy endpoints by locality or by the service's cluster
+//! weights ([`crate::lb`]); an endpoint whose connect fails, or does not succeed within the
+//! connect timeout, is ejected (with its node or gateway when that is what failed) and the next
+//! one is tried at once, invisibly to the client. Enrolled endpoints are
 //! reached through an HBONE tunnel to their node, presenting the source workload's SVID; others
 //! are dialled directly. A denied or failed connection is reset, so the client sees
 //! "connection reset".
@@ -28,6 +30,7 @@ use crate::hbone::copy::{copy_plain, splice, Moved, OnBytes};
 use crate::hbone::pool::{Key, OpenError, Tunnel, Via};
 use crate::hbone::tunnel::Protocol;
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
+use crate::lb::{self, Locality, Tier};
 use crate::metrics::ConnLabels;
 use crate::state::{Destination, Endpoint, LocalWorkload, Service};
 
@@ -68,15 +71,27 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         tracing::warn!(%peer, %dst, "captured connection from an address that is no enrolled workload on this node; refused");
         return reset(tcp);
     };
-    let (service, candidates, port): (Option<Arc<Service>>, Vec<Endpoint>, u16) = match state.destination(dst) {
+    let from = Locality {
+        cluster: &source.cluster,
+        region: &source.region,
+        zone: &source.zone,
+    };
+    let (service, candidates, port): (Option<Arc<Service>>, Vec<(Endpoint, Tier)>, u16) = match state.destination(dst) {
         Destination::Service { service, target_port } => {
-            let order = proxy
-                .balancer(&service.namespace, &service.name)
-                .pick(&service.endpoints);
-            let order = order.into_iter().cloned().collect();
+            let order = proxy.balancer(&service.namespace, &service.name).pick(
+                &service.endpoints,
+                &from,
+                &service.weights,
+                &proxy.hops,
+                proxy.connect_timeout,
+            );
+            let order = order.into_iter().map(|p| (p.endpoint.clone(), p.tier)).collect();
             (Some(service), order, target_port)
         }
-        Destination::Workload { endpoint, service } => (service, vec![endpoint], dst.port()),
+        Destination::Workload { endpoint, service } => {
+            let tier = lb::tier(&endpoint, &from);
+            (service, vec![(endpoint, tier)], dst.port())
+        }
         Destination::Passthrough => return passthrough(&proxy, tcp, peer, dst, &source, started).await,
         Destination::Unknown => {
             // It may be an enrolled pod this node has not heard of yet: never plaintext.
@@ -105,7 +120,11 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let balancer = service.as_ref().map(|s| proxy.balancer(&s.namespace, &s.name));
-    for endpoint in &candidates {
+    for (attempts, (endpoint, tier)) in candidates.iter().enumerate() {
+        let tried = Tried {
+            tier: *tier,
+            attempts: attempts + 1,
+        };
         let target = SocketAddr::new(endpoint.ip, port);
         labels.destination_workload = endpoint.name.clone();
         labels.destination_cluster = endpoint.cluster.clone();
@@ -117,11 +136,24 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             (Some(_), Some(s)) => Some(format!("{}:{}", s.hostname, dst.port())),
             _ => None,
         };
-        match attempt(&proxy, &source, peer, endpoint, target, through.as_deref(), &early).await {
+        let deadline = tokio::time::Instant::now() + proxy.connect_timeout;
+        match attempt(
+            &proxy,
+            &source,
+            peer,
+            endpoint,
+            target,
+            through.as_deref(),
+            &early,
+            deadline,
+        )
+        .await
+        {
             Ok(opened) => {
                 if let Some(b) = &balancer {
                     b.succeeded(endpoint.ip);
                 }
+                proxy.hops.succeeded(lb::hop(endpoint));
                 let counters = proxy.metrics.connection(labels.clone(), true);
                 counters.upstream(early.len() as u64);
                 let (mut moved, result) = match opened {
@@ -129,7 +161,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                     Attempt::Direct(upstream) => copy_plain(tcp, upstream, &counters).await,
                 };
                 moved.upstream += early.len() as u64;
-                return access_log(&labels, peer, dst, target, moved, result, started);
+                return access_log(&labels, peer, dst, target, Some(tried), moved, result, started);
             }
             Err(e) if !e.endpoint_failed() => {
                 tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "connection refused; reset");
@@ -140,6 +172,9 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                 proxy.metrics.failure(&labels);
                 if let Some(b) = &balancer {
                     b.failed(endpoint.ip);
+                }
+                if e.hop_failed() {
+                    proxy.hops.failed(lb::hop(endpoint));
                 }
                 if !e.retryable() {
                     tracing::warn!(src = %peer, %dst, endpoint = %target, error = %e, "endpoint failed after the first bytes left; ejected, connection reset");
@@ -168,6 +203,7 @@ fn first_bytes(tcp: &TcpStream) -> io::Result<Bytes> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     proxy: &Proxy,
     source: &LocalWorkload,
@@ -176,9 +212,13 @@ async fn attempt(
     target: SocketAddr,
     through: Option<&str>,
     early: &Bytes,
+    deadline: tokio::time::Instant,
 ) -> Result<Attempt, OpenError> {
     let (true, Some(identity), Some(node)) = (endpoint.enrolled, &endpoint.identity, endpoint.node_address) else {
-        let mut upstream = dial(target).await.map_err(|e| OpenError::Connect(target, e))?;
+        let mut upstream = tokio::time::timeout_at(deadline, dial(target))
+            .await
+            .map_err(|_| OpenError::TimedOut(target))?
+            .map_err(|e| OpenError::Connect(target, e))?;
         // Once connected, a failed write is the workload's answer, not a reason to retry.
         if let Err(e) = upstream.write_all(early).await {
             tracing::debug!(endpoint = %target, error = %e, "the first bytes could not be written");
@@ -212,7 +252,7 @@ async fn attempt(
     ];
     proxy
         .pool
-        .open(&key, authority, &headers, early)
+        .open_by(&key, authority, &headers, early, deadline)
         .await
         .map(Attempt::Tunnel)
 }
@@ -239,7 +279,7 @@ async fn passthrough(
     };
     let counters = proxy.metrics.connection(labels.clone(), true);
     let (moved, result) = copy_plain(tcp, upstream, &counters).await;
-    access_log(&labels, peer, dst, dst, moved, result, started);
+    access_log(&labels, peer, dst, dst, None, moved, result, started);
 }
 
 /// The source half of the labels, reported by this (the source) ztunnel.
@@ -254,11 +294,20 @@ fn source_labels(source: &LocalWorkload) -> ConnLabels {
     }
 }
 
+/// How a connection's endpoint was chosen: its tier, and the attempts it took.
+#[derive(Debug, Clone, Copy)]
+struct Tried {
+    tier: Tier,
+    attempts: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn access_log(
     labels: &ConnLabels,
     peer: SocketAddr,
     dst: SocketAddr,
     endpoint: SocketAddr,
+    tried: Option<Tried>,
     moved: Moved,
     result: std::io::Result<()>,
     started: Instant,
@@ -272,6 +321,9 @@ fn access_log(
         endpoint = %endpoint,
         dst_service = %labels.destination_service,
         dst_workload = %labels.destination_workload,
+        dst_cluster = %labels.destination_cluster,
+        locality = tried.map_or("", |t| t.tier.as_str()),
+        attempts = tried.map_or(0, |t| t.attempts),
         dst_identity = %labels.destination_principal,
         security = %labels.connection_security_policy,
         request_bytes = moved.upstream,
