@@ -496,9 +496,13 @@ fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
         .map(|s| {
             json!({
                 "name": s.name, "namespace": s.namespace, "vips": s.vips, "ports": s.ports,
+                "weights": s.weights,
                 "endpoints": s.endpoints.iter().map(|e| json!({
                     "name": e.name, "ip": e.ip, "node": e.node, "node_address": e.node_address,
+                    "cluster": e.cluster, "region": e.region, "zone": e.zone,
+                    "gateway": e.gateway.as_ref().map(|g| g.address.to_string()),
                     "identity": e.identity.as_ref().map(ToString::to_string), "enrolled": e.enrolled, "healthy": e.healthy,
+                    "ejected": proxy.balancer(&s.namespace, &s.name).is_ejected(e.ip) || proxy.hops.is_ejected(crate::lb::hop(e)),
                 })).collect::<Vec<_>>(),
             })
         })

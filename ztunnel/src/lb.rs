@@ -311,6 +311,11 @@ impl Balancer {
     pub fn succeeded(&self, ip: IpAddr) {
         self.endpoints.succeeded(ip)
     }
+
+    /// Whether the endpoint at `ip` is ejected now, for the config dump.
+    pub fn is_ejected(&self, ip: IpAddr) -> bool {
+        self.endpoints.is_ejected(ip)
+    }
 }
 
 #[cfg(test)]
