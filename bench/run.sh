@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane|federation
+# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane|federation|failover
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -20,6 +20,12 @@ case "${1:-}" in
     target/release/federation
     echo
     exec target/release/cross_cluster ;;
+  failover)
+    # Needs root: a three-cluster lab (trellis lab up, with Debian's etcd-server: bash
+    # deploy/install-deps.sh), torn down after; kills, blackholes and loses what serves a client.
+    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
+      -p trellis-cli --bin trellis -p trellis-bench --bin failover
+    exec target/release/failover ;;
   *)
-    echo "usage: bash bench/run.sh control-plane|data-plane|federation" >&2; exit 2 ;;
+    echo "usage: bash bench/run.sh control-plane|data-plane|federation|failover" >&2; exit 2 ;;
 esac

@@ -1,6 +1,13 @@
 //! Drives a lab (`trellis lab up/down`) for an end-to-end test, and reaches into its network
 //! namespaces. The lab is torn down when the [`Lab`] drops, whether the test passed or not.
+//!
+//! For failover: [`load`] opens new connections from a pod and times them; [`blackhole`] makes
+//! a namespace drop every packet; [`config_dump`] reads what a ztunnel holds.
 
+pub mod load;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -172,27 +179,7 @@ impl Lab {
     /// until each one has died; returns their pids. Panics if there was none to kill, or naming
     /// the survivors if one still runs after 10 s.
     pub fn kill_all_in(&self, netns: &str) -> Vec<u32> {
-        let pids = pids_in(netns);
-        assert!(!pids.is_empty(), "no process runs in {netns}: nothing to kill");
-        for &pid in &pids {
-            let pid_t = libc::pid_t::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
-            // SAFETY: kill(2) takes no pointers; `pid` was just listed in `netns`.
-            if unsafe { libc::kill(pid_t, libc::SIGKILL) } != 0 {
-                let e = std::io::Error::last_os_error();
-                // ESRCH: it exited on its own meanwhile, which is what we want.
-                assert_eq!(
-                    e.raw_os_error(),
-                    Some(libc::ESRCH),
-                    "SIGKILL to pid {pid} in {netns}: {e}"
-                );
-            }
-        }
-        crate::wait_until(
-            &format!("every process in {netns} is dead"),
-            Duration::from_secs(10),
-            || pids.iter().all(|&pid| !is_running(pid)) && pids_in(netns).is_empty(),
-        );
-        pids
+        kill_all_in(netns)
     }
 
     /// Starts a recorded lab process again (after it was killed) with its recorded command
@@ -257,6 +244,33 @@ impl Drop for Lab {
     }
 }
 
+/// Kills (SIGKILL) every process in network namespace `netns` and waits until each one has
+/// died; returns their pids. Panics if there was none to kill, or naming the survivors if one
+/// still runs after 10 s.
+pub fn kill_all_in(netns: &str) -> Vec<u32> {
+    let pids = pids_in(netns);
+    assert!(!pids.is_empty(), "no process runs in {netns}: nothing to kill");
+    for &pid in &pids {
+        let pid_t = libc::pid_t::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
+        // SAFETY: kill(2) takes no pointers; `pid` was just listed in `netns`.
+        if unsafe { libc::kill(pid_t, libc::SIGKILL) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // ESRCH: it exited on its own meanwhile, which is what we want.
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::ESRCH),
+                "SIGKILL to pid {pid} in {netns}: {e}"
+            );
+        }
+    }
+    crate::wait_until(
+        &format!("every process in {netns} is dead"),
+        Duration::from_secs(10),
+        || pids.iter().all(|&pid| !is_running(pid)) && pids_in(netns).is_empty(),
+    );
+    pids
+}
+
 /// The pids of the processes in network namespace `netns`.
 pub fn pids_in(netns: &str) -> Vec<u32> {
     let out = Command::new("ip")
@@ -301,4 +315,182 @@ pub fn metric_sum(text: &str, metric: &str, with: &[(&str, &str)]) -> f64 {
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// etcd's client URL in a lab of several clusters.
+pub const LAB_ETCD_URL: &str = "https://10.200.0.2:2379";
+/// ztunnel's admin port (`/config_dump`), on loopback inside its namespace.
+pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+/// The nftables table [`blackhole`] adds.
+pub const BLACKHOLE_TABLE: &str = "trellis_test_blackhole";
+
+/// A federated lab's other parts: etcd, the gateways, traffic shifting as the operator does it,
+/// and what a node's ztunnel holds.
+impl Lab {
+    /// etcd's network namespace.
+    pub fn etcd_ns(&self) -> String {
+        format!("tl-{}-etcd", self.name)
+    }
+
+    /// The network namespace of a cluster's east-west gateway (`ztunnel-<cluster>-gw`).
+    pub fn gateway_ns(&self, cluster: &str) -> String {
+        format!("tl-{}-{cluster}-gw", self.name)
+    }
+
+    /// Runs `trellis traffic <args>` with the operator's etcd credentials (the etcd user that may
+    /// write `traffic/`), from etcd's namespace: its stdout, or what it said when it failed.
+    pub fn traffic(&self, args: &[&str]) -> Result<String, String> {
+        let mut argv: Vec<String> = std::iter::once("traffic".to_string())
+            .chain(args.iter().map(|a| a.to_string()))
+            .collect();
+        argv.extend(operator_etcd_flags(&self.state_dir));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = self.exec(&self.etcd_ns(), "trellis", &argv);
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(describe(&format!("trellis {}", argv.join(" ")), &out)),
+        }
+    }
+
+    /// The `/config_dump` of the ztunnel on `node` of `cluster`; panics if it does not answer.
+    pub fn config_dump(&self, cluster: &str, node: &str) -> serde_json::Value {
+        config_dump(&self.node_ns(cluster, node)).unwrap_or_else(|e| panic!("config dump of {cluster}/{node}: {e}"))
+    }
+}
+
+/// The flags that give `trellis traffic` the operator's etcd credentials in the lab whose state
+/// is in `state_dir` (the lab made a client certificate for etcd user `trellis-operator`).
+pub fn operator_etcd_flags(state_dir: &Path) -> Vec<String> {
+    let pki = state_dir.join("etcd").join("pki");
+    let file = |name: &str| pki.join(name).display().to_string();
+    vec![
+        "--etcd".into(),
+        LAB_ETCD_URL.into(),
+        "--etcd-ca".into(),
+        file("ca.pem"),
+        "--etcd-cert".into(),
+        file("trellis-operator.pem"),
+        "--etcd-key".into(),
+        file("trellis-operator-key.pem"),
+    ]
+}
+
+/// The `/config_dump` of the ztunnel in node namespace `node_ns`, fetched from inside it.
+pub fn config_dump(node_ns: &str) -> Result<serde_json::Value, String> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_ADMIN_PORT));
+    let body = crate::in_netns(node_ns, || {
+        load::http_get(admin, "/config_dump", Duration::from_secs(5))
+    })?;
+    serde_json::from_str(&body).map_err(|e| format!("the config dump is not JSON: {e}"))
+}
+
+fn dump_service<'a>(dump: &'a serde_json::Value, namespace: &str, name: &str) -> Option<&'a serde_json::Value> {
+    dump["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["namespace"] == namespace && s["name"] == name)
+}
+
+/// The clusters of service `namespace/name`'s endpoints in a config dump, sorted, each once.
+pub fn endpoint_clusters(dump: &serde_json::Value, namespace: &str, name: &str) -> Vec<String> {
+    let mut clusters: Vec<String> = dump_service(dump, namespace, name)
+        .and_then(|s| s["endpoints"].as_array())
+        .map(|eps| {
+            eps.iter()
+                .filter_map(|e| e["cluster"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    clusters.sort();
+    clusters.dedup();
+    clusters
+}
+
+/// The cluster weights of service `namespace/name` in a config dump (empty: by locality).
+pub fn service_weights(dump: &serde_json::Value, namespace: &str, name: &str) -> BTreeMap<String, u64> {
+    dump_service(dump, namespace, name)
+        .and_then(|s| s["weights"].as_object())
+        .map(|w| w.iter().filter_map(|(c, v)| Some((c.clone(), v.as_u64()?))).collect())
+        .unwrap_or_default()
+}
+
+/// Makes network namespace `netns` a black hole: every packet in or out on any interface but
+/// `lo` is dropped, answered by nothing (no reset, no ICMP), as a machine that lost power.
+/// Undone by [`lift_blackhole`], or with the namespace when the lab goes down.
+pub fn blackhole(netns: &str) -> Result<(), String> {
+    use std::io::Write;
+    let rules = format!(
+        "table ip {BLACKHOLE_TABLE} {{\n\
+         \x20 chain input {{\n    type filter hook input priority -300; policy accept;\n    iifname != \"lo\" drop\n  }}\n\
+         \x20 chain forward {{\n    type filter hook forward priority -300; policy accept;\n    drop\n  }}\n\
+         \x20 chain output {{\n    type filter hook output priority -300; policy accept;\n    oifname != \"lo\" drop\n  }}\n\
+         }}\n"
+    );
+    let mut file = tempfile::NamedTempFile::new().map_err(|e| format!("a file for the ruleset: {e}"))?;
+    file.write_all(rules.as_bytes())
+        .map_err(|e| format!("writing the ruleset: {e}"))?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f"])
+        .arg(file.path())
+        .output()
+        .map_err(|e| format!("running nft: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(describe(&format!("nft -f (blackhole {netns})\n{rules}"), &out)),
+    }
+}
+
+/// Removes what [`blackhole`] added to `netns`: its packets flow again.
+pub fn lift_blackhole(netns: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "delete", "table", "ip", BLACKHOLE_TABLE])
+        .output()
+        .map_err(|e| format!("running nft: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(describe(
+            &format!("nft delete table ip {BLACKHOLE_TABLE} in {netns}"),
+            &out,
+        )),
+    }
+}
+
+/// The value of field `key` in a `tracing` log line: `key=value`, or `key="value"` for a string.
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[at..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next(),
+        None => rest.split(' ').next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_field_is_read_quoted_or_not() {
+        let line = r#"2026-12-03T15:49:29Z  INFO access: connection closed reporter="source" dst=10.101.0.10:80 dst_cluster=west locality="remote" attempts=2"#;
+        assert_eq!(log_field(line, "dst_cluster"), Some("west"));
+        assert_eq!(log_field(line, "locality"), Some("remote"));
+        assert_eq!(log_field(line, "attempts"), Some("2"));
+        assert_eq!(log_field(line, "dst"), Some("10.101.0.10:80"));
+        assert_eq!(log_field(line, "src"), None);
+    }
+
+    #[test]
+    fn a_dump_names_a_services_clusters_and_weights() {
+        let dump = serde_json::json!({"services": [
+            {"name": "hello", "namespace": "demo", "weights": {"east": 90, "west": 10},
+             "endpoints": [{"cluster": "west"}, {"cluster": "east"}, {"cluster": "east"}]},
+            {"name": "other", "namespace": "demo", "weights": {}, "endpoints": [{"cluster": "north"}]},
+        ]});
+        assert_eq!(endpoint_clusters(&dump, "demo", "hello"), ["east", "west"]);
+        let weights = service_weights(&dump, "demo", "hello");
+        assert_eq!(weights.get("east"), Some(&90));
+        assert_eq!(weights.len(), 2);
+        assert!(service_weights(&dump, "demo", "other").is_empty());
+        assert!(endpoint_clusters(&dump, "demo", "missing").is_empty());
+    }
 }
