@@ -91,7 +91,7 @@ pub enum Destination {
     Service { service: Arc<Service>, target_port: u16 },
     /// A known workload address, dialled as is.
     Workload {
-        endpoint: Endpoint,
+        endpoint: Box<Endpoint>,
         service: Option<Arc<Service>>,
     },
     /// Outside the mesh as far as this node knows: connect directly.
@@ -260,13 +260,13 @@ impl ProxyState {
         }
         if let Some((endpoint, service)) = self.by_endpoint.get(&dst.ip()) {
             return Destination::Workload {
-                endpoint: endpoint.clone(),
+                endpoint: Box::new(endpoint.clone()),
                 service: Some(service.clone()),
             };
         }
         if let Some(local) = self.local.get(&dst.ip()) {
             return Destination::Workload {
-                endpoint: Endpoint {
+                endpoint: Box::new(Endpoint {
                     name: local.name.clone(),
                     cluster: local.cluster.clone(),
                     region: local.region.clone(),
@@ -278,13 +278,13 @@ impl ProxyState {
                     enrolled: local.enrolled,
                     healthy: true,
                     gateway: None,
-                },
+                }),
                 service: None,
             };
         }
         if let Some(endpoint) = self.remote.get(&dst.ip()) {
             return Destination::Workload {
-                endpoint: endpoint.clone(),
+                endpoint: Box::new(endpoint.clone()),
                 service: None,
             };
         }

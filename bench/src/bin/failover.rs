@@ -271,7 +271,7 @@ fn figures(run: &Run) -> Figures {
     let new: Vec<&Outcome> = run.outcomes.iter().filter(|o| !o.overlaps(fault, fault_end)).collect();
     let after: Vec<&Outcome> = run.outcomes.iter().filter(|o| o.start >= fault).collect();
     let remote = |o: &Outcome| o.version().is_some_and(|v| v != run.preferred);
-    let first_at = after.iter().filter(|o| remote(**o)).map(|o| o.end).min();
+    let first_at = after.iter().filter(|o| remote(o)).map(|o| o.end).min();
     let all_at = first_at.map(|first| {
         let waited = after.iter().filter(|o| o.start < first).map(|o| o.end).max();
         let preferred = after

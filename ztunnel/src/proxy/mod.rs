@@ -54,6 +54,7 @@ pub struct Proxy {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Proxy {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: String,
         cluster: String,

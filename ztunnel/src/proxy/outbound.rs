@@ -90,7 +90,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         }
         Destination::Workload { endpoint, service } => {
             let tier = lb::tier(&endpoint, &from);
-            (service, vec![(endpoint, tier)], dst.port())
+            (service, vec![(*endpoint, tier)], dst.port())
         }
         Destination::Passthrough => return passthrough(&proxy, tcp, peer, dst, &source, started).await,
         Destination::Unknown => {
