@@ -4,6 +4,9 @@
 //! `traffic`, `status` and `lab`. The parser is complete; verbs whose machinery has not landed
 //! yet say so and exit with status 2, naming what they will do.
 //!
+//! [`traffic`] shifts a global service's traffic between clusters (etcd's `traffic/`) and shows
+//! who serves it.
+//!
 //! Read [`lab`] (the network-namespace lab) and [`demo`] (the application its pods run).
 
 use std::net::SocketAddr;
@@ -15,6 +18,7 @@ mod federation;
 mod identity;
 mod lab;
 mod status;
+mod traffic;
 
 use clap::{Parser, Subcommand};
 
@@ -197,14 +201,78 @@ enum Waypoint {
 
 #[derive(Debug, Subcommand)]
 enum Traffic {
-    /// Set cluster weights for a global service, e.g. --cluster east=90,west=10.
+    /// Set a global service's cluster weights, e.g. `--cluster east=90,west=10`, or `--clear`
+    /// them (back to locality): writes etcd's traffic/<ns>/<name> with the operator's etcd
+    /// credentials; every cluster's ztunnels then split new connections by the weights.
     Shift {
         #[arg(short = 'n', long)]
         namespace: String,
         service: String,
-        #[arg(long, value_name = "CLUSTER=WEIGHT,...")]
-        cluster: String,
+        /// Relative weights, 0 to 10000 each (90 and 10: 90% and 10% of new connections). A
+        /// member with weight 0, or not named, gets connections only when no weighted cluster
+        /// has a healthy endpoint; a weighted one without healthy endpoints gives its share to
+        /// the others.
+        #[arg(
+            long,
+            value_name = "CLUSTER=WEIGHT,...",
+            required_unless_present = "clear",
+            conflicts_with = "clear"
+        )]
+        cluster: Option<String>,
+        /// Remove the weights: new connections follow locality again.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        operator: traffic::Operator,
     },
+    /// Show a global service's weights, its endpoints per cluster and how many are healthy,
+    /// and which clusters serve it now, as this cluster's trellisd sees it.
+    Status {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        service: String,
+        /// trellisd's loopback admin address.
+        #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: SocketAddr,
+    },
+}
+
+fn traffic_verb(verb: Traffic) -> ExitCode {
+    match verb {
+        Traffic::Shift {
+            namespace,
+            service,
+            cluster,
+            clear: _,
+            operator,
+        } => match traffic::shift(&namespace, &service, cluster.as_deref(), &operator) {
+            Ok((said, warnings)) => {
+                for w in warnings {
+                    eprintln!("trellis traffic shift: warning: {w}");
+                }
+                println!("{said}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trellis traffic shift: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Traffic::Status {
+            namespace,
+            service,
+            admin,
+        } => match traffic::status(admin, &namespace, &service) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trellis traffic status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 /// What a verb that has not landed yet answers.
@@ -330,7 +398,7 @@ fn main() -> ExitCode {
         ),
         Verb::Waypoint(Waypoint::Apply { .. }) => not_yet("waypoint apply", "deploy the namespace's L7 waypoint"),
         Verb::Waypoint(Waypoint::Delete { .. }) => not_yet("waypoint delete", "remove the namespace's L7 waypoint"),
-        Verb::Traffic(Traffic::Shift { .. }) => not_yet("traffic shift", "write cluster weights to the federation"),
+        Verb::Traffic(verb) => traffic_verb(verb),
         Verb::Status { admin, json } => match status::fetch(admin) {
             Ok(value) => {
                 if json {
@@ -384,8 +452,27 @@ mod tests {
     }
 
     #[test]
+    fn traffic_shift_takes_weights_or_clear_but_not_both_nor_neither() {
+        let shift = |extra: &[&str]| {
+            let mut args = vec!["trellis", "traffic", "shift", "-n", "shop", "cart"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(shift(&["--clear"]).is_ok());
+        assert!(shift(&["--cluster", "east=1"]).is_ok());
+        let both = shift(&["--cluster", "east=1", "--clear"]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict, "{both}");
+        let neither = shift(&[]).unwrap_err();
+        assert_eq!(
+            neither.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{neither}"
+        );
+    }
+
+    #[test]
     fn the_design_examples_parse() {
-        let examples: [&[&str]; 10] = [
+        let examples: [&[&str]; 11] = [
             &[
                 "trellis",
                 "service",
@@ -422,6 +509,7 @@ mod tests {
                 "--cluster",
                 "east=90,west=10",
             ],
+            &["trellis", "traffic", "status", "-n", "shop", "cart"],
             &["trellis", "status", "--admin", "127.0.0.1:15014"],
             &["trellis", "lab", "up"],
             &[

@@ -1,4 +1,5 @@
-//! `trellis status`: asks trellisd's admin endpoint and prints what is meshed.
+//! `trellis status`: asks trellisd's admin endpoint and prints what is meshed, and per global
+//! service who serves it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -85,6 +86,16 @@ pub fn render(v: &Value) -> String {
     }
     if !v["federation"].is_null() {
         out.push_str(&crate::federation::render(&v["federation"]));
+    }
+    let globals = v["global_services"].as_array().cloned().unwrap_or_default();
+    if !globals.is_empty() {
+        out.push_str(&format!(
+            "global services, seen from {} (trellis traffic status -n <namespace> <service>):\n",
+            s(&v["cluster"])
+        ));
+        for g in &globals {
+            out.push_str(&crate::traffic::one_line(g));
+        }
     }
     let problems = v["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

@@ -1,5 +1,6 @@
-//! The loopback admin endpoint: `/status` (what `trellis status` prints), `/config_dump` (the
-//! whole model as JSON), `/metrics` (Prometheus text). HTTP/1.1, GET only.
+//! The loopback admin endpoint: `/status` (what `trellis status` and `trellis traffic status`
+//! print), `/config_dump` (the whole model as JSON), `/metrics` (Prometheus text). HTTP/1.1,
+//! GET only.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::stream::ConfigStream;
 use trellis_mesh::model::ClusterInfo;
 
 mod dump;
+mod global;
 
 /// What the admin endpoint reads.
 #[derive(Clone)]
@@ -70,7 +72,17 @@ impl Admin {
             "connected_nodes": self.stream.connected(),
             "problems": discovered.problems,
             "federation": self.federation_status(),
+            "global_services": self.global_services(&published.model),
         })
+    }
+
+    /// Per global service: its weights, each cluster's endpoints and health, and who serves
+    /// now from this cluster's point of view (see [`global`]).
+    pub fn global_services(&self, model: &trellis_mesh::model::MeshModel) -> serde_json::Value {
+        let f = self.federation.borrow().clone();
+        let region = f.membership.as_ref().map(|m| m.region.clone()).unwrap_or_default();
+        let federation = f.sync.as_ref().map(|s| &*s.federation);
+        global::global_services(model, &self.cluster.name, &region, federation)
     }
 
     /// The membership, the sync's state and every member as this cluster reads it (`trellis
@@ -109,6 +121,7 @@ impl Admin {
             .problems
             .iter()
             .map(|(k, why)| format!("{k}: {why}"))
+            .chain(f.problems.iter().cloned())
             .collect();
         json!({
             "joined": true,

@@ -21,7 +21,7 @@ use trellis_federation::view::Federation;
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_mesh::inventory::{FederationObj, Inventory, Protocol, WorkloadObj};
 use trellis_mesh::model::{
-    is_enrolled, selects, ClusterInfo, EndpointChunk, Entry, Remote, RemoteEndpoints, ServerSlice,
+    is_enrolled, selects, ClusterInfo, ClusterWeights, EndpointChunk, Entry, Remote, RemoteEndpoints, ServerSlice,
 };
 
 use crate::discovery::Discovered;
@@ -41,6 +41,9 @@ pub struct FederationStatus {
     pub error: Option<String>,
     /// The sync's state while it runs.
     pub sync: Option<SyncState>,
+    /// What the federation holds that this cluster cannot use, with why: a member's endpoints
+    /// it cannot reach, a traffic record that fails its checks.
+    pub problems: Vec<String>,
 }
 
 /// The membership for `cluster` in `inv`: none, the one, or why it cannot be used.
@@ -215,6 +218,28 @@ pub fn remote_entries(federation: &Federation, cluster: &ClusterInfo) -> ServerS
         }
     }
     out
+}
+
+/// The cluster weights of every service with a `traffic/<ns>/<name>` record (traffic
+/// shifting), for [`trellis_mesh::model::with_remote`], which gives them to that service only
+/// where it is global. A record that fails its checks is left out (its service follows
+/// locality), with a line in the returned problems. The view refuses such a value when it
+/// arrives and keeps the key's last good one, so this is the last guard, not the first.
+pub fn traffic_weights(federation: &Federation) -> (ClusterWeights, Vec<String>) {
+    let mut weights = ClusterWeights::new();
+    let mut problems = Vec::new();
+    for ((ns, name), record) in &federation.traffic {
+        match record.check() {
+            Ok(()) => {
+                weights.insert((ns.clone(), name.clone()), record.weights.clone());
+            }
+            Err(why) => problems.push(format!(
+                "{}: {why}; ignored: {ns}/{name} follows locality",
+                trellis_federation::keys::traffic(ns, name)
+            )),
+        }
+    }
+    (weights, problems)
 }
 
 /// Endpoint lists already converted, by (cluster, namespace, name), with the record and the
@@ -396,7 +421,8 @@ pub fn spawn(
         );
         let mut running: Option<Running> = None;
         let mut refused: std::collections::BTreeSet<(String, String)> = Default::default();
-        let mut unreachable: Vec<String> = Vec::new();
+        // What the federation holds that the mesh leaves out, as last logged.
+        let mut left_out: Vec<String> = Vec::new();
         let mut converted = Converted::default();
         loop {
             let d = discovered.borrow_and_update().clone();
@@ -438,6 +464,7 @@ pub fn spawn(
                         s.error = error;
                         s.membership = running.as_ref().map(|(m, _, _, _)| m.clone());
                         s.sync = None;
+                        s.problems.clear();
                     });
                 } else if let Some((m, sender, _, _)) = &running {
                     let next = publication(&d.inventory, m, &cluster, &bundle_json);
@@ -462,14 +489,18 @@ pub fn spawn(
             let remote = match &running {
                 Some((m, _, state, _)) => {
                     let now = state.borrow().clone();
-                    let (endpoints, problems) = remote_endpoints(&now.federation, &cluster, &m.network, &mut converted);
-                    for p in problems.iter().filter(|p| !unreachable.contains(p)) {
-                        tracing::warn!(problem = %p, "remote endpoints left out");
+                    let (endpoints, mut problems) =
+                        remote_endpoints(&now.federation, &cluster, &m.network, &mut converted);
+                    let (weights, ignored) = traffic_weights(&now.federation);
+                    problems.extend(ignored);
+                    for p in problems.iter().filter(|p| !left_out.contains(p)) {
+                        tracing::warn!(problem = %p, "federation state left out of the mesh");
                     }
-                    unreachable = problems;
+                    left_out = problems;
                     let remote = Remote {
                         entries: remote_entries(&now.federation, &cluster),
                         endpoints,
+                        weights,
                     };
                     let problems: std::collections::BTreeSet<(String, String)> =
                         now.federation.problems.iter().cloned().collect();
@@ -484,7 +515,10 @@ pub fn spawn(
                     metrics.federation_stale.set(i64::from(now.stale_since.is_some()));
                     metrics.federation_members.set(now.federation.members.len() as i64);
                     metrics.federation_refused_keys.set(refused.len() as i64);
-                    status_tx.send_modify(|s| s.sync = Some(now));
+                    status_tx.send_modify(|s| {
+                        s.sync = Some(now);
+                        s.problems = left_out.clone();
+                    });
                     remote
                 }
                 // Not a member (or left): no other cluster's bundle is trusted any more.
@@ -499,7 +533,8 @@ pub fn spawn(
                         gauge.set(0);
                     }
                     refused.clear();
-                    unreachable.clear();
+                    left_out.clear();
+                    status_tx.send_if_modified(|s| !std::mem::take(&mut s.problems).is_empty());
                     Remote::default()
                 }
             };
@@ -696,6 +731,34 @@ spec:
             ]),
             ..Federation::default()
         }
+    }
+
+    #[test]
+    fn traffic_records_become_weights_and_a_bad_one_is_ignored_naming_its_key() {
+        use trellis_federation::records::TrafficRecord;
+        let record = |w: &[(&str, u32)]| TrafficRecord {
+            weights: w.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
+        };
+        let hello = ("demo".to_string(), "hello".to_string());
+        let federation = Federation {
+            traffic: BTreeMap::from([
+                (hello.clone(), record(&[("east", 90), ("west", 10)])),
+                (("demo".to_string(), "broken".to_string()), record(&[("east", 0)])),
+            ]),
+            ..Federation::default()
+        };
+        let (weights, problems) = traffic_weights(&federation);
+        assert_eq!(weights.keys().collect::<Vec<_>>(), [&hello]);
+        assert_eq!(
+            weights[&hello],
+            BTreeMap::from([("east".to_string(), 90), ("west".to_string(), 10)])
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("/trellis/v1/traffic/demo/broken: every weight is 0")
+                && problems[0].contains("demo/broken follows locality"),
+            "{problems:?}"
+        );
     }
 
     #[test]

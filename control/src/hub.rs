@@ -16,7 +16,7 @@ use trellis_api::config::v1::resource::Kind as Variant;
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
 use crate::stream::Published;
-use trellis_mesh::model::{build, with_remote_endpoints, ClusterInfo, MeshModel, Remote};
+use trellis_mesh::model::{build, with_remote, ClusterInfo, MeshModel, Remote};
 
 /// Changes arriving within this window after the first are applied together.
 pub const COALESCE: Duration = Duration::from_millis(5);
@@ -102,12 +102,9 @@ pub fn spawn(
                 let Some(prev) = previous.clone() else { continue };
                 let mut model = (*prev).clone();
                 model.federation = federation.entries.clone();
-                let changed = with_remote_endpoints(
-                    &mut model,
-                    &cluster.name,
-                    &federation.endpoints,
-                    Some(&merged.endpoints),
-                );
+                // Endpoint chunks compare by pointer, weights by value: a `traffic/` change
+                // alone reaches the services it names.
+                let changed = with_remote(&mut model, &cluster.name, &federation, Some(&*merged));
                 (model, Some((version, Arc::new(changed))))
             } else {
                 let started = Instant::now();
@@ -117,12 +114,7 @@ pub fn spawn(
                     .map(|(i, m)| (&i.inventory, m));
                 let (mut model, mut changed) = build(&snapshot.inventory, &cluster, prior);
                 model.federation = federation.entries.clone();
-                changed.extend(with_remote_endpoints(
-                    &mut model,
-                    &cluster.name,
-                    &federation.endpoints,
-                    None,
-                ));
+                changed.extend(with_remote(&mut model, &cluster.name, &federation, None));
                 metrics.model_build_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.workloads.set(snapshot.inventory.workloads.len() as i64);
                 metrics.services.set(snapshot.inventory.services.len() as i64);
@@ -242,6 +234,65 @@ mod tests {
             .await
             .expect("a model once synced")
             .unwrap();
+    }
+
+    /// `trellis traffic shift` changes only the federation's traffic map: no endpoint chunk
+    /// moves, so the hub's cheap path (pointer-equal chunks) must still re-merge and publish.
+    #[tokio::test]
+    async fn a_traffic_record_alone_reaches_the_published_service() {
+        let cluster = ClusterInfo {
+            name: "east".into(),
+            trust_domain: TrustDomain::new("east.trellis.local").unwrap(),
+            network: "east".into(),
+            domain: "cluster.local".into(),
+        };
+        let inventory = trellis_mesh::manifest::parse_file(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {trellis.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop, labels: {trellis.io/global: \"true\"}}\nspec: {selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}\n",
+        )
+        .unwrap();
+        let (tx, rx) = watch::channel(Arc::new(Discovered::default()));
+        let (remote_tx, remote_rx) = watch::channel(Arc::new(Remote::default()));
+        let mut hub = spawn(cluster, rx, remote_rx, Arc::new(Metrics::default()));
+        tx.send(Arc::new(Discovered {
+            inventory,
+            problems: Vec::new(),
+            synced: true,
+        }))
+        .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), hub.model.wait_for(|p| p.version > 0))
+            .await
+            .expect("a first model")
+            .unwrap()
+            .version;
+        let weights: std::collections::BTreeMap<String, u32> =
+            [("east".to_string(), 90), ("west".to_string(), 10)].into();
+        let shifted = Remote {
+            weights: [(("shop".to_string(), "cart".to_string()), weights.clone())].into(),
+            ..Remote::default()
+        };
+        remote_tx.send(Arc::new(shifted)).unwrap();
+        let published: Arc<Published> =
+            tokio::time::timeout(Duration::from_secs(5), hub.model.wait_for(|p| p.version > first))
+                .await
+                .expect("a model with the weights")
+                .unwrap()
+                .clone();
+        let cart = published
+            .model
+            .service(&trellis_mesh::inventory::ObjectKey::new("shop", "cart"))
+            .expect("the service");
+        let Some(Variant::Service(cart)) = &cart.resource.kind else {
+            panic!("not a service")
+        };
+        assert_eq!(cart.cluster_weights, weights);
+        assert!(
+            published
+                .changed
+                .as_ref()
+                .is_some_and(|(from, ns)| *from == first && ns.contains("shop")),
+            "the nodes are sent the namespace as a delta: {:?}",
+            published.changed
+        );
     }
 
     #[test]

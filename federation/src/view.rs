@@ -11,7 +11,7 @@
 //! open connections, and one that left (bundle deleted) loses them. Services and endpoints
 //! count only under a live member.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use trellis_identity::{TrustBundle, TrustDomain};
@@ -137,6 +137,10 @@ pub struct Federation {
     pub members: BTreeMap<String, Member>,
     /// Every granted trust domain with its cluster and bundle, live member or not: what nodes trust.
     pub trusted: BTreeMap<TrustDomain, (String, TrustBundle)>,
+    /// Every cluster root granted a trust domain (`grants/`), live member or not: the names an
+    /// operator may give weights to.
+    pub granted: BTreeSet<String>,
+    /// `traffic/<ns>/<name>` by (namespace, name): cluster weights, each record checked.
     pub traffic: BTreeMap<(String, String), TrafficRecord>,
     /// `(key, why)`, sorted by key: from the keys' own checks and from the cross-checks.
     pub problems: Vec<(String, String)>,
@@ -285,6 +289,7 @@ impl View {
                 }
             }
         }
+        out.granted = grant_of.keys().cloned().collect();
         for (key, held) in &self.held {
             let Key::Cluster(name) = key else { continue };
             let Value::Cluster { record, trust_domain } = &held.value else {
@@ -520,6 +525,11 @@ mod tests {
         assert!(why(&keys::grant("copycat")).contains("which cluster west was granted first"));
         assert!(why(&keys::cluster("copycat")).contains("has no grant"));
         assert!(why(&keys::endpoints("west", "demo", "hello")).contains("outside the cluster's trust domain"));
+        assert_eq!(
+            f.granted.iter().collect::<Vec<_>>(),
+            ["evil", "west"],
+            "copycat's grant came second: not granted"
+        );
         // West's lease expired: no longer a member; its endpoints no longer served.
         v.delete(keys::cluster("west").as_bytes(), 11);
         let f = v.federation();

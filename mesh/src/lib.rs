@@ -6,8 +6,11 @@
 //! - [`model::build`]: the mesh model of one cluster, namespace by namespace.
 //! - [`model::node_slice`] and [`model::advance`]: what a node gets, cut fresh or moved forward
 //!   over the namespaces that changed (one rule, two entry points, property-tested equal).
+//! - [`traffic::serving`]: which clusters serve a global service now, by weight or locality
+//!   (the data plane's rule, for status).
 
 pub mod edit;
 pub mod inventory;
 pub mod manifest;
 pub mod model;
+pub mod traffic;

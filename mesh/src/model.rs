@@ -61,18 +61,25 @@ pub type EndpointChunk = Arc<Vec<pb::Endpoint>>;
 /// chunk per cluster.
 pub type RemoteEndpoints = BTreeMap<(String, String), Vec<EndpointChunk>>;
 
+/// Traffic shifting: cluster name → weight, by (namespace, name) of a global service, as the
+/// federation's `traffic/<ns>/<name>` records say (already checked).
+pub type ClusterWeights = BTreeMap<(String, String), BTreeMap<String, u32>>;
+
 /// What the federation adds to the model: cluster-scoped resources (RemoteCluster,
-/// TrustBundle) and the other clusters' endpoints of global services.
+/// TrustBundle), the other clusters' endpoints of global services, and their cluster weights.
 #[derive(Debug, Clone, Default)]
 pub struct Remote {
     pub entries: ServerSlice,
     pub endpoints: RemoteEndpoints,
+    pub weights: ClusterWeights,
 }
 
 impl Remote {
-    /// Whether `other` holds the same: equal entries, and the very same endpoint chunks.
+    /// Whether `other` holds the same: equal entries and weights, and the very same endpoint
+    /// chunks.
     pub fn same(&self, other: &Remote) -> bool {
         self.entries == other.entries
+            && self.weights == other.weights
             && self.endpoints.len() == other.endpoints.len()
             && self
                 .endpoints
@@ -86,19 +93,18 @@ fn same_chunks(a: &[EndpointChunk], b: &[EndpointChunk]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
-/// Sets the endpoints other clusters serve for this cluster's global services: each global
-/// Service of `model` gets its own cluster's endpoints followed by `remote`'s for the same
-/// namespace and name (namespace sameness: one global service across clusters, as Cilium has
-/// it, exported by the label in each cluster that takes part). A service that is not global
-/// here gets none. `before` is what `model` was last given, when nothing else changed since: a
-/// service whose chunks are the same pointers as then is left as it is. Returns the
-/// namespaces whose services changed.
-pub fn with_remote_endpoints(
-    model: &mut MeshModel,
-    cluster: &str,
-    remote: &RemoteEndpoints,
-    before: Option<&RemoteEndpoints>,
-) -> BTreeSet<String> {
+/// No weights: a service that follows locality.
+static NO_WEIGHTS: BTreeMap<String, u32> = BTreeMap::new();
+
+/// Sets what the federation says of this cluster's global services: each global Service of
+/// `model` gets its own cluster's endpoints followed by `remote`'s for the same namespace and
+/// name (namespace sameness: one global service across clusters, as Cilium has it, exported by
+/// the label in each cluster that takes part), and the cluster weights of its `traffic/` record
+/// (none without one). A service that is not global here gets neither. `before` is what `model`
+/// was last given, when nothing else changed since: a service whose chunks are the same
+/// pointers as then, and whose weights are equal, is left as it is. Returns the namespaces
+/// whose services changed.
+pub fn with_remote(model: &mut MeshModel, cluster: &str, remote: &Remote, before: Option<&Remote>) -> BTreeSet<String> {
     let mut changed = BTreeSet::new();
     for (ns, n) in model.namespaces.iter_mut() {
         let mut updates = Vec::new();
@@ -108,20 +114,26 @@ pub fn with_remote_endpoints(
             };
             let id = (key.namespace.clone(), key.name.clone());
             let others = match s.global {
-                true => remote.get(&id).map(Vec::as_slice).unwrap_or_default(),
+                true => remote.endpoints.get(&id).map(Vec::as_slice).unwrap_or_default(),
                 false => &[],
             };
+            let weights = match s.global {
+                true => remote.weights.get(&id).unwrap_or(&NO_WEIGHTS),
+                false => &NO_WEIGHTS,
+            };
             if let Some(before) = before {
-                let then = before.get(&id).map(Vec::as_slice).unwrap_or_default();
-                if s.global && same_chunks(then, others) {
+                let then = before.endpoints.get(&id).map(Vec::as_slice).unwrap_or_default();
+                let then_weights = before.weights.get(&id).unwrap_or(&NO_WEIGHTS);
+                if s.global && same_chunks(then, others) && then_weights == weights {
                     continue;
                 }
             }
             let local = s.endpoints.iter().filter(|e| e.cluster == cluster);
             let endpoints: Vec<pb::Endpoint> = local.chain(others.iter().flat_map(|c| c.iter())).cloned().collect();
-            if endpoints != s.endpoints {
+            if endpoints != s.endpoints || *weights != s.cluster_weights {
                 let mut s = s.clone();
                 s.endpoints = endpoints;
+                s.cluster_weights = weights.clone();
                 let resource = pb::Resource {
                     kind: Some(Variant::Service(s)),
                 };
@@ -844,24 +856,79 @@ spec: {selector: {matchLabels: {app: payments}}}
             cluster: "west".into(),
             ..Default::default()
         };
-        let remote: RemoteEndpoints =
-            BTreeMap::from([(("shop".to_string(), "cart".to_string()), vec![Arc::new(vec![west])])]);
-        let changed = with_remote_endpoints(&mut model, "east", &remote, None);
+        let remote = Remote {
+            endpoints: BTreeMap::from([(("shop".to_string(), "cart".to_string()), vec![Arc::new(vec![west])])]),
+            ..Remote::default()
+        };
+        let changed = with_remote(&mut model, "east", &remote, None);
         assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
         let mut want = local.clone();
         want.push("west/west/gateway".into());
         assert_eq!(endpoints(&model), want, "local first, then the other clusters'");
         assert!(
-            with_remote_endpoints(&mut model, "east", &remote, None).is_empty(),
+            with_remote(&mut model, "east", &remote, None).is_empty(),
             "the same endpoints again change nothing"
         );
         assert!(
-            with_remote_endpoints(&mut model, "east", &remote, Some(&remote)).is_empty(),
+            with_remote(&mut model, "east", &remote, Some(&remote)).is_empty(),
             "nor the same chunks, not even looked at"
         );
-        let changed = with_remote_endpoints(&mut model, "east", &RemoteEndpoints::new(), Some(&remote));
+        let changed = with_remote(&mut model, "east", &Remote::default(), Some(&remote));
         assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
         assert_eq!(endpoints(&model), local, "the remote cluster gone, its endpoints go");
+    }
+
+    fn weights_of(model: &MeshModel, ns: &str, name: &str) -> BTreeMap<String, u32> {
+        match &model.service(&ObjectKey::new(ns, name)).unwrap().resource.kind {
+            Some(Variant::Service(s)) => s.cluster_weights.clone(),
+            _ => panic!("not a service"),
+        }
+    }
+
+    #[test]
+    fn a_traffic_record_alone_sets_and_clears_the_weights_of_a_global_service() {
+        let text = format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: shop}}\nspec: {{selector: {{app: cart}}, ports: [{{port: 81, targetPort: 8080}}]}}\n"
+        );
+        let (mut model, _) = build(&parse_file(&text).unwrap(), &cluster(), None);
+        let west = Arc::new(vec![pb::Endpoint {
+            workload_name: "west/gateway".into(),
+            cluster: "west".into(),
+            ..Default::default()
+        }]);
+        let key = |name: &str| ("shop".to_string(), name.to_string());
+        let endpoints = BTreeMap::from([(key("cart"), vec![west.clone()]), (key("local"), vec![west])]);
+        let locality = Remote {
+            endpoints,
+            ..Remote::default()
+        };
+        with_remote(&mut model, "east", &locality, None);
+        let split: BTreeMap<String, u32> = BTreeMap::from([("east".to_string(), 90), ("west".to_string(), 10)]);
+        // The same chunks (pointers), only the weights moved: the hub's cheap path must see it.
+        let shifted = Remote {
+            weights: BTreeMap::from([(key("cart"), split.clone()), (key("local"), split.clone())]),
+            ..locality.clone()
+        };
+        assert!(!shifted.same(&locality), "a weights-only change is a change");
+        let changed = with_remote(&mut model, "east", &shifted, Some(&locality));
+        assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
+        assert_eq!(weights_of(&model, "shop", "cart"), split);
+        assert!(
+            weights_of(&model, "shop", "local").is_empty(),
+            "a service not global here follows no traffic record"
+        );
+        assert!(
+            with_remote(&mut model, "east", &shifted, Some(&shifted)).is_empty(),
+            "the same weights again change nothing"
+        );
+        // A rebuild of the namespace keeps them, once merged again.
+        let (mut rebuilt, _) = build(&parse_file(&text).unwrap(), &cluster(), None);
+        with_remote(&mut rebuilt, "east", &shifted, None);
+        assert_eq!(weights_of(&rebuilt, "shop", "cart"), split);
+        // --clear: the record goes, the service follows locality again.
+        let changed = with_remote(&mut model, "east", &locality, Some(&shifted));
+        assert_eq!(changed, BTreeSet::from(["shop".to_string()]));
+        assert!(weights_of(&model, "shop", "cart").is_empty());
     }
 
     #[test]

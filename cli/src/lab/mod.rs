@@ -1,5 +1,5 @@
-//! `trellis lab up | down | status`: Trellis on one machine, with clusters of nodes and pods as
-//! Linux network namespaces (DESIGN.md, "The lab"; the layout is in deploy/lab/README.md).
+//! `trellis lab up | down | status | stop`: Trellis on one machine, with clusters of nodes and
+//! pods as Linux network namespaces (DESIGN.md, "The lab"; the layout is in deploy/lab/README.md).
 //!
 //! Read [`spec`] (the topology file) and [`plan`] (the pure address plan) first; [`net`] and
 //! [`procs`] do the I/O, recorded in the [`state`] directory so `down` removes exactly that.
@@ -37,6 +37,20 @@ pub enum Lab {
     /// Show the lab's processes, a federation's etcd and gateways, each node's traffic
     /// counters, the clients' last calls and each cluster's `trellis status`.
     Status(Which),
+    /// Stop one of the lab's processes (SIGTERM, then SIGKILL), e.g. a pod's server to watch
+    /// the mesh fail over: `trellis lab stop pod-east-demo-hello-v1`. `trellis lab up` starts
+    /// it again with its recorded command line.
+    Stop(StopArgs),
+}
+
+/// `lab stop`'s arguments.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    which: Which,
+    /// The process, as `trellis lab status` names it (pod-<cluster>-<namespace>-<pod>,
+    /// ztunnel-<cluster>-<node>, trellisd-<cluster>, ...).
+    process: String,
 }
 
 /// Which lab.
@@ -82,6 +96,7 @@ pub fn run(verb: Lab) -> ExitCode {
         Lab::Up(args) => ("lab up", lab_up(&args)),
         Lab::Down(which) => ("lab down", lab_down(&which)),
         Lab::Status(which) => ("lab status", lab_status(&which)),
+        Lab::Stop(args) => ("lab stop", lab_stop(&args)),
     };
     match result {
         Ok(code) => code,
@@ -184,6 +199,39 @@ fn lab_status(which: &Which) -> anyhow::Result<ExitCode> {
     let topo = spec::parse(&spec_path.display().to_string(), &text)?;
     let plan = plan::plan(&which.name, &topo)?;
     out(&report::status(&plan, &state));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lab_stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
+    let which = &args.which;
+    spec::check_short_name("lab", &which.name)?;
+    need_root()?;
+    let state = which.state();
+    if !state.exists() || !state.check_ours()? {
+        anyhow::bail!("lab {} is not up (trellis lab up --name {})", which.name, which.name);
+    }
+    let recorded = state.recorded_processes();
+    let Some(p) = recorded.iter().find(|p| p.name == args.process) else {
+        let names: Vec<&str> = recorded.iter().map(|p| p.name.as_str()).collect();
+        anyhow::bail!(
+            "lab {} runs no process {:?}; its processes: {}",
+            which.name,
+            args.process,
+            names.join(", ")
+        );
+    };
+    if !procs::is_ours(p) {
+        println!(
+            "{} (pid {}) is not running; trellis lab up --name {} starts it again",
+            p.name, p.pid, which.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    procs::stop_all(std::slice::from_ref(p));
+    println!(
+        "stopped {} (pid {}); trellis lab up --name {} starts it again",
+        p.name, p.pid, which.name
+    );
     Ok(ExitCode::SUCCESS)
 }
 

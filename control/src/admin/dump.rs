@@ -96,6 +96,9 @@ fn service(s: &pb::Service) -> Value {
                 "identity": e.identity,
                 "enrolled": e.enrolled,
                 "node_address": address(&e.node_address),
+                "gateway_identity": e.gateway_identity,
+                "gateway_port": e.gateway_port,
+                "weight": e.weight,
             })
         })
         .collect();
@@ -108,6 +111,7 @@ fn service(s: &pb::Service) -> Value {
         "endpoints": endpoints,
         "global": s.global,
         "waypoint": s.waypoint,
+        "cluster_weights": s.cluster_weights,
     })
 }
 
