@@ -494,6 +494,7 @@ fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
         .services()
         .iter()
         .map(|s| {
+            let balancer = proxy.balancer(&s.namespace, &s.name);
             json!({
                 "name": s.name, "namespace": s.namespace, "vips": s.vips, "ports": s.ports,
                 "weights": s.weights,
@@ -502,7 +503,7 @@ fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
                     "cluster": e.cluster, "region": e.region, "zone": e.zone,
                     "gateway": e.gateway.as_ref().map(|g| g.address.to_string()),
                     "identity": e.identity.as_ref().map(ToString::to_string), "enrolled": e.enrolled, "healthy": e.healthy,
-                    "ejected": proxy.balancer(&s.namespace, &s.name).is_ejected(e.ip) || proxy.hops.is_ejected(crate::lb::hop(e)),
+                    "ejected": balancer.is_ejected(e.ip) || proxy.hops.is_ejected(crate::lb::hop(e)),
                 })).collect::<Vec<_>>(),
             })
         })

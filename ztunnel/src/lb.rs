@@ -255,14 +255,13 @@ impl Ejections {
     pub fn is_ejected(&self, ip: IpAddr) -> bool {
         self.lock().get(&ip).is_some_and(|e| e.until > Instant::now())
     }
+}
 
-    /// Holds back a probe of `ip` for `window` from other connections, if its ejection has
-    /// ended without a success since (the connection that called this probes it).
-    fn hold_for_probe(&self, ip: IpAddr, now: Instant, window: Duration) {
-        let mut map = self.lock();
-        if let Some(e) = map.get_mut(&ip).filter(|e| e.until <= now) {
-            e.until = now + window;
-        }
+/// Holds back a probe of `ip` for `window` from other connections, if its ejection has ended
+/// without a success since (the connection that chose it probes it).
+fn hold_for_probe(map: &mut HashMap<IpAddr, Ejection>, ip: IpAddr, now: Instant, window: Duration) {
+    if let Some(e) = map.get_mut(&ip).filter(|e| e.until <= now) {
+        e.until = now + window;
     }
 }
 
@@ -286,18 +285,16 @@ impl Balancer {
     ) -> Vec<Pick<'a>> {
         let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let picks = {
-            let (eps, hop_map) = (self.endpoints.lock(), hops.lock());
-            let health = Health {
-                endpoints: &eps,
-                hops: &hop_map,
-                now,
-            };
-            candidates(endpoints, from, weights, &health, cursor)
+        let (mut eps, mut hop_map) = (self.endpoints.lock(), hops.lock());
+        let health = Health {
+            endpoints: &eps,
+            hops: &hop_map,
+            now,
         };
+        let picks = candidates(endpoints, from, weights, &health, cursor);
         if let Some(first) = picks.first() {
-            self.endpoints.hold_for_probe(first.endpoint.ip, now, probe);
-            hops.hold_for_probe(hop(first.endpoint), now, probe);
+            hold_for_probe(&mut eps, first.endpoint.ip, now, probe);
+            hold_for_probe(&mut hop_map, hop(first.endpoint), now, probe);
         }
         picks
     }

@@ -76,9 +76,10 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         region: &source.region,
         zone: &source.zone,
     };
+    let mut balancer = None;
     let (service, candidates, port): (Option<Arc<Service>>, Vec<(Endpoint, Tier)>, u16) = match state.destination(dst) {
         Destination::Service { service, target_port } => {
-            let order = proxy.balancer(&service.namespace, &service.name).pick(
+            let order = balancer.insert(proxy.balancer(&service.namespace, &service.name)).pick(
                 &service.endpoints,
                 &from,
                 &service.weights,
@@ -100,6 +101,8 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             return reset(tcp);
         }
     };
+    // A pod called by its address still reports to its service's balancer.
+    let balancer = balancer.or_else(|| service.as_ref().map(|s| proxy.balancer(&s.namespace, &s.name)));
     let mut labels = ConnLabels {
         destination_service: service
             .as_ref()
@@ -119,7 +122,6 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             return reset(tcp);
         }
     };
-    let balancer = service.as_ref().map(|s| proxy.balancer(&s.namespace, &s.name));
     for (attempts, (endpoint, tier)) in candidates.iter().enumerate() {
         let tried = Tried {
             tier: *tier,
