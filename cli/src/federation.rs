@@ -277,22 +277,15 @@ pub fn grant(
         cert_pem: read("--etcd-cert", cert)?,
         key_pem: read("--etcd-key", key)?,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting a runtime: {e}"))?;
-    runtime.block_on(async {
-        let mut client = trellis_federation::sync::connect(&config)
-            .await
-            .map_err(|e| format!("connecting to etcd {}: {e}", etcd.join(",")))?;
-        trellis_federation::access::add_member(&mut client, cluster, trust_domain)
+    with_etcd(&config, async |client| {
+        trellis_federation::access::add_member(client, cluster, trust_domain)
             .await
             .map_err(|e| format!("creating {}: {e}", trellis_federation::access::cluster_user(cluster)))?;
         if enable_auth {
-            trellis_federation::access::add_operator(&mut client)
+            trellis_federation::access::add_operator(client)
                 .await
                 .map_err(|e| format!("creating {}: {e}", trellis_federation::access::OPERATOR_USER))?;
-            trellis_federation::access::enable(&mut client)
+            trellis_federation::access::enable(client)
                 .await
                 .map_err(|e| format!("enabling etcd's authentication: {e}"))?;
         }
@@ -303,6 +296,24 @@ pub fn grant(
         user = trellis_federation::access::cluster_user(cluster),
         auth = if enable_auth { "; etcd authentication is on" } else { "" }
     ))
+}
+
+/// Runs `work` with a client of the federation's etcd, on a runtime of its own (the CLI's verbs
+/// are synchronous).
+pub fn with_etcd<T>(
+    config: &trellis_federation::sync::EtcdConfig,
+    work: impl AsyncFnOnce(&mut trellis_federation::sync::EtcdClient) -> Result<T, String>,
+) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting a runtime: {e}"))?;
+    runtime.block_on(async {
+        let mut client = trellis_federation::sync::connect(config)
+            .await
+            .map_err(|e| format!("connecting to etcd {}: {e}", config.endpoints.join(",")))?;
+        work(&mut client).await
+    })
 }
 
 /// `trellis federation leave`.

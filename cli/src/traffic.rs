@@ -155,14 +155,7 @@ pub fn shift(
     let config = operator.config()?;
     let key = keys::traffic(namespace, service);
     let etcd = config.endpoints.join(",");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting a runtime: {e}"))?;
-    runtime.block_on(async {
-        let mut client = trellis_federation::sync::connect(&config)
-            .await
-            .map_err(|e| format!("connecting to etcd {etcd}: {e}"))?;
+    crate::federation::with_etcd(&config, async |client| {
         let refused = |e: &dyn std::fmt::Display| {
             let hint = match e.to_string().contains("permission denied") {
                 true => "; traffic/ is written with the operator's etcd certificate (CN trellis-operator: --etcd-cert, --etcd-key)",
@@ -174,12 +167,14 @@ pub fn shift(
             let deleted = client.delete(key.clone(), None).await.map_err(|e| refused(&e))?;
             let said = match deleted.deleted() {
                 0 => format!("{namespace}/{service} had no weights ({key} was not set): it already follows locality"),
-                _ => format!("{namespace}/{service}: weights cleared ({key} deleted); new connections follow locality again"),
+                _ => format!(
+                    "{namespace}/{service}: weights cleared ({key} deleted); new connections follow locality again"
+                ),
             };
             return Ok((said, Vec::new()));
         };
         let mut view = View::default();
-        trellis_federation::sync::list(&mut client, &mut view)
+        trellis_federation::sync::list(client, &mut view)
             .await
             .map_err(|e| format!("reading the federation from etcd {etcd}: {e}"))?;
         let warnings = check_clusters(&record, &view.federation(), namespace, service)?;

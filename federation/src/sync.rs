@@ -20,8 +20,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::keys;
+
 use crate::records::{encode, ClusterRecord, EndpointsRecord, ServiceRecord, MAX_VALUE_BYTES};
 use crate::view::{Federation, Kv, View};
+/// The etcd client the sync and the CLI's federation verbs use.
+pub use etcd_client::Client as EtcdClient;
 
 /// The lease of a cluster's live keys: a cluster silent this long is gone for everyone.
 pub const LEASE_TTL: Duration = Duration::from_secs(6);
