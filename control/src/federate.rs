@@ -151,7 +151,7 @@ pub fn publication(
                             address: w.ip,
                             identity: identity.to_string(),
                             node: w.node.clone(),
-                            node_address: w.node_ip?,
+                            node_address: trellis_mesh::model::tunnel_address(w)?,
                             zone: w.zone.clone(),
                         })
                     })

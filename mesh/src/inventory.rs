@@ -71,6 +71,9 @@ pub struct WorkloadObj {
     pub ip: IpAddr,
     /// Where the workload's node accepts tunnels; unknown for manifests that leave it out.
     pub node_ip: Option<IpAddr>,
+    /// Tunnels to it are dialled at its own address, not its node's (a foreign HBONE node, such
+    /// as Istio's ztunnel, expects that): [`crate::model::TUNNEL_ADDRESS`].
+    pub tunnel_to_pod: bool,
     pub ready: bool,
     pub region: String,
     pub zone: String,

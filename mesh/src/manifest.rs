@@ -51,9 +51,10 @@ struct Meta {
     namespace: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    /// Accepted for Kubernetes compatibility; Trellis reads no annotation.
-    #[serde(default, rename = "annotations")]
-    _annotations: BTreeMap<String, String>,
+    /// Trellis reads [`crate::model::TUNNEL_ADDRESS`] and Istio's
+    /// [`crate::model::ISTIO_REDIRECTION`] on workloads; the rest are accepted and ignored.
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -488,9 +489,11 @@ fn parse_document(line: u64, doc: &str, inv: &mut Inventory) -> Result<(), Manif
                 Some(a) => Some(parse_ip("nodeIP", a).map_err(at)?),
                 None => None,
             };
+            let tunnel_to_pod = crate::model::tunnel_to_pod(&d.metadata.annotations).map_err(at)?;
             let obj = WorkloadObj {
                 key: ObjectKey::new(&ns, &d.metadata.name),
                 labels: d.metadata.labels,
+                tunnel_to_pod,
                 service_account: sa,
                 node: spec.node,
                 ip,
@@ -716,6 +719,37 @@ spec: {serviceAccount: cart, node: node-1, ip: 10.1.1.5}
         assert!(w.0.ready, "ready by default");
         let s = inv.services.values().next().unwrap();
         assert_eq!(s.0.ports[0].target_port, 8080);
+    }
+
+    #[test]
+    fn a_workload_annotated_for_pod_addressed_tunnels_is_dialled_at_its_own_address() {
+        let with = |annotations: &str| {
+            let text = GOOD.replace(
+                "labels: {app: cart}}",
+                &format!("labels: {{app: cart}}, annotations: {{{annotations}}}}}"),
+            );
+            let spec = text.replace("ip: 10.1.1.5}", "ip: 10.1.1.5, nodeIP: 10.1.0.11}");
+            parse_file(&spec).map(|inv| crate::model::tunnel_address(&inv.workloads.values().next().unwrap().0))
+        };
+        let node = Some("10.1.0.11".parse().unwrap());
+        let pod = Some("10.1.1.5".parse().unwrap());
+        assert_eq!(with("owner: team-a").unwrap(), node, "by default, the node");
+        assert_eq!(with("trellis.io/tunnel-address: pod").unwrap(), pod);
+        assert_eq!(
+            with("ambient.istio.io/redirection: enabled").unwrap(),
+            pod,
+            "Istio's ztunnel captures it"
+        );
+        assert_eq!(
+            with("ambient.istio.io/redirection: enabled, trellis.io/tunnel-address: node").unwrap(),
+            node,
+            "Trellis's annotation wins"
+        );
+        let err = with("trellis.io/tunnel-address: pods").unwrap_err();
+        assert!(
+            err.message.contains("trellis.io/tunnel-address") && err.message.contains("\"pods\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ use crate::inventory::{Inventory, ObjectKey, PolicyAction, Protocol, WorkloadObj
 pub const DATAPLANE_MODE: &str = "trellis.io/dataplane-mode";
 /// Namespace or service label naming the waypoint that handles its L7 traffic.
 pub const USE_WAYPOINT: &str = "trellis.io/use-waypoint";
+/// Workload annotation: where tunnels to it are dialled, `node` (default) or `pod`.
+pub const TUNNEL_ADDRESS: &str = "trellis.io/tunnel-address";
+/// Istio's pod annotation marking a pod whose traffic Istio's ztunnel captures.
+pub const ISTIO_REDIRECTION: &str = "ambient.istio.io/redirection";
 /// Service label exporting it to the federation.
 pub const GLOBAL: &str = "trellis.io/global";
 
@@ -255,8 +259,33 @@ fn waypoint_for(
     }
 }
 
+/// Where tunnels to `w` are dialled (on 15008): its node's address, or its own when its node
+/// expects tunnels at the pod's address.
+pub fn tunnel_address(w: &WorkloadObj) -> Option<std::net::IpAddr> {
+    match w.tunnel_to_pod {
+        true => Some(w.ip),
+        false => w.node_ip,
+    }
+}
+
 fn node_address(w: &WorkloadObj) -> Vec<u8> {
-    w.node_ip.map(addr::to_bytes).unwrap_or_default()
+    tunnel_address(w).map(addr::to_bytes).unwrap_or_default()
+}
+
+/// Whether a workload's annotations ask for tunnels to its own address: `trellis.io/tunnel-address`
+/// is `pod` (or `node`, the default), and Istio's `ambient.istio.io/redirection: enabled` marks a
+/// pod captured by Istio's ztunnel, which accepts tunnels only at the pod's address. An unknown
+/// value of Trellis's annotation is an error, not a silent default.
+pub fn tunnel_to_pod(annotations: &BTreeMap<String, String>) -> Result<bool, String> {
+    let istio = annotations.get(ISTIO_REDIRECTION).is_some_and(|v| v == "enabled");
+    match annotations.get(TUNNEL_ADDRESS).map(String::as_str) {
+        Some("pod") => Ok(true),
+        Some("node") => Ok(false),
+        None => Ok(istio),
+        Some(other) => Err(format!(
+            "annotation {TUNNEL_ADDRESS}: {other:?} is neither \"pod\" nor \"node\""
+        )),
+    }
 }
 
 fn protocol(p: Protocol) -> pb::Protocol {

@@ -114,6 +114,7 @@ impl Mesh {
                 node: NODES[node].into(),
                 ip: IpAddr::V4(Ipv4Addr::new(10, n as u8, node as u8, i)),
                 node_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 255, 0, node as u8))),
+                tunnel_to_pod: false,
                 ready,
                 region: String::new(),
                 zone: String::new(),

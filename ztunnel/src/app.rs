@@ -392,6 +392,8 @@ async fn apply_config(
                 _ => None,
             };
             local.set(ids.iter().cloned().chain(gateway_id));
+            // A foreign HBONE client (no SNI) is served by the pod address it dialled.
+            local.set_addresses(enrolled.iter().map(|w| (w.ip, w.identity.clone())));
             served = ids;
             let plan = match config.capture {
                 CaptureMode::Pod => Some(Plan::Pods(

@@ -33,6 +33,8 @@ struct Metadata<'a> {
     namespace: Option<&'a str>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'a str, &'a str>,
 }
 
 #[derive(Serialize)]
@@ -81,6 +83,7 @@ pub fn render(plan: &Plan, cluster: &ClusterPlan) -> anyhow::Result<Vec<(String,
                 name: &ns.name,
                 namespace: None,
                 labels,
+                annotations: BTreeMap::new(),
             },
             spec: None,
         };
@@ -98,6 +101,7 @@ pub fn render(plan: &Plan, cluster: &ClusterPlan) -> anyhow::Result<Vec<(String,
                     true => BTreeMap::from([(GLOBAL, "true")]),
                     false => BTreeMap::new(),
                 },
+                annotations: BTreeMap::new(),
             },
             spec: Some(Spec::Service {
                 selector: borrowed(&s.selector),
@@ -119,6 +123,7 @@ pub fn render(plan: &Plan, cluster: &ClusterPlan) -> anyhow::Result<Vec<(String,
                     name: &p.name,
                     namespace: Some(&p.namespace),
                     labels: borrowed(&p.labels),
+                    annotations: borrowed(&p.annotations),
                 },
                 spec: Some(Spec::Workload {
                     service_account: &p.service_account,

@@ -147,6 +147,7 @@ pub struct PodPlan {
     pub node_link: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub run: Option<PodRun>,
 }
 
@@ -412,6 +413,7 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
             node_link: format!("p{i}"),
             service_account,
             labels: p.labels.clone(),
+            annotations: p.annotations.clone(),
             run,
         });
     }

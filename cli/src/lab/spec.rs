@@ -101,6 +101,9 @@ pub struct Pod {
     pub service_account: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Written on the pod's manifest as they are (`trellis.io/tunnel-address: pod`, ...).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     /// What runs in the pod; none leaves an empty network namespace to exec into.
     #[serde(default)]
     pub run: Option<Run>,

@@ -165,11 +165,15 @@ pub fn desired(plan: &Plan, ports: Ports) -> Table {
 /// - TCP *from* an enrolled pod is redirected to 15001, TCP *to* one (not through a tunnel) to
 ///   15006; tunnels arrive on the node's address at 15008 and are delivered by ztunnel's own
 ///   sockets, which never pass prerouting or forward;
+/// - a tunnel addressed to an enrolled pod's own address on 15008 (how Istio's ztunnel and other
+///   HBONE peers dial) is redirected to ztunnel's 15008, never to the plaintext port nor to
+///   the pod;
 /// - a new connection of an enrolled pod that reaches `forward` was not redirected: rejected;
 /// - a packet claiming an enrolled pod's address on any interface but that pod's own is dropped
 ///   (reverse-path check), so nothing can borrow a pod's identity by spoofing its IP.
 fn pod_table(pods: &BTreeSet<Ipv4Addr>, ports: Ports) -> Table {
     let from = format!("ip saddr @{ENROLLED} {NEW_TCP} counter");
+    let to_hbone = format!("ip daddr @{ENROLLED} tcp dport {} {NEW_TCP} counter", ports.hbone);
     let to = format!("ip daddr @{ENROLLED} {NEW_TCP} counter");
     Table {
         sets: BTreeMap::from([(ENROLLED, pods.clone())]),
@@ -191,6 +195,7 @@ fn pod_table(pods: &BTreeSet<Ipv4Addr>, ports: Ports) -> Table {
                 priority: PRIORITY_DSTNAT,
                 rules: vec![
                     Rule::new("outbound", format!("{from} redirect to :{}", ports.outbound)),
+                    Rule::new("inbound-hbone", format!("{to_hbone} redirect to :{}", ports.hbone)),
                     Rule::new("inbound", format!("{to} redirect to :{}", ports.inbound_plain)),
                 ],
             },
@@ -201,6 +206,7 @@ fn pod_table(pods: &BTreeSet<Ipv4Addr>, ports: Ports) -> Table {
                 priority: PRIORITY_FILTER,
                 rules: vec![
                     Rule::new("guard-outbound", format!("{from} reject with tcp reset")),
+                    Rule::new("guard-inbound-hbone", format!("{to_hbone} reject with tcp reset")),
                     Rule::new("guard-inbound", format!("{to} reject with tcp reset")),
                 ],
             },
@@ -323,6 +329,15 @@ mod tests {
         assert!(rules.contains("elements = { 10.1.1.10, 10.1.1.12 }"), "{rules}");
         assert!(rules.contains(&format!("ip saddr @enrolled {SYN} counter redirect to :15001")));
         assert!(rules.contains(&format!("ip daddr @enrolled {SYN} counter redirect to :15006")));
+        let hbone = rules
+            .find(&format!(
+                "ip daddr @enrolled tcp dport 15008 {SYN} counter redirect to :15008"
+            ))
+            .expect("tunnels to a pod's own address go to ztunnel's 15008");
+        assert!(
+            hbone < rules.find("redirect to :15006").unwrap(),
+            "before the plaintext inbound rule"
+        );
         assert!(
             rules.starts_with("table ip trellis\ndelete table ip trellis\n"),
             "replaces the old table"

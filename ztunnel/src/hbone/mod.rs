@@ -68,9 +68,26 @@ pub fn baggage(cluster: &str, namespace: &str, workload: &str) -> String {
     format!("k8s.cluster.name={cluster},k8s.namespace.name={namespace},k8s.workload.name={workload}")
 }
 
-/// Parses a `baggage` header into (cluster, namespace, workload), ignoring unknown keys.
+/// The baggage keys that name the source workload, in order of preference: Trellis's own, then
+/// the OpenTelemetry semantic conventions' workload kinds that other HBONE peers send (Istio's
+/// ztunnel sends `k8s.deployment.name` and its siblings), then the pod's own name.
+pub const WORKLOAD_KEYS: [&str; 8] = [
+    "k8s.workload.name",
+    "k8s.deployment.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.cronjob.name",
+    "k8s.job.name",
+    "k8s.replicaset.name",
+    "k8s.pod.name",
+];
+
+/// Parses a `baggage` header (W3C Baggage: `key=value;properties`, comma separated, values
+/// percent-encoded) into (cluster, namespace, workload), ignoring unknown keys and entries that
+/// do not parse. The workload is named by the most preferred of [`WORKLOAD_KEYS`] present.
 pub fn parse_baggage(value: &str) -> (String, String, String) {
-    let (mut cluster, mut namespace, mut workload) = (String::new(), String::new(), String::new());
+    let (mut cluster, mut namespace) = (String::new(), String::new());
+    let mut workload: Option<(usize, String)> = None;
     for item in value.split(',') {
         let Some((k, v)) = item.trim().split_once('=') else {
             continue;
@@ -79,14 +96,34 @@ pub fn parse_baggage(value: &str) -> (String, String, String) {
         if v.len() > 253 {
             continue;
         }
+        let Ok(v) = percent_encoding::percent_decode_str(v).decode_utf8() else {
+            continue;
+        };
         match k.trim() {
-            "k8s.cluster.name" => cluster = v.to_string(),
-            "k8s.namespace.name" => namespace = v.to_string(),
-            "k8s.workload.name" => workload = v.to_string(),
-            _ => {}
+            "k8s.cluster.name" => cluster = v.into_owned(),
+            "k8s.namespace.name" => namespace = v.into_owned(),
+            k => {
+                if let Some(rank) = WORKLOAD_KEYS.iter().position(|w| *w == k) {
+                    if workload.as_ref().is_none_or(|(best, _)| rank < *best) {
+                        workload = Some((rank, v.into_owned()));
+                    }
+                }
+            }
         }
     }
-    (cluster, namespace, workload)
+    (cluster, namespace, workload.map(|(_, w)| w).unwrap_or_default())
+}
+
+/// Reads the original destination of a connection from `peer`, redirected by nftables. The
+/// peer's address family is the socket's, which spares a `getsockname` per connection.
+pub fn original_dst(tcp: &tokio::net::TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match peer {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
 }
 
 /// Marks `socket` with [`SOCKET_MARK`]; needs CAP_NET_ADMIN, so failure is only logged once.
@@ -128,6 +165,33 @@ mod tests {
         assert!(
             !sni_for(&a).contains("shop"),
             "the identity stays out of the ClientHello"
+        );
+    }
+
+    #[test]
+    fn baggage_names_the_workload_under_every_standard_key() {
+        let istio = "k8s.cluster.name=Kubernetes,k8s.namespace.name=mesh,k8s.deployment.name=cli,service.name=cli,service.version=v1";
+        assert_eq!(parse_baggage(istio), ("Kubernetes".into(), "mesh".into(), "cli".into()));
+        assert_eq!(parse_baggage("k8s.statefulset.name=db").2, "db");
+        assert_eq!(
+            parse_baggage("k8s.pod.name=db-0,k8s.statefulset.name=db").2,
+            "db",
+            "the workload kind wins over the pod"
+        );
+        assert_eq!(
+            parse_baggage("k8s.deployment.name=a,k8s.workload.name=b").2,
+            "b",
+            "Trellis's own key wins"
+        );
+        assert_eq!(
+            parse_baggage("k8s.deployment.name=we%20b").2,
+            "we b",
+            "values are percent-decoded"
+        );
+        assert_eq!(
+            parse_baggage("k8s.deployment.name=%ff%fe").2,
+            "",
+            "not UTF-8 once decoded: ignored"
         );
     }
 

@@ -1,5 +1,7 @@
 //! The HBONE server on 15008: TLS 1.3 with the client's workload SVID required, the
-//! destination workload's certificate chosen by SNI, then HTTP/2 with bounded streams.
+//! destination workload's certificate chosen by SNI or, for a client that sends none (Istio's
+//! ztunnel), by the address the connection was made to (a pod's own address, redirected here by
+//! the node's capture), then HTTP/2 with bounded streams.
 //! What each CONNECT means is the [`Handler`]'s business (see `proxy::inbound`).
 //!
 //! Hostile peers cost little: connections are admitted within [`Limits::HBONE`] per listener and
@@ -12,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -26,7 +28,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use trellis_identity::limits::{nofile_limit, FdReserve, Gate, Limits};
 use trellis_identity::tls::server_config;
 use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier, VerifiedChain};
@@ -40,10 +42,20 @@ use super::{expiry, sni_for, CONNECTION_WINDOW, IDLE_TIMEOUT, MAX_FRAME, MAX_HEA
 pub const SERVER_HANDSHAKE_TIMEOUT: std::time::Duration = trellis_identity::tls::HANDSHAKE_TIMEOUT;
 
 /// The certificates this node serves on 15008: one per identity of its enrolled workloads,
-/// found by the SNI a client sends ([`sni_for`]).
+/// found by the SNI a client sends ([`sni_for`]) or by the workload address a connection was
+/// made to.
 pub struct LocalCerts {
     certs: CertManager,
     by_sni: RwLock<HashMap<String, SpiffeId>>,
+    by_addr: RwLock<HashMap<IpAddr, SpiffeId>>,
+}
+
+/// Which identity one connection is served as, and the workload address it was made to (when it
+/// was made to a workload's own address rather than the node's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub identity: SpiffeId,
+    pub to_workload: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for LocalCerts {
@@ -57,7 +69,25 @@ impl LocalCerts {
         Arc::new(Self {
             certs,
             by_sni: RwLock::new(HashMap::new()),
+            by_addr: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// The enrolled workloads' own addresses and identities: a connection made to one of these
+    /// addresses is served as that identity when its client sends no SNI this node knows.
+    pub fn set_addresses(&self, addrs: impl IntoIterator<Item = (IpAddr, SpiffeId)>) {
+        *self.by_addr.write().unwrap_or_else(|p| p.into_inner()) = addrs.into_iter().collect();
+    }
+
+    /// The identity a connection is served as ([`served_as`]), from the SNI its client sent and
+    /// the address it was made to (its original destination, before the capture's redirect).
+    pub fn choose(&self, sni: Option<&str>, dst: Option<IpAddr>) -> Result<Served, String> {
+        let named = sni.and_then(|s| self.identity(s));
+        let at = dst.and_then(|ip| {
+            let map = self.by_addr.read().unwrap_or_else(|p| p.into_inner());
+            map.get(&ip).map(|id| (ip, id.clone()))
+        });
+        served_as(sni, named, at)
     }
 
     /// Serves exactly these identities from now on.
@@ -72,10 +102,60 @@ impl LocalCerts {
     }
 }
 
+/// Which identity serves a connection, given the SNI it sent, the identity that SNI names on this
+/// node, and the workload (address and identity) the connection was made to, if any:
+/// - a known SNI chooses (between Trellis nodes the SNI is the hashed identity, [`sni_for`]);
+/// - otherwise the workload address chooses (a foreign HBONE client sends no SNI and dials the
+///   pod's own address);
+/// - a connection made to a workload's address that asks, by SNI, for another identity is
+///   refused: the address and the name must agree.
+pub fn served_as(sni: Option<&str>, named: Option<SpiffeId>, at: Option<(IpAddr, SpiffeId)>) -> Result<Served, String> {
+    match (named, at) {
+        (Some(named), Some((ip, own))) if named != own => Err(format!(
+            "the client asked for {named}, but the connection was made to {ip}, which is {own}"
+        )),
+        (Some(identity), at) => Ok(Served {
+            identity,
+            to_workload: at.map(|(ip, _)| ip),
+        }),
+        (None, Some((ip, identity))) => Ok(Served {
+            identity,
+            to_workload: Some(ip),
+        }),
+        (None, None) => Err(match sni {
+            Some(name) => format!("the client asked for {name:?}, which this node does not serve"),
+            None => "the client sent no server name and the connection was made to no workload of this node".into(),
+        }),
+    }
+}
+
 impl ResolvesServerCert for LocalCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let id = self.identity(hello.server_name()?)?;
         self.certs.current(&id).map(|held| held.certified_key())
+    }
+}
+
+/// Serves one identity's current certificate, whatever the client asks for: the choice was made
+/// before the handshake ([`LocalCerts::choose`]). With none chosen the handshake fails with an
+/// alert, so a refused client learns it from TLS rather than from a closed socket.
+struct Chosen {
+    certs: CertManager,
+    identity: Option<SpiffeId>,
+}
+
+impl std::fmt::Debug for Chosen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chosen")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for Chosen {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = self.identity.as_ref()?;
+        self.certs.current(id).map(|held| held.certified_key())
     }
 }
 
@@ -96,8 +176,13 @@ pub struct ConnInfo {
     pub peer_addr: SocketAddr,
     /// The client's verified workload identity.
     pub peer_id: SpiffeId,
-    /// The identity this connection was opened for (from SNI).
+    /// The identity this connection was opened for (from SNI, or from the workload address it
+    /// was made to).
     pub served: SpiffeId,
+    /// The workload address the connection was made to, when it was made to a workload's own
+    /// address (a foreign HBONE client's way) rather than the node's: its tunnels may only go to
+    /// that workload.
+    pub to_workload: Option<IpAddr>,
 }
 
 /// A boxed future, as [`Handler::handle`] returns.
@@ -123,7 +208,6 @@ pub async fn serve<H: Handler>(
     drain: watch::Receiver<bool>,
     trusted: BundleSet,
 ) {
-    let acceptor = TlsAcceptor::from(config);
     let gate = Gate::new(Limits::HBONE.fitted(nofile_limit(), 2));
     let mut reserve = FdReserve::new();
     let mut stop = drain.clone();
@@ -148,22 +232,34 @@ pub async fn serve<H: Handler>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, local, handler, drain) = (acceptor.clone(), local.clone(), handler.clone(), drain.clone());
+        // Where the client dialled: a pod's own address when the capture redirected it here.
+        let dst = super::original_dst(&tcp, peer_addr)
+            .or_else(|_| tcp.local_addr())
+            .ok()
+            .map(|a| a.ip());
+        let (config, local, handler, drain) = (config.clone(), local.clone(), handler.clone(), drain.clone());
         let trusted = trusted.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
             let handshake = async {
                 let _permit = gate.handshake_permit().await;
-                let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                let chosen = local.choose(start.client_hello().server_name(), dst);
+                let mut config = (*config).clone();
+                config.cert_resolver = Arc::new(Chosen {
+                    certs: local.certs.clone(),
+                    identity: chosen.as_ref().ok().map(|c| c.identity.clone()),
+                });
+                let tls = start.into_stream(Arc::new(config)).await;
+                let chosen = chosen?;
+                let mut tls = tls.map_err(|e| format!("TLS: {e}"))?;
                 tls.get_mut().1.set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
                 let (_, session) = tls.get_ref();
                 let peer_id = peer_id(session).ok_or("the client presented no SPIFFE ID")?;
                 let not_after = peer_not_after(session);
                 let verified = VerifiedChain::of(session, false).ok_or("the client presented no certificate")?;
-                let served = session
-                    .server_name()
-                    .and_then(|sni| local.identity(sni))
-                    .ok_or("the client asked for no identity this node serves")?;
                 let connection = h2::server::Builder::new()
                     .initial_window_size(STREAM_WINDOW)
                     .initial_connection_window_size(CONNECTION_WINDOW)
@@ -180,7 +276,8 @@ pub async fn serve<H: Handler>(
                     ConnInfo {
                         peer_addr,
                         peer_id,
-                        served,
+                        served: chosen.identity,
+                        to_workload: chosen.to_workload,
                     },
                     not_after,
                     verified,
@@ -272,5 +369,41 @@ async fn run<H: Handler>(
                 connection.graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_identity_comes_from_the_sni_or_else_from_the_workload_address() {
+        let cart = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/cart").unwrap();
+        let web = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").unwrap();
+        let pod: IpAddr = "10.1.1.10".parse().unwrap();
+        let sni = sni_for(&cart);
+        let by_name = served_as(Some(&sni), Some(cart.clone()), None).unwrap();
+        assert_eq!(
+            (by_name.identity, by_name.to_workload),
+            (cart.clone(), None),
+            "node-addressed, by SNI"
+        );
+        let foreign = served_as(None, None, Some((pod, cart.clone()))).unwrap();
+        assert_eq!(
+            (foreign.identity, foreign.to_workload),
+            (cart.clone(), Some(pod)),
+            "no SNI, pod-addressed"
+        );
+        let odd_name = served_as(Some("cart.shop.svc"), None, Some((pod, cart.clone()))).unwrap();
+        assert_eq!(
+            odd_name.identity, cart,
+            "an SNI this node does not know: the address chooses"
+        );
+        let both = served_as(Some(&sni), Some(cart.clone()), Some((pod, cart.clone()))).unwrap();
+        assert_eq!(both.to_workload, Some(pod), "the tunnels stay bound to the pod dialled");
+        let clash = served_as(Some(&sni_for(&web)), Some(web), Some((pod, cart))).unwrap_err();
+        assert!(clash.contains("10.1.1.10"), "{clash}");
+        let nothing = served_as(None, None, None).unwrap_err();
+        assert!(nothing.contains("no server name"), "{nothing}");
     }
 }

@@ -51,8 +51,23 @@ pub fn route(
     let authority = authority.ok_or((StatusCode::BAD_REQUEST, "CONNECT without :authority".to_string()))?;
     let addr: SocketAddr = match authority.parse() {
         Ok(addr) => addr,
+        Err(_) if conn.to_workload.is_some() => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(":authority {authority:?} names no address, but the connection was made to a workload's"),
+            ))
+        }
         Err(_) => return route_to_service(authority, state, conn),
     };
+    if let Some(to) = conn.to_workload.filter(|to| *to != addr.ip()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the connection was made to {to}, so its tunnels go to {to}, not {}",
+                addr.ip()
+            ),
+        ));
+    }
     let workload = state.enrolled_local(addr.ip()).ok_or((
         StatusCode::BAD_REQUEST,
         format!("{} is not an enrolled workload on this node", addr.ip()),
@@ -265,6 +280,7 @@ mod tests {
             peer_addr: "10.1.0.12:40000".parse().unwrap(),
             peer_id: web.clone(),
             served: served.clone(),
+            to_workload: None,
         };
         let state = state_with("10.1.1.10", &cart, true);
         let ok = route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn(&cart)).unwrap();
@@ -297,5 +313,28 @@ mod tests {
             StatusCode::BAD_REQUEST,
             "not enrolled"
         );
+    }
+
+    #[test]
+    fn a_connection_made_to_a_workloads_address_carries_tunnels_to_that_workload_only() {
+        let cart = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/cart").unwrap();
+        let web = SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").unwrap();
+        let mut state = state_with("10.1.1.10", &cart, true);
+        let twin = state_with("10.1.1.11", &cart, true);
+        state.local.extend(twin.local.clone());
+        let conn = ConnInfo {
+            peer_addr: "10.1.0.12:40000".parse().unwrap(),
+            peer_id: web,
+            served: cart.clone(),
+            to_workload: Some("10.1.1.10".parse().unwrap()),
+        };
+        assert!(route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn).is_ok());
+        let refused = |authority: &str| route(&Method::CONNECT, Some(authority), &state, &conn).unwrap_err().0;
+        assert_eq!(
+            refused("10.1.1.11:8080"),
+            StatusCode::BAD_REQUEST,
+            "another pod of the same identity"
+        );
+        assert_eq!(refused("cart.shop:80"), StatusCode::BAD_REQUEST, "a service name");
     }
 }

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{original_dst, reset, Proxy};
+use super::{reset, Proxy};
 use crate::hbone::copy::copy_plain;
 use crate::hbone::dial;
+use crate::hbone::original_dst;
 use crate::metrics::ConnLabels;
 use crate::policy::{authorize, Decision, Source};
 

@@ -192,15 +192,3 @@ pub fn reset(tcp: tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
 }
-
-/// Reads the original destination of a connection from `peer`, redirected by nftables. The
-/// peer's address family is the socket's, which spares a `getsockname` per connection.
-pub fn original_dst(tcp: &tokio::net::TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
-    let sock = socket2::SockRef::from(tcp);
-    let addr = match peer {
-        SocketAddr::V4(_) => sock.original_dst_v4()?,
-        SocketAddr::V6(_) => sock.original_dst_v6()?,
-    };
-    addr.as_socket()
-        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
-}

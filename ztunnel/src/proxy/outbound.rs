@@ -25,8 +25,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{original_dst, reset, Proxy};
+use super::{reset, Proxy};
 use crate::hbone::copy::{copy_plain, splice, Moved, OnBytes};
+use crate::hbone::original_dst;
 use crate::hbone::pool::{Key, OpenError, Tunnel, Via};
 use crate::hbone::tunnel::Protocol;
 use crate::hbone::{baggage, dial, forwarded_for, PORT};
