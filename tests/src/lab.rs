@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use trellis_identity::{BundleSet, CertificateAuthority, IssuancePolicy, TrustBundle, TrustDomain};
+
 use crate::{bin_dir, binary};
 
 /// A lab brought up for one test.
@@ -31,6 +33,17 @@ fn describe(what: &str, out: &Output) -> String {
 }
 
 impl Lab {
+    /// Cluster `cluster`'s CA as trellisd holds it (trust domain `<cluster>.trellis.local`), and
+    /// a bundle set trusting it: for a test that holds SVIDs of the lab's mesh, as a compromised
+    /// node or a foreign mesh sharing the root CA would.
+    pub fn ca(&self, cluster: &str) -> (CertificateAuthority, BundleSet) {
+        let td = TrustDomain::new(&format!("{cluster}.trellis.local")).expect("trust domain");
+        let ca = CertificateAuthority::load(&self.state_dir.join(cluster).join("ca"), &td, IssuancePolicy::default())
+            .expect("the lab's CA");
+        let bundles = BundleSet::with(TrustBundle::new(td, ca.roots().to_vec()));
+        (ca, bundles)
+    }
+
     /// Brings up lab `name` (≤ 8 characters) from the topology YAML `topology`. Panics with
     /// trellis's output if it fails; the lab is removed either way.
     pub fn up(name: &str, topology: &str) -> Lab {

@@ -21,10 +21,7 @@ use trellis_e2e::lab::Lab;
 use trellis_e2e::{in_netns, wait_until};
 use trellis_identity::tls::{client_config, tls_channel, FIRST_REQUEST_TIMEOUT, HANDSHAKE_TIMEOUT};
 use trellis_identity::verify::{ExpectedPeer, SpiffeServerVerifier};
-use trellis_identity::{
-    BundleSet, CaClient, CertManager, CertificateAuthority, IssuancePolicy, JoinTokens, ManagerConfig, SpiffeId,
-    TrustBundle, TrustDomain,
-};
+use trellis_identity::{CaClient, CertManager, JoinTokens, ManagerConfig, SpiffeId, TrustDomain};
 use trellis_ztunnel::hbone::pool::{Key, OpenError, Pool, Tunnel};
 use trellis_ztunnel::hbone::tunnel::Protocol;
 
@@ -114,14 +111,6 @@ fn calls_until(lab: &Lab, done: &AtomicBool, during: &str) -> Vec<Duration> {
     })
 }
 
-fn lab_ca(lab: &Lab) -> (CertificateAuthority, BundleSet) {
-    let td = TrustDomain::new(TD).expect("trust domain");
-    let ca = CertificateAuthority::load(&lab.state_dir.join("east").join("ca"), &td, IssuancePolicy::default())
-        .expect("the lab's CA");
-    let bundles = BundleSet::with(TrustBundle::new(td, ca.roots().to_vec()));
-    (ca, bundles)
-}
-
 /// A listener in sink's namespace that accepts every connection and holds it until its peer
 /// closes it (a workload that never speaks first).
 fn run_sink(lab: &Lab) {
@@ -154,7 +143,7 @@ struct TunnelFlood {
 /// namespace: `TUNNEL_FLOOD` CONNECTs to sink through node-1 that never send a byte, all held
 /// until the node ends them. `opened` gets (held, refused) once every CONNECT was answered.
 fn tunnel_flood(lab: &Lab, opened: mpsc::Sender<(usize, usize)>) -> TunnelFlood {
-    let (ca, bundles) = lab_ca(lab);
+    let (ca, bundles) = lab.ca("east");
     in_netns(&lab.node_ns("east", "node-2"), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -295,7 +284,7 @@ fn a_tunnel_flood_from_one_workload_spares_other_callers_and_gives_memory_back()
 #[test]
 fn silent_connections_to_trellisd_neither_slow_nodes_nor_stay_open() {
     let lab = Lab::up("e2ecpfl", TOPOLOGY);
-    let (_, bundles) = lab_ca(&lab);
+    let (_, bundles) = lab.ca("east");
     let td = TrustDomain::new(TD).expect("trust domain");
     let trellisd: SocketAddr = TRELLISD.parse().expect("trellisd");
     let anonymous = {

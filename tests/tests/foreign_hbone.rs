@@ -21,9 +21,7 @@ use trellis_e2e::sniff::Sniffer;
 use trellis_e2e::{in_netns, wait_until};
 use trellis_identity::tls::client_config;
 use trellis_identity::verify::{peer_id, ExpectedPeer, SpiffeServerVerifier};
-use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
-};
+use trellis_identity::{BundleSet, CertManager, ManagerConfig, SpiffeId};
 
 const TOPOLOGY: &str = r#"
 clusters:
@@ -49,7 +47,6 @@ spec:
     - from: {principals: ["ns/mesh/sa/atk"]}
 "#;
 
-const TD: &str = "east.trellis.local";
 const TGT: &str = "spiffe://east.trellis.local/ns/mesh/sa/tgt";
 const CLI: &str = "spiffe://east.trellis.local/ns/mesh/sa/cli";
 const ATK: &str = "spiffe://east.trellis.local/ns/mesh/sa/atk";
@@ -144,10 +141,7 @@ async fn foreign_tunnel(
 /// Runs `f` with SVIDs of `ids` issued by the lab's CA (a foreign mesh sharing the root CA), on a
 /// runtime inside node-2's namespace.
 fn as_foreign_node<T: Send>(lab: &Lab, ids: &[&str], f: impl AsyncFnOnce(CertManager, BundleSet) -> T + Send) -> T {
-    let td = TrustDomain::new(TD).expect("trust domain");
-    let ca = CertificateAuthority::load(&lab.state_dir.join("east").join("ca"), &td, IssuancePolicy::default())
-        .expect("the lab's CA");
-    let bundles = BundleSet::with(TrustBundle::new(td, ca.roots().to_vec()));
+    let (ca, bundles) = lab.ca("east");
     let ids: Vec<SpiffeId> = ids.iter().map(|i| SpiffeId::parse(i).expect("an ID")).collect();
     in_netns(&lab.node_ns("east", "node-2"), move || {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -13,9 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use trellis_e2e::lab::{metric_sum, Lab};
 use trellis_e2e::{in_netns, wait_until};
-use trellis_identity::{
-    BundleSet, CertManager, CertificateAuthority, IssuancePolicy, ManagerConfig, SpiffeId, TrustBundle, TrustDomain,
-};
+use trellis_identity::{CertManager, ManagerConfig, SpiffeId};
 use trellis_ztunnel::hbone::baggage;
 use trellis_ztunnel::hbone::pool::{Key, Pool};
 use trellis_ztunnel::hbone::tunnel::Protocol;
@@ -48,10 +46,7 @@ fn series(text: &str) -> usize {
 /// node-2's namespace with atk's SVID (issued by the lab's CA, as trellisd would issue it to
 /// atk's node): what a compromised workload can do. Returns how many tunnels opened.
 fn baggage_flood(lab: &Lab) -> usize {
-    let td = TrustDomain::new("east.trellis.local").expect("trust domain");
-    let ca = CertificateAuthority::load(&lab.state_dir.join("east").join("ca"), &td, IssuancePolicy::default())
-        .expect("the lab's CA");
-    let bundles = BundleSet::with(TrustBundle::new(td, ca.roots().to_vec()));
+    let (ca, bundles) = lab.ca("east");
     let atk = SpiffeId::parse(ATK).expect("atk's ID");
     in_netns(&lab.node_ns("east", "node-2"), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
