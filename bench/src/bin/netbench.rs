@@ -1,8 +1,8 @@
-//! netbench: the data-plane benchmark's load tool, one server and three clients over plain TCP.
+//! netbench: the data-plane benchmark's load tool, one server and four clients over plain TCP.
 //!
 //! The server picks the mode from the first byte of each connection:
 //! - `T` throughput: read and discard until EOF, answer the byte count (8 bytes, big-endian), close;
-//! - `L` latency: read 1024 bytes, write 1024 bytes back, until EOF;
+//! - `L` latency and ping-pong: read 1024 bytes, write 1024 bytes back, until EOF;
 //! - `C` connection rate: the request is 64 bytes in all (the `C` included), the answer 64 bytes,
 //!   then the server closes (so the server, not the client, holds the TIME_WAIT).
 //!
@@ -19,6 +19,7 @@
 //! netbench throughput --to 10.1.2.10:9000 --seconds 10
 //! netbench latency --to 10.1.2.10:9000 --count 20000 --warmup 1000
 //! netbench connrate --to 10.1.2.10:9000 --seconds 10 --workers 4
+//! netbench pingpong --to 10.1.2.10:9000 --seconds 10 --connections 16
 //! netbench relay --listen 10.1.0.11:15101 --to 10.1.0.12:15102
 //! ```
 
@@ -33,7 +34,7 @@ use clap::{Parser, Subcommand};
 
 /// The throughput client's write size.
 const WRITE_SIZE: usize = 128 * 1024;
-/// One latency round's request and response size.
+/// One latency or ping-pong round's request and response size.
 const ROUND_SIZE: usize = 1024;
 /// The connection-rate request and response size.
 const CONN_SIZE: usize = 64;
@@ -84,6 +85,16 @@ enum Mode {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Connections each looping 1 KiB request, 1 KiB response for --seconds, side by side; prints
+    /// {"connections","seconds","round_trips","per_second","errors"}.
+    Pingpong {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
     /// Forward every accepted connection to --to, zero-copy (splice), one thread per direction.
     Relay {
         #[arg(long)]
@@ -99,6 +110,11 @@ fn main() -> anyhow::Result<()> {
         Mode::Throughput { to, seconds } => throughput(to, Duration::from_secs(seconds)),
         Mode::Latency { to, count, warmup } => latency(to, count, warmup),
         Mode::Connrate { to, seconds, workers } => connrate(to, Duration::from_secs(seconds), workers),
+        Mode::Pingpong {
+            to,
+            seconds,
+            connections,
+        } => pingpong(to, Duration::from_secs(seconds), connections),
         Mode::Relay { listen, to } => relay(listen, to),
     }
 }
@@ -287,6 +303,58 @@ fn one_connection(to: SocketAddr, request: &[u8; CONN_SIZE]) -> anyhow::Result<(
     // whose ephemeral ports would otherwise run out within seconds.
     let extra = tcp.read(&mut response[CONN_SIZE..]).context("waiting for the close")?;
     anyhow::ensure!(extra == 0, "the server sent more than {CONN_SIZE} bytes");
+    Ok(())
+}
+
+fn pingpong(to: SocketAddr, run: Duration, connections: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(connections > 0, "--connections must be at least 1");
+    let round_trips = AtomicU64::new(0);
+    let errors = AtomicU64::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..connections {
+            s.spawn(|| {
+                // A connection that fails is counted and opened again, until the run ends.
+                while started.elapsed() < run {
+                    if let Err(e) = rounds_until(to, started + run, &round_trips) {
+                        if let Ok(mut first) = first_error.lock() {
+                            first.get_or_insert_with(|| format!("{e:#}"));
+                        }
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        // Do not spin on a refusing peer.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let round_trips = round_trips.load(Ordering::Relaxed);
+    let errors = errors.load(Ordering::Relaxed);
+    if let Ok(Some(e)) = first_error.lock().as_deref() {
+        eprintln!("netbench pingpong: {errors} errors, the first: {e}");
+    }
+    println!(
+        r#"{{"connections":{connections},"seconds":{seconds:.3},"round_trips":{round_trips},"per_second":{:.1},"errors":{errors}}}"#,
+        round_trips as f64 / seconds
+    );
+    Ok(())
+}
+
+/// One connection in the `L` mode, doing 1 KiB rounds until `deadline`; each round is added to
+/// `round_trips` as it completes, so a connection that fails keeps the rounds it did.
+fn rounds_until(to: SocketAddr, deadline: Instant, round_trips: &AtomicU64) -> anyhow::Result<()> {
+    let mut tcp = connect(to)?;
+    tcp.write_all(b"L").context("sending the mode")?;
+    let request = [0xa5_u8; ROUND_SIZE];
+    let mut response = [0u8; ROUND_SIZE];
+    while Instant::now() < deadline {
+        tcp.write_all(&request).with_context(|| format!("sending to {to}"))?;
+        tcp.read_exact(&mut response)
+            .with_context(|| format!("reading from {to}"))?;
+        round_trips.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(())
 }
 

@@ -3,10 +3,12 @@
 //! plain routing through the node namespaces) and THROUGH TWO ZTUNNELS (an enrolled namespace:
 //! captured by node-1's ztunnel, tunnelled as HTTP/2 CONNECT in mTLS to node-2's ztunnel).
 //!
-//! Measures single-stream throughput, 1 KiB request/response latency, new connections per
-//! second, and both ztunnels' resident memory, idle and at peak under the mesh runs; prints
-//! each mesh figure against the direct one and a PASS/MISS line per target. The load comes from
-//! `netbench` (bench/src/bin/netbench.rs), run inside the pods' namespaces.
+//! Measures single-stream throughput, 1 KiB request/response latency, 1 KiB round trips per
+//! second over 16 connections at once, new connections per second, both ztunnels' resident
+//! memory, idle and at peak under the mesh runs, and the CPU time both ztunnels spend per GB of
+//! the mesh throughput run and per round trip of the mesh ping-pong run; prints each mesh figure
+//! against the direct one and a PASS/MISS line per target. The load comes from `netbench`
+//! (bench/src/bin/netbench.rs), run inside the pods' namespaces.
 //!
 //! Run as root: `bash bench/run.sh data-plane` (builds everything with the bench profile first).
 
@@ -23,12 +25,13 @@ use serde::Deserialize;
 
 use lab::*;
 use memory::{pss_kib, rss_kib, sampled};
-use report::{mib, table, verdicts};
+use report::{cpu_s_per_gb, cpu_us_per_round_trip, mib, table, verdicts};
 
 const SECONDS: u64 = 10;
 const LATENCY_ROUNDS: usize = 20_000;
 const LATENCY_WARMUP: usize = 1_000;
 const CONN_WORKERS: usize = 4;
+const PINGPONG_CONNECTIONS: usize = 16;
 const RSS_EVERY: Duration = Duration::from_millis(100);
 
 /// Targets, and what Istio's ztunnel measured on this kind of machine.
@@ -58,12 +61,21 @@ fn check_interrupted() -> anyhow::Result<()> {
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct Throughput {
     gbps: f64,
+    /// Counted by the server.
+    bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct Latency {
     p50_us: f64,
     p99_us: f64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct Pingpong {
+    round_trips: u64,
+    per_second: f64,
+    errors: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -77,12 +89,19 @@ struct Connrate {
 struct Figures {
     throughput: [Throughput; 2],
     latency: [Latency; 2],
+    pingpong: [Pingpong; 2],
     connrate: [Connrate; 2],
-    /// Share of all CPUs busy (0..=1) during the throughput and the connection runs: [direct, mesh].
+    /// Share of all CPUs busy (0..=1) during the throughput, ping-pong and connection runs:
+    /// [direct, mesh].
     throughput_busy: [f64; 2],
     /// The same, during the run through the relays.
     relayed_busy: f64,
+    pingpong_busy: [f64; 2],
     connrate_busy: [f64; 2],
+    /// CPU time of the two ztunnels together (user and system, every thread) during the mesh
+    /// throughput and ping-pong runs, in seconds.
+    throughput_ztunnel_cpu_s: f64,
+    pingpong_ztunnel_cpu_s: f64,
     /// Single-stream throughput from the direct client through two plain relays (see
     /// [`lab::start_relays`]): the most any two-hop proxy can reach on this machine.
     relayed: Throughput,
@@ -114,6 +133,10 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
         print_throughput(path, t, busy);
         Ok((t, busy))
     })?;
+    println!(
+        "  ztunnel CPU per GB (pair): {:.2} CPU-s/GB",
+        cpu_s_per_gb(throughput.ztunnel_cpu_s, throughput.runs[1].0.bytes)
+    );
     let relays = start_relays(bin)?;
     let (relayed, relayed_busy) =
         busy_while(|| netbench::<Throughput>(bin, &RELAYED, &["throughput", "--seconds", &secs]))?;
@@ -127,7 +150,30 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
             path.name, l.p50_us, l.p99_us
         );
         Ok(l)
+    })?
+    .runs;
+    let connections = PINGPONG_CONNECTIONS.to_string();
+    let pingpong = on_both_paths(pids, &mut peak_kib, |path| {
+        let (p, busy) = busy_while(|| {
+            netbench::<Pingpong>(
+                bin,
+                path,
+                &["pingpong", "--seconds", &secs, "--connections", &connections],
+            )
+        })?;
+        println!(
+            "  pingpong{PINGPONG_CONNECTIONS} {:<6} {:>8.0} /s ({} errors, CPU {:.0}% busy)",
+            path.name,
+            p.per_second,
+            p.errors,
+            busy * 100.0
+        );
+        Ok((p, busy))
     })?;
+    println!(
+        "  ztunnel CPU per round trip (pair): {:.1} CPU-us",
+        cpu_us_per_round_trip(pingpong.ztunnel_cpu_s, pingpong.runs[1].0.round_trips)
+    );
     let workers = CONN_WORKERS.to_string();
     let connrate = on_both_paths(pids, &mut peak_kib, |path| {
         let (c, busy) =
@@ -140,11 +186,16 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
             busy * 100.0
         );
         Ok((c, busy))
-    })?;
+    })?
+    .runs;
     Ok(Figures {
-        throughput: throughput.map(|(t, _)| t),
-        throughput_busy: throughput.map(|(_, busy)| busy),
+        throughput: throughput.runs.map(|(t, _)| t),
+        throughput_busy: throughput.runs.map(|(_, busy)| busy),
+        throughput_ztunnel_cpu_s: throughput.ztunnel_cpu_s,
         latency,
+        pingpong: pingpong.runs.map(|(p, _)| p),
+        pingpong_busy: pingpong.runs.map(|(_, busy)| busy),
+        pingpong_ztunnel_cpu_s: pingpong.ztunnel_cpu_s,
         connrate: connrate.map(|(c, _)| c),
         connrate_busy: connrate.map(|(_, busy)| busy),
         relayed,
@@ -154,16 +205,28 @@ fn measure(bin: &Path) -> anyhow::Result<Figures> {
     })
 }
 
+/// What a run on both paths measured.
+struct BothPaths<T> {
+    /// [direct, mesh].
+    runs: [T; 2],
+    /// CPU time of the two ztunnels together during the mesh run, in seconds. The direct run has
+    /// none: it does not go through them.
+    ztunnel_cpu_s: f64,
+}
+
 /// Runs `run` on the direct path, then on the mesh path while sampling both ztunnels' RSS into
-/// `peak_kib`: [direct, mesh].
+/// `peak_kib` and counting the CPU time they use.
 fn on_both_paths<T>(
     pids: [u32; 2],
     peak_kib: &mut [u64; 2],
     mut run: impl FnMut(&Route) -> anyhow::Result<T>,
-) -> anyhow::Result<[T; 2]> {
+) -> anyhow::Result<BothPaths<T>> {
     let direct = run(&DIRECT)?;
-    let mesh = sampled(pids, peak_kib, || run(&MESH))?;
-    Ok([direct, mesh])
+    let (mesh, ztunnel_cpu_s) = cpu_while(pids, || sampled(pids, peak_kib, || run(&MESH)))?;
+    Ok(BothPaths {
+        runs: [direct, mesh],
+        ztunnel_cpu_s,
+    })
 }
 
 fn print_throughput(path: &Route, t: Throughput, busy: f64) {
@@ -205,6 +268,49 @@ fn busy_while<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f6
     ))
 }
 
+/// utime + stime of a /proc/<pid>/stat line (its fields 14 and 15): the clock ticks the process
+/// has run, in user space and in the kernel, over all its threads.
+fn process_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses itself:
+    // count from the last ')', after which field 3 comes.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The clock ticks of `pids` together, since each started.
+fn ticks_of(pids: [u32; 2]) -> anyhow::Result<u64> {
+    let mut ticks = 0;
+    for pid in pids {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path} (did the ztunnel exit?)"))?;
+        ticks += process_ticks(&stat).with_context(|| format!("{path} has no utime and stime"))?;
+    }
+    Ok(ticks)
+}
+
+/// Clock ticks per second, the unit of /proc/<pid>/stat's times.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // It cannot fail for this name on Linux; 100 is USER_HZ on x86 and arm.
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// Runs `f`, and tells how much CPU time the processes `pids` used meanwhile, together, in
+/// seconds.
+fn cpu_while<T>(pids: [u32; 2], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let before = ticks_of(pids)?;
+    let result = f()?;
+    let after = ticks_of(pids)?;
+    Ok((result, after.saturating_sub(before) as f64 / ticks_per_second()))
+}
+
 /// How busy the machine is before the run, sampled for a second.
 fn busy_before() -> anyhow::Result<f64> {
     busy_while(|| {
@@ -242,7 +348,7 @@ fn main() -> anyhow::Result<()> {
     let log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "ztunnel data-plane benchmark: {cpus} CPUs, ztunnel RUST_LOG={log_level}, {SECONDS} s runs, {LATENCY_ROUNDS} latency rounds, {CONN_WORKERS} connection workers"
+        "ztunnel data-plane benchmark: {cpus} CPUs, ztunnel RUST_LOG={log_level}, {SECONDS} s runs, {LATENCY_ROUNDS} latency rounds, {PINGPONG_CONNECTIONS} ping-pong connections, {CONN_WORKERS} connection workers"
     );
     println!(
         "direct: {} -> {}; mesh: {} -> {}",
@@ -282,5 +388,27 @@ mod tests {
         let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
         assert_eq!(cpu_jiffies(stat), Some((150, 1000)));
         assert_eq!(cpu_jiffies("intr 1 2\n"), None);
+    }
+
+    #[test]
+    fn process_ticks_adds_utime_and_stime_even_when_the_name_holds_spaces_and_parentheses() {
+        let stat = "4242 (zt (w) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 1500 250 7 9 20 0 3 0 12345 0 0\n";
+        assert_eq!(process_ticks(stat), Some(1750));
+        assert_eq!(process_ticks("4242 (ztunnel) S 1 4242 4242 0 -1 4194560 900 0\n"), None);
+        assert_eq!(process_ticks("no process here"), None);
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu_time() {
+        let me = std::process::id();
+        let ((), cpu_s) = cpu_while([me, me], || {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(100) {
+                std::hint::spin_loop();
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(cpu_s > 0.0 && cpu_s < 10.0, "{cpu_s} CPU-s for 2 x 100 ms of spinning");
     }
 }

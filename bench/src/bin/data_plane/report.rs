@@ -16,6 +16,24 @@ pub(crate) fn ratio(mesh: f64, direct: f64) -> f64 {
     }
 }
 
+/// CPU-seconds per GB (10^9 bytes) moved; 0 when nothing moved.
+pub(crate) fn cpu_s_per_gb(cpu_s: f64, bytes: u64) -> f64 {
+    if bytes > 0 {
+        cpu_s / (bytes as f64 / 1e9)
+    } else {
+        0.0
+    }
+}
+
+/// CPU-microseconds per round trip; 0 when none completed.
+pub(crate) fn cpu_us_per_round_trip(cpu_s: f64, round_trips: u64) -> f64 {
+    if round_trips > 0 {
+        cpu_s * 1e6 / round_trips as f64
+    } else {
+        0.0
+    }
+}
+
 /// The figures as a table: direct, mesh, mesh/direct, target.
 pub(crate) fn table(f: &Figures) -> String {
     let mut out = format!(
@@ -55,6 +73,14 @@ pub(crate) fn table(f: &Figures) -> String {
     };
     let (name, d, m, r, t) = busy(f.throughput_busy[0], f.throughput_busy[1]);
     row(name, d, m, r, t);
+    // Only the mesh path goes through the ztunnels.
+    row(
+        "  ztunnel pair CPU (CPU-s/GB)",
+        "-".into(),
+        format!("{:.2}", cpu_s_per_gb(f.throughput_ztunnel_cpu_s, f.throughput[1].bytes)),
+        "-".into(),
+        none(),
+    );
     row(
         "  two plain relays instead (Gbit/s)",
         format!("{:.2}", f.throughput[0].gbps),
@@ -74,6 +100,28 @@ pub(crate) fn table(f: &Figures) -> String {
     );
     let (d, m, r) = both(f.latency[0].p99_us, f.latency[1].p99_us, 1);
     row("latency 1 KiB req/resp, p99 (us)", d, m, r, none());
+    let (d, m, r) = both(f.pingpong[0].per_second, f.pingpong[1].per_second, 0);
+    let name = format!("1 KiB ping-pong, {PINGPONG_CONNECTIONS} connections (/s)");
+    row(&name, d, m, r, none());
+    let (name, d, m, r, t) = busy(f.pingpong_busy[0], f.pingpong_busy[1]);
+    row(name, d, m, r, t);
+    row(
+        "  ztunnel pair CPU (CPU-us/round trip)",
+        "-".into(),
+        format!(
+            "{:.1}",
+            cpu_us_per_round_trip(f.pingpong_ztunnel_cpu_s, f.pingpong[1].round_trips)
+        ),
+        "-".into(),
+        none(),
+    );
+    row(
+        "  connections that failed",
+        f.pingpong[0].errors.to_string(),
+        f.pingpong[1].errors.to_string(),
+        none(),
+        none(),
+    );
     let (d, m, r) = both(f.connrate[0].per_second, f.connrate[1].per_second, 0);
     let name = format!("new connections, {CONN_WORKERS} workers (/s)");
     row(&name, d, m, r, format!(">= {TARGET_CONNRATE}x"));
@@ -137,9 +185,25 @@ pub(crate) fn verdicts(f: &Figures) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// A 10 s throughput run at `gbps`.
+    fn throughput(gbps: f64) -> Throughput {
+        Throughput {
+            gbps,
+            bytes: (gbps * 1.25e9) as u64,
+        }
+    }
+
+    fn pingpong(per_second: f64) -> Pingpong {
+        Pingpong {
+            round_trips: (per_second * 10.0) as u64,
+            per_second,
+            errors: 0,
+        }
+    }
+
     fn figures(mesh_gbps: f64, mesh_p50: f64, mesh_cps: f64, idle_mib: u64) -> Figures {
         Figures {
-            throughput: [Throughput { gbps: 10.0 }, Throughput { gbps: mesh_gbps }],
+            throughput: [throughput(10.0), throughput(mesh_gbps)],
             latency: [
                 Latency {
                     p50_us: 50.0,
@@ -150,6 +214,7 @@ mod tests {
                     p99_us: 200.0,
                 },
             ],
+            pingpong: [pingpong(40_000.0), pingpong(20_000.0)],
             connrate: [
                 Connrate {
                     per_second: 10_000.0,
@@ -161,8 +226,11 @@ mod tests {
                 },
             ],
             throughput_busy: [0.8, 0.9],
+            pingpong_busy: [0.7, 0.75],
             connrate_busy: [1.0, 0.85],
-            relayed: Throughput { gbps: 4.0 },
+            throughput_ztunnel_cpu_s: 9.0,
+            pingpong_ztunnel_cpu_s: 6.0,
+            relayed: throughput(4.0),
             relayed_busy: 0.95,
             idle_kib: [idle_mib * 1024, 1024],
             peak_kib: [idle_mib * 2048, 2048],
@@ -211,5 +279,32 @@ mod tests {
             "{t}"
         );
         assert!(verdicts(&f)[0].contains("without TLS 0.40"), "{:?}", verdicts(&f));
+    }
+
+    #[test]
+    fn the_ztunnels_cpu_is_reported_per_gb_and_per_round_trip_for_the_mesh_only() {
+        let t = table(&figures(4.5, 100.0, 3_500.0, 8));
+        let line = |name: &str| t.lines().find(|l| l.contains(name)).unwrap().to_string();
+        // 9 CPU-s for 5.625 GB; 6 CPU-s for 200,000 round trips.
+        let per_gb = line("CPU-s/GB");
+        assert!(per_gb.contains("1.60") && per_gb.contains(" - "), "{per_gb}");
+        let per_round_trip = line("CPU-us/round trip");
+        assert!(
+            per_round_trip.contains("30.0") && per_round_trip.contains(" - "),
+            "{per_round_trip}"
+        );
+        let rate = line("ping-pong, 16 connections");
+        assert!(
+            rate.contains("40000") && rate.contains("20000") && rate.contains("0.50"),
+            "{rate}"
+        );
+    }
+
+    #[test]
+    fn cpu_per_unit_is_zero_when_nothing_was_moved() {
+        assert_eq!(cpu_s_per_gb(1.0, 0), 0.0);
+        assert_eq!(cpu_us_per_round_trip(1.0, 0), 0.0);
+        assert_eq!(cpu_s_per_gb(3.0, 2_000_000_000), 1.5);
+        assert_eq!(cpu_us_per_round_trip(0.5, 1_000), 500.0);
     }
 }
