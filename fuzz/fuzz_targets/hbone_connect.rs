@@ -23,9 +23,11 @@ use trellis_ztunnel::state::ProxyState;
 
 const DESTINATION: &str = "spiffe://east.trellis.local/ns/shop/sa/cart";
 
-/// A node with one enrolled workload (10.1.1.5) and an ALLOW policy over it.
-fn node() -> &'static (ProxyState, ConnInfo) {
-    static NODE: OnceLock<(ProxyState, ConnInfo)> = OnceLock::new();
+/// A node with one enrolled workload (10.1.1.5) and an ALLOW policy over it, and two
+/// connections to it: one made to the node (Trellis's way) and one made to the workload's own
+/// address (a foreign HBONE client's way).
+fn node() -> &'static (ProxyState, [ConnInfo; 2]) {
+    static NODE: OnceLock<(ProxyState, [ConnInfo; 2])> = OnceLock::new();
     NODE.get_or_init(|| {
         let workload = pb::Resource {
             kind: Some(pb::resource::Kind::Workload(pb::Workload {
@@ -65,12 +67,13 @@ fn node() -> &'static (ProxyState, ConnInfo) {
             "the fuzzed node has its workload: {:?}",
             state.problems
         );
-        let conn = ConnInfo {
+        let conn = |to_workload| ConnInfo {
             peer_addr: "10.1.2.7:40000".parse().expect("an address"),
             peer_id: SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").expect("an ID"),
             served: SpiffeId::parse(DESTINATION).expect("an ID"),
+            to_workload,
         };
-        (state, conn)
+        (state, [conn(None), conn(Some([10, 1, 1, 5].into()))])
     })
 }
 
@@ -102,10 +105,9 @@ fuzz_target!(|data: &[u8]| {
     let Some(request) = request(data) else {
         return;
     };
-    let (state, conn) = node();
+    let (state, conns) = node();
     // As `Inbound::tunnel` reads the request.
     let authority = request.uri().authority().map(|a| a.as_str().to_string());
-    let routed = route(request.method(), authority.as_deref(), state, conn);
     let _baggage = request
         .headers()
         .get("baggage")
@@ -118,11 +120,14 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    if let Ok((workload, addr)) = routed {
-        let source = Source {
-            principal: Some(&conn.peer_id),
-            port: addr.port(),
-        };
-        let _ = authorize(state.policies(&workload.namespace), &workload.labels, &source);
+    for conn in conns {
+        let routed = route(request.method(), authority.as_deref(), state, conn);
+        if let Ok((workload, addr)) = routed {
+            let source = Source {
+                principal: Some(&conn.peer_id),
+                port: addr.port(),
+            };
+            let _ = authorize(state.policies(&workload.namespace), &workload.labels, &source);
+        }
     }
 });
