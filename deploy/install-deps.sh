@@ -26,6 +26,9 @@ want build-essential cc c++ make   # aws-lc-sys builds C, libFuzzer (cargo fuzz)
 want ca-certificates /etc/ssl/certs/ca-certificates.crt   # cargo fetching crates over HTTPS
 want python3 python3               # the federation lab test's wan capture (a raw socket, tests/tests/federation_lab.rs)
 want prometheus promtool           # promtool check metrics on every /metrics (tests/tests/telemetry.rs); only promtool is used
+# The independent HTTP/3 client of the QUIC tests (aioquic, from PyPI) lives in a venv: Debian's
+# python3 needs python3-venv for that (ensurepip).
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -47,6 +50,17 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: still missing after installing: ${missing[*]}" >&2
   exit 1
+fi
+
+# aioquic, pinned, for the HBONE-over-QUIC interop tests (tests/h3/hbone_h3_client.py); the tests
+# look for it here (trellis_e2e::h3_python).
+H3_VENV=/var/cache/trellis/h3venv
+AIOQUIC=1.7.2
+if ! "$H3_VENV/bin/python" -c "import aioquic, sys; sys.exit(aioquic.__version__ != '$AIOQUIC')" >/dev/null 2>&1; then
+  echo "install-deps: installing aioquic $AIOQUIC into $H3_VENV"
+  rm -rf "$H3_VENV"
+  python3 -m venv "$H3_VENV"
+  "$H3_VENV/bin/pip" install -q --disable-pip-version-check "aioquic==$AIOQUIC"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

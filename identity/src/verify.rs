@@ -151,13 +151,16 @@ impl VerifiedChain {
     /// The chain the peer of a finished handshake presented (`peer_is_server` on the client
     /// side), verified now.
     pub fn of(conn: &CommonState, peer_is_server: bool) -> Option<Self> {
-        let chain = conn
-            .peer_certificates()?
-            .iter()
-            .map(|c| c.clone().into_owned())
-            .collect();
+        Self::of_chain(conn.peer_certificates()?, peer_is_server)
+    }
+
+    /// The same for a chain handed over by other means (QUIC: quinn's `peer_identity`).
+    pub fn of_chain(chain: &[CertificateDer<'_>], peer_is_server: bool) -> Option<Self> {
+        if chain.is_empty() {
+            return None;
+        }
         Some(Self {
-            chain,
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             at: UnixTime::now(),
             peer_is_server,
         })

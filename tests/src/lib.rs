@@ -95,9 +95,30 @@ pub fn ztunnel_on_loopback(cmd: &mut Command) -> std::net::SocketAddr {
     ] {
         cmd.arg(flag).arg(format!("127.0.0.1:{}", free_port()));
     }
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    cmd.arg("--quic-listen").arg(quic.to_string());
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     cmd.arg("--admin-listen").arg(admin.to_string());
     admin
+}
+
+/// The Python that has aioquic, the independent HTTP/3 implementation the QUIC tests hold
+/// Trellis against (installed by deploy/install-deps.sh; `TRELLIS_H3_PYTHON` overrides).
+pub fn h3_python() -> std::path::PathBuf {
+    let python = std::env::var_os("TRELLIS_H3_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/trellis/h3venv/bin/python".into());
+    assert!(
+        python.exists(),
+        "{} is missing: run `bash deploy/install-deps.sh` (it installs aioquic for the QUIC tests)",
+        python.display()
+    );
+    python
+}
+
+/// The aioquic HBONE client script (tests/h3/hbone_h3_client.py).
+pub fn h3_client_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("h3/hbone_h3_client.py")
 }
 
 /// A free TCP port on loopback (bound and released, so a race is possible but unlikely).

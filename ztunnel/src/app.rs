@@ -22,6 +22,7 @@ use trellis_mesh::model::ClusterInfo;
 use crate::admin::{self, query_param, Readiness, Reply, Route};
 use crate::capture::{self, Nft, Plan, Ports, Table, Timing};
 use crate::config::{CaptureMode, Config};
+use crate::hbone::http3;
 use crate::hbone::server::{self as hbone_server, LocalCerts};
 use crate::limits::Limited;
 use crate::metrics::{IdentityLabels, Metrics};
@@ -49,6 +50,9 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             .with_context(|| format!("binding the {what} listener on {addr}"))
     };
     let hbone_listener = bind(config.hbone_listen, "HBONE").await?;
+    let quic_socket = std::net::UdpSocket::bind(config.quic_listen)
+        .with_context(|| format!("binding the HBONE-over-QUIC socket on {} (UDP)", config.quic_listen))?;
+    quic_socket.set_nonblocking(true)?;
     let outbound_listener = bind(config.outbound_listen, "outbound capture").await?;
     let plain_listener = bind(config.inbound_plain_listen, "inbound plaintext capture").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
@@ -166,6 +170,14 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     tracing::info!(?tunnel_limits, "inbound tunnel limits");
     if config.gateway {
         let gateway = Arc::new(Limited::new(Arc::new(Gateway { proxy: proxy.clone() }), tunnel_limits));
+        tokio::spawn(http3::serve(
+            quic_socket,
+            server_tls.clone(),
+            local.clone(),
+            gateway.clone(),
+            proxy.drain.watch(),
+            bundles.clone(),
+        ));
         tokio::spawn(hbone_server::serve(
             hbone_listener,
             server_tls,
@@ -176,6 +188,14 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         ));
     } else {
         let inbound = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), tunnel_limits));
+        tokio::spawn(http3::serve(
+            quic_socket,
+            server_tls.clone(),
+            local.clone(),
+            inbound.clone(),
+            proxy.drain.watch(),
+            bundles.clone(),
+        ));
         tokio::spawn(hbone_server::serve(
             hbone_listener,
             server_tls,

@@ -80,6 +80,9 @@ pub struct Config {
     /// HBONE listener (mTLS + HTTP/2 CONNECT).
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub hbone_listen: SocketAddr,
+    /// HBONE-over-QUIC listener (UDP: QUIC, mTLS + HTTP/3 CONNECT).
+    #[arg(long, default_value = "0.0.0.0:15009")]
+    pub quic_listen: SocketAddr,
     /// Outbound capture listener.
     #[arg(long, default_value = "0.0.0.0:15001")]
     pub outbound_listen: SocketAddr,

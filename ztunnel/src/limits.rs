@@ -11,14 +11,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use trellis_identity::limits::FD_RESERVE;
 use trellis_identity::SpiffeId;
 
 use crate::hbone::server::{BoxFuture, ConnInfo, Handler};
+use crate::hbone::tunnel::Reply;
 
 /// Tunnels at or above which a drain back to [`TRIM_BELOW`] gives memory back.
 pub const TRIM_AFTER_PEAK: usize = 1000;
@@ -137,23 +135,16 @@ impl<H> Limited<H> {
 }
 
 impl<H: Handler> Handler for Limited<H> {
-    fn handle(
-        self: Arc<Self>,
-        conn: Arc<ConnInfo>,
-        request: Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
-    ) -> BoxFuture {
+    fn handle<R: Reply>(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<()>, reply: R) -> BoxFuture {
         Box::pin(async move {
             let admitted = self.count().admit(&conn.peer_id);
             if let Err(why) = admitted {
                 tracing::warn!(peer = %conn.peer_addr, source = %conn.peer_id, error = %why, "tunnel refused (503)");
-                let mut response = Response::new(());
-                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                let _ = respond.send_response(response, true);
+                reply.refuse(StatusCode::SERVICE_UNAVAILABLE).await;
                 return;
             }
             let source = conn.peer_id.clone();
-            self.inner.clone().handle(conn, request, respond).await;
+            self.inner.clone().handle(conn, request, reply).await;
             let drained = self.count().release(&source);
             if drained {
                 give_memory_back().await;

@@ -19,7 +19,7 @@ use trellis_identity::verify::VerifiedChain;
 use trellis_identity::BundleSet;
 
 use super::pool::OpenError;
-use super::tunnel::{Answer, BoxFuture, Connection, RecvHalf, SendHalf, StreamFailure, Transport};
+use super::tunnel::{status_only, Answer, BoxFuture, Connection, RecvHalf, Reply, SendHalf, StreamFailure, Transport};
 use super::{dial, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_HEADERS, STREAM_WINDOW, TLS_BUFFER_LIMIT};
 
 /// Dials HTTP/2 connections: TCP, TLS 1.3 with ALPN `h2`, the HTTP/2 preface.
@@ -270,6 +270,31 @@ impl RecvHalf for RecvStream {
 
     fn release(&mut self, n: usize) {
         let _ = self.flow_control().release_capacity(n);
+    }
+}
+
+/// The server's side of a `CONNECT` on an HTTP/2 connection (15008).
+pub struct H2Reply {
+    pub respond: h2::server::SendResponse<Bytes>,
+    pub body: RecvStream,
+}
+
+impl Reply for H2Reply {
+    type Send = SendStream<Bytes>;
+    type Recv = RecvStream;
+
+    fn refuse(mut self, status: http::StatusCode) -> BoxFuture<'static, ()> {
+        let _ = self.respond.send_response(status_only(status), true);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn open(mut self) -> BoxFuture<'static, io::Result<(Self::Send, Self::Recv)>> {
+        let opened = self
+            .respond
+            .send_response(status_only(http::StatusCode::OK), false)
+            .map(|send| (send, self.body))
+            .map_err(h2_io);
+        Box::pin(std::future::ready(opened))
     }
 }
 

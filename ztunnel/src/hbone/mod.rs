@@ -13,6 +13,7 @@
 pub mod copy;
 pub mod expiry;
 pub mod http2;
+pub mod http3;
 pub mod idle;
 pub mod nested;
 pub mod pool;

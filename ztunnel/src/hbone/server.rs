@@ -20,8 +20,6 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
 use http::Request;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -34,6 +32,8 @@ use trellis_identity::tls::server_config;
 use trellis_identity::verify::{peer_id, peer_not_after, ExpectedPeer, SpiffeClientVerifier, VerifiedChain};
 use trellis_identity::{BundleSet, CertManager, IdKind, SpiffeId};
 
+use super::http2::H2Reply;
+use super::tunnel::Reply;
 use super::{expiry, sni_for, CONNECTION_WINDOW, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
 
 /// How long a client may take to finish TLS and send its HTTP/2 preface, a wait for a handshake
@@ -188,14 +188,9 @@ pub struct ConnInfo {
 /// A boxed future, as [`Handler::handle`] returns.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// What to do with each CONNECT.
+/// What to do with each CONNECT, on whichever transport it came ([`Reply`]).
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        self: Arc<Self>,
-        conn: Arc<ConnInfo>,
-        request: Request<RecvStream>,
-        respond: SendResponse<Bytes>,
-    ) -> BoxFuture;
+    fn handle<R: Reply>(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<()>, reply: R) -> BoxFuture;
 }
 
 /// Accepts HBONE connections on `listener` until `drain` turns true; then tells every open
@@ -338,8 +333,10 @@ async fn run<H: Handler>(
                     let handler = handler.clone();
                     let info = info.clone();
                     let held = tunnels.clone();
+                    let (parts, body) = request.into_parts();
+                    let reply = H2Reply { respond, body };
                     tokio::spawn(async move {
-                        handler.handle(info, request, respond).await;
+                        handler.handle(info, Request::from_parts(parts, ()), reply).await;
                         drop(held);
                     });
                 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
@@ -101,6 +101,24 @@ pub async fn send_all<S: SendHalf + ?Sized>(
 /// The next chunk from `recv` (see [`RecvHalf::poll_recv`]).
 pub async fn recv<R: RecvHalf + ?Sized>(recv: &mut R) -> Option<io::Result<Bytes>> {
     poll_fn(|cx| recv.poll_recv(cx)).await
+}
+
+/// The server's side of one `CONNECT`, whatever carries it (an HTTP/2 stream on 15008, an
+/// HTTP/3 stream on 15009): answered exactly once, by a refusal or by opening the tunnel.
+pub trait Reply: Send + 'static {
+    type Send: SendHalf + 'static;
+    type Recv: RecvHalf + 'static;
+    /// Answers `status` (not 200) with no body and ends the stream.
+    fn refuse(self, status: StatusCode) -> BoxFuture<'static, ()>;
+    /// Answers 200 and hands over the tunnel's halves; fails if the client already left.
+    fn open(self) -> BoxFuture<'static, io::Result<(Self::Send, Self::Recv)>>;
+}
+
+/// An answer without headers or body.
+pub fn status_only(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
 }
 
 /// The protocol a pooled connection speaks; part of the pool's key, so one (source, node,

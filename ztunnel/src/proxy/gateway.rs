@@ -16,17 +16,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use trellis_identity::SpiffeId;
 
-use super::inbound::{service_authority, status_only};
+use super::inbound::service_authority;
 use super::Proxy;
 use crate::hbone::copy::splice;
 use crate::hbone::pool::DESTINATION_HEADER;
 use crate::hbone::server::{BoxFuture, ConnInfo, Handler};
+use crate::hbone::tunnel::Reply;
 use crate::hbone::{dial, PORT};
 use crate::lb::Locality;
 use crate::metrics::ConnLabels;
@@ -38,13 +36,8 @@ pub struct Gateway {
 }
 
 impl Handler for Gateway {
-    fn handle(
-        self: Arc<Self>,
-        conn: Arc<ConnInfo>,
-        request: Request<RecvStream>,
-        respond: SendResponse<Bytes>,
-    ) -> BoxFuture {
-        Box::pin(async move { self.relay(conn, request, respond).await })
+    fn handle<R: Reply>(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<()>, reply: R) -> BoxFuture {
+        Box::pin(async move { self.relay(conn, request, reply).await })
     }
 }
 
@@ -91,7 +84,7 @@ pub fn relayable<'a>(service: &'a Service, cluster: &str, wanted: Option<&Spiffe
 }
 
 impl Gateway {
-    async fn relay(&self, conn: Arc<ConnInfo>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn relay<R: Reply>(&self, conn: Arc<ConnInfo>, request: Request<()>, reply: R) {
         let _open = self.proxy.drain.track();
         let started = Instant::now();
         let state = self.proxy.state();
@@ -101,7 +94,7 @@ impl Gateway {
             Ok(found) => found,
             Err((status, why)) => {
                 tracing::warn!(peer = %conn.peer_addr, source = %conn.peer_id, %status, error = %why, "gateway tunnel refused");
-                let _ = respond.send_response(status_only(status), true);
+                reply.refuse(status).await;
                 return;
             }
         };
@@ -155,11 +148,11 @@ impl Gateway {
         let Some((tcp, node)) = upstream else {
             tracing::warn!(source = %conn.peer_id, service = %labels.destination_service, "gateway: no node of the service answered (503)");
             self.proxy.metrics.failure(&labels);
-            let _ = respond.send_response(status_only(StatusCode::SERVICE_UNAVAILABLE), true);
+            reply.refuse(StatusCode::SERVICE_UNAVAILABLE).await;
             return;
         };
-        let send = match respond.send_response(status_only(StatusCode::OK), false) {
-            Ok(send) => send,
+        let (send, recv) = match reply.open().await {
+            Ok(halves) => halves,
             Err(e) => {
                 tracing::debug!(error = %e, "the client left before the gateway tunnel opened");
                 return;
@@ -167,7 +160,7 @@ impl Gateway {
         };
         labels.destination_workload = node.to_string();
         let counters = self.proxy.metrics.connection(labels.clone(), false);
-        let (moved, result) = splice(tcp, send, request.into_body(), &counters, self.proxy.idle, 0).await;
+        let (moved, result) = splice(tcp, send, recv, &counters, self.proxy.idle, 0).await;
         tracing::info!(
             target: "access",
             reporter = "gateway",

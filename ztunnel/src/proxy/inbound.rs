@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, StatusCode};
 
 use super::Proxy;
 use crate::hbone::copy::splice;
 use crate::hbone::server::{BoxFuture, ConnInfo, Handler};
+pub use crate::hbone::tunnel::status_only;
+use crate::hbone::tunnel::Reply;
 use crate::hbone::{dial, parse_baggage};
 use crate::metrics::{ConnLabels, DecisionLabels};
 use crate::policy::{authorize, Decision, Source};
@@ -28,13 +27,8 @@ pub struct Inbound {
 }
 
 impl Handler for Inbound {
-    fn handle(
-        self: Arc<Self>,
-        conn: Arc<ConnInfo>,
-        request: Request<RecvStream>,
-        respond: SendResponse<Bytes>,
-    ) -> BoxFuture {
-        Box::pin(async move { self.tunnel(conn, request, respond).await })
+    fn handle<R: Reply>(self: Arc<Self>, conn: Arc<ConnInfo>, request: Request<()>, reply: R) -> BoxFuture {
+        Box::pin(async move { self.tunnel(conn, request, reply).await })
     }
 }
 
@@ -145,7 +139,7 @@ pub fn service_authority(authority: &str) -> Option<(String, String, u16)> {
 }
 
 impl Inbound {
-    async fn tunnel(&self, conn: Arc<ConnInfo>, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn tunnel<R: Reply>(&self, conn: Arc<ConnInfo>, request: Request<()>, reply: R) {
         let _open = self.proxy.drain.track();
         let started = Instant::now();
         let state = self.proxy.state();
@@ -154,7 +148,7 @@ impl Inbound {
             Ok(found) => found,
             Err((status, why)) => {
                 tracing::warn!(peer = %conn.peer_addr, source = %conn.peer_id, %status, error = %why, "tunnel refused");
-                let _ = respond.send_response(status_only(status), true);
+                reply.refuse(status).await;
                 return;
             }
         };
@@ -200,7 +194,7 @@ impl Inbound {
         if let Decision::Deny(why) = decision {
             tracing::warn!(source = %conn.peer_id, destination = %addr, workload = %workload.name, reason = %why, "tunnel denied (401)");
             self.proxy.metrics.failure(&labels);
-            let _ = respond.send_response(status_only(StatusCode::UNAUTHORIZED), true);
+            reply.refuse(StatusCode::UNAUTHORIZED).await;
             return;
         }
         let tcp = match dial(addr).await {
@@ -208,19 +202,19 @@ impl Inbound {
             Err(e) => {
                 tracing::warn!(source = %conn.peer_id, destination = %addr, error = %e, "workload unreachable (503)");
                 self.proxy.metrics.failure(&labels);
-                let _ = respond.send_response(status_only(StatusCode::SERVICE_UNAVAILABLE), true);
+                reply.refuse(StatusCode::SERVICE_UNAVAILABLE).await;
                 return;
             }
         };
-        let send = match respond.send_response(status_only(StatusCode::OK), false) {
-            Ok(send) => send,
+        let (send, recv) = match reply.open().await {
+            Ok(halves) => halves,
             Err(e) => {
                 tracing::debug!(error = %e, "the client left before the tunnel opened");
                 return;
             }
         };
         let counters = self.proxy.metrics.connection(labels, false);
-        let (moved, result) = splice(tcp, send, request.into_body(), &counters, self.proxy.idle, 0).await;
+        let (moved, result) = splice(tcp, send, recv, &counters, self.proxy.idle, 0).await;
         tracing::info!(
             target: "access",
             reporter = "destination",
@@ -238,13 +232,6 @@ impl Inbound {
             "connection closed"
         );
     }
-}
-
-/// An answer without headers or body.
-pub fn status_only(status: StatusCode) -> Response<()> {
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    response
 }
 
 #[cfg(test)]

@@ -1,0 +1,144 @@
+//! HBONE over QUIC on 15009 (issue 15, item 1), held against an independent HTTP/3
+//! implementation: aioquic (tests/h3/hbone_h3_client.py), run where another node's proxy would
+//! (node-2's namespace), sends a plain HTTP/3 CONNECT (only `:method` and `:authority`, as RFC
+//! 9114 §4.4 wants) to node-1's ztunnel. With a mesh SVID it reaches the pod, served as the
+//! identity its SNI names; a DENY policy answers 401 exactly as on 15008; an address that is no
+//! workload of the node answers 400; without a certificate the handshake is refused.
+//!
+//! Addresses (deploy/lab/README.md): nodes 10.1.0.11 and 10.1.0.12; node-1's pod tgt 10.1.1.10.
+
+use std::process::Command;
+use std::time::Duration;
+
+use trellis_e2e::lab::Lab;
+use trellis_e2e::{h3_client_script, h3_python, wait_until};
+use trellis_identity::SpiffeId;
+use trellis_ztunnel::hbone::sni_for;
+
+const TOPOLOGY: &str = r#"
+clusters:
+  - {name: east, nodes: 2}
+namespaces:
+  - {name: mesh, ambient: true}
+pods:
+  - {name: tgt, namespace: mesh, node: node-1, serviceAccount: tgt, labels: {app: tgt}, run: {server: {version: v1, port: 8080}}}
+  - {name: cli, namespace: mesh, node: node-2, serviceAccount: cli}
+"#;
+
+const DENY_ATK: &str = r#"
+apiVersion: trellis.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-atk, namespace: mesh}
+spec:
+  action: DENY
+  selector: {matchLabels: {app: tgt}}
+  rules:
+    - from: {principals: ["ns/mesh/sa/atk"]}
+"#;
+
+const TGT: &str = "spiffe://east.trellis.local/ns/mesh/sa/tgt";
+const CLI: &str = "spiffe://east.trellis.local/ns/mesh/sa/cli";
+const ATK: &str = "spiffe://east.trellis.local/ns/mesh/sa/atk";
+const NODE1_QUIC: &str = "10.1.0.11:15009";
+const TGT_AUTHORITY: &str = "10.1.1.10:8080";
+
+/// What the aioquic client printed: its JSON line.
+fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> serde_json::Value {
+    let tgt = SpiffeId::parse(TGT).expect("an ID");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.node_ns("east", "node-2")])
+        .arg(h3_python())
+        .arg(h3_client_script())
+        .args([
+            "--connect",
+            NODE1_QUIC,
+            "--sni",
+            &sni_for(&tgt),
+            "--authority",
+            authority,
+        ])
+        .args([
+            "--baggage",
+            "k8s.cluster.name=east,k8s.namespace.name=mesh,k8s.deployment.name=cli",
+        ])
+        .args([
+            "--send",
+            "GET / HTTP/1.1\\r\\nHost: tgt\\r\\nConnection: close\\r\\n\\r\\n",
+        ]);
+    if let Some((cert, key)) = svid {
+        cmd.args(["--cert", cert, "--key", key]);
+    }
+    let out = cmd.output().expect("running the aioquic client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "the aioquic client printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `id`'s SVID from the lab's CA, written as PEM files (chain, key) in `dir`.
+fn svid_files(lab: &Lab, dir: &std::path::Path, id: &str) -> (String, String) {
+    let (ca, _) = lab.ca("east");
+    let id = SpiffeId::parse(id).expect("an ID");
+    let svid = ca.issue_svid(&id, Duration::from_secs(3600)).expect("an SVID");
+    let name = id.to_string().rsplit('/').next().unwrap_or("svid").to_string();
+    let chain: String = svid
+        .chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect();
+    let key = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.secret_pkcs8_der().to_vec()));
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert_path, chain).expect("writing the chain");
+    std::fs::write(&key_path, key).expect("writing the key");
+    (cert_path.display().to_string(), key_path.display().to_string())
+}
+
+#[test]
+fn an_independent_http3_client_tunnels_over_quic_with_the_rules_of_15008() {
+    let lab = Lab::up("e2equic", TOPOLOGY);
+    let version = lab.metric("east", "node-1", "trellis_config_version", &[]);
+    std::fs::write(lab.manifests("east").join("policy.yaml"), DENY_ATK).expect("writing the policy");
+    wait_until(
+        "node-1 applies a config with the policy",
+        Duration::from_secs(20),
+        || lab.metric("east", "node-1", "trellis_config_version", &[]) > version,
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cli = svid_files(&lab, dir.path(), CLI);
+    let atk = svid_files(&lab, dir.path(), ATK);
+
+    let open = h3_connect(&lab, Some(&cli), TGT_AUTHORITY);
+    assert_eq!(open["status"], 200, "cli's CONNECT over HTTP/3 is answered 200: {open}");
+    assert_eq!(open["server_id"], TGT, "served as the identity the SNI names: {open}");
+    assert!(
+        open["body"].as_str().unwrap_or_default().contains("hello from tgt"),
+        "the bytes crossed the tunnel to tgt and back: {open}"
+    );
+
+    let denied = h3_connect(&lab, Some(&atk), TGT_AUTHORITY);
+    assert_eq!(denied["status"], 401, "the DENY policy applies over QUIC too: {denied}");
+
+    let stray = h3_connect(&lab, Some(&cli), "10.1.1.99:8080");
+    assert_eq!(stray["status"], 400, "no workload of node-1 at that address: {stray}");
+
+    let anonymous = h3_connect(&lab, None, TGT_AUTHORITY);
+    assert!(
+        anonymous.get("error").is_some() && anonymous.get("status").is_none(),
+        "no client certificate: the QUIC handshake is refused, no CONNECT answered: {anonymous}"
+    );
+
+    let log = lab.log("ztunnel-east-node-1");
+    assert!(
+        log.lines().any(|l| l.contains("connection closed")
+            && l.contains(&format!("src_identity={CLI}"))
+            && l.contains(r#"claimed_source=("east", "mesh", "cli")"#)),
+        "node-1's access log has the QUIC tunnel, with the client's baggage:\n{log}"
+    );
+    assert!(
+        log.contains("tunnel denied (401)") && log.contains("HBONE QUIC connection refused"),
+        "node-1 logged the denial and the refused handshake:\n{log}"
+    );
+}
