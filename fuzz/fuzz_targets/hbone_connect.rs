@@ -72,6 +72,7 @@ fn node() -> &'static (ProxyState, [ConnInfo; 2]) {
             peer_id: SpiffeId::parse("spiffe://east.trellis.local/ns/shop/sa/web").expect("an ID"),
             served: SpiffeId::parse(DESTINATION).expect("an ID"),
             to_workload,
+            transport: trellis_ztunnel::hbone::tunnel::Protocol::Http2,
         };
         (state, [conn(None), conn(Some([10, 1, 1, 5].into()))])
     })

@@ -37,9 +37,10 @@ const EAST_FAR: &str = "http://10.101.0.10/";
 const WEST_NEAR: &str = "http://10.102.0.11/";
 
 /// Captures the IPv4 frames on the wan bridge's ports for `seconds` (a raw socket in the
-/// underlay namespace) while `during` runs; returns one line per TCP segment: `sport dport plaintext`,
-/// `plaintext` being 1 when its payload holds `needle`.
-fn capture_wan(lab: &Lab, seconds: u32, needle: &str, during: impl FnOnce()) -> Vec<(u16, u16, bool)> {
+/// underlay namespace) while `during` runs; returns one entry per TCP segment or UDP datagram:
+/// `(protocol, sport, dport, plaintext)`, `protocol` being "tcp" or "udp" and `plaintext` true
+/// when its payload holds `needle`.
+fn capture_wan(lab: &Lab, seconds: u32, needle: &str, during: impl FnOnce()) -> Vec<(String, u16, u16, bool)> {
     let script = format!(
         r#"
 import socket, struct, time, sys
@@ -58,13 +59,14 @@ while time.time() < end:
     if not where[0].startswith("w"):
         continue
     ip = frame[14:]
-    if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] != 6:
+    if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] not in (6, 17):
         continue
     ihl = (ip[0] & 15) * 4
-    tcp = ip[ihl:]
-    sport, dport = struct.unpack("!HH", tcp[:4])
-    off = (tcp[12] >> 4) * 4
-    print(sport, dport, 1 if needle in tcp[off:] else 0, flush=True)
+    seg = ip[ihl:]
+    sport, dport = struct.unpack("!HH", seg[:4])
+    off = (seg[12] >> 4) * 4 if ip[9] == 6 else 8
+    proto = "tcp" if ip[9] == 6 else "udp"
+    print(proto, sport, dport, 1 if needle in seg[off:] else 0, flush=True)
 "#
     );
     let mut child = Command::new("ip")
@@ -82,8 +84,10 @@ while time.time() < end:
     assert!(child.wait().expect("the capture ends").success());
     rest.lines()
         .filter_map(|l| {
-            let mut f = l.split_whitespace().map(|v| v.parse::<u16>().ok());
-            Some((f.next()??, f.next()??, f.next()?? == 1))
+            let mut f = l.split_whitespace();
+            let proto = f.next()?.to_string();
+            let mut n = f.map(|v| v.parse::<u16>().ok());
+            Some((proto, n.next()??, n.next()??, n.next()?? == 1))
         })
         .collect()
 }
@@ -113,7 +117,8 @@ fn east_reaches_west_through_the_gateways_in_mutual_tls_and_west_decides() {
         })
     });
 
-    // Between the networks: only tunnels to the gateways (and etcd's port), no plaintext.
+    // Between the networks: only QUIC tunnels to the gateways (UDP 15009, the default transport
+    // between clusters) and etcd's port, no TCP 15008, no plaintext.
     let segments = capture_wan(&lab, 4, "GET /", || {
         for _ in 0..5 {
             lab.call(&east_client, EAST_FAR, 0)
@@ -121,16 +126,22 @@ fn east_reaches_west_through_the_gateways_in_mutual_tls_and_west_decides() {
         }
     });
     assert!(!segments.is_empty(), "the calls crossed the wan");
-    for (sport, dport, plain) in &segments {
+    for (proto, sport, dport, plain) in &segments {
+        let allowed = match proto.as_str() {
+            "udp" => *sport == 15009 || *dport == 15009,
+            _ => *sport == 2379 || *dport == 2379,
+        };
         assert!(
-            [15008, 2379].contains(sport) || [15008, 2379].contains(dport),
-            "a segment on the wan between ports {sport} and {dport}"
+            allowed,
+            "a {proto} segment on the wan between ports {sport} and {dport}"
         );
-        assert!(!plain, "application plaintext on the wan ({sport} -> {dport})");
+        assert!(!plain, "application plaintext on the wan ({proto} {sport} -> {dport})");
     }
     assert!(
-        segments.iter().any(|(s, d, _)| *s == 15008 || *d == 15008),
-        "the gateway's port carried the calls"
+        segments
+            .iter()
+            .any(|(p, s, d, _)| p == "udp" && (*s == 15009 || *d == 15009)),
+        "the gateway's QUIC port carried the calls"
     );
 
     // West's policy applies to east's workload by its namespace and service account.

@@ -142,3 +142,100 @@ fn an_independent_http3_client_tunnels_over_quic_with_the_rules_of_15008() {
         "node-1 logged the denial and the refused handshake:\n{log}"
     );
 }
+
+/// Two clusters on two networks (as in federation_lab.rs): east's client calls `far`, served
+/// only in west, through the gateways. East's ztunnels retry QUIC 3 s after a fallback.
+const FEDERATION: &str = r#"
+clusters:
+  - {name: east, nodes: 1, ztunnelArgs: [--quic-fallback-seconds, "3"]}
+  - {name: west, nodes: 1}
+namespaces:
+  - {name: demo, ambient: true}
+services:
+  - {name: far, namespace: demo, cluster: east, port: 80, targetPort: 8080, selector: {app: far}, global: true}
+  - {name: far, namespace: demo, cluster: west, port: 80, targetPort: 8080, selector: {app: far}, global: true}
+pods:
+  - {name: client, namespace: demo, cluster: east, node: node-1, serviceAccount: client}
+  - {name: far-1, namespace: demo, cluster: west, node: node-1, serviceAccount: far, labels: {app: far}, run: {server: {version: west, port: 8080}}}
+"#;
+
+/// far's VIP in east (the lab's address plan: the first service of cluster 1).
+const EAST_FAR: &str = "http://10.101.0.10/";
+
+/// Tunnels east's node-1 opened over `transport`.
+fn tunnels(lab: &Lab, transport: &str) -> f64 {
+    lab.metric(
+        "east",
+        "node-1",
+        "trellis_tunnels_opened_total",
+        &[("reporter", "source"), ("transport", transport)],
+    )
+}
+
+/// Drops (or, with `drop` false, lets through again) UDP 15009 on the wan bridge between the
+/// cluster networks: a firewall that blocks QUIC.
+fn block_quic_on_the_wan(lab: &Lab, drop: bool) {
+    let script = if drop {
+        "add table bridge trellis_test\n\
+         add chain bridge trellis_test forward { type filter hook forward priority 0; }\n\
+         add rule bridge trellis_test forward udp dport 15009 drop\n\
+         add rule bridge trellis_test forward udp sport 15009 drop\n"
+    } else {
+        "delete table bridge trellis_test\n"
+    };
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &lab.underlay_ns(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("running nft");
+    std::io::Write::write_all(&mut nft.stdin.take().expect("stdin"), script.as_bytes()).expect("nft's input");
+    assert!(nft.wait().expect("nft ends").success(), "nft {script}");
+}
+
+#[test]
+fn cross_cluster_tunnels_ride_quic_and_fall_back_to_http2_while_udp_is_blocked() {
+    let lab = Lab::up("e2equicf", FEDERATION);
+    let client = lab.pod_ns("east", "demo", "client");
+    let body = lab
+        .call_until(&client, EAST_FAR, Duration::from_secs(30), |r| r.is_ok())
+        .expect("east's client reaches far in west");
+    assert!(body.contains("far-1"), "{body}");
+    assert!(
+        tunnels(&lab, "h3") >= 1.0,
+        "the tunnel to west's gateway rode QUIC:\n{}\n{}",
+        lab.log("ztunnel-east-node-1"),
+        lab.log("ztunnel-west-gw")
+    );
+    let h2_before = tunnels(&lab, "h2");
+    assert!(
+        lab.log("ztunnel-east-node-1")
+            .lines()
+            .any(|l| l.contains("connection closed") && (l.contains("transport=\"h3\"") || l.contains("transport=h3"))),
+        "the access log names the transport"
+    );
+
+    // A firewall starts dropping UDP between the networks: every new call still succeeds,
+    // over HTTP/2 to the gateway's 15008.
+    block_quic_on_the_wan(&lab, true);
+    for i in 0..10 {
+        let body = lab
+            .call(&client, EAST_FAR, 0)
+            .unwrap_or_else(|e| panic!("call {i} with UDP blocked: {e}"));
+        assert!(body.contains("far-1"), "{body}");
+    }
+    let fallbacks = lab.metric("east", "node-1", "trellis_quic_fallbacks_total", &[]);
+    assert!(fallbacks >= 1.0, "the QUIC dial failed and fell back");
+    assert!(tunnels(&lab, "h2") >= h2_before + 10.0, "the calls rode HTTP/2");
+
+    // UDP gets through again: once the fallback expires, new tunnels ride QUIC again.
+    block_quic_on_the_wan(&lab, false);
+    let h3_before = tunnels(&lab, "h3");
+    wait_until("east's tunnels ride QUIC again", Duration::from_secs(30), || {
+        let _ = lab.call(&client, EAST_FAR, 0);
+        tunnels(&lab, "h3") > h3_before
+    });
+    for i in 0..5 {
+        lab.call(&client, EAST_FAR, 0)
+            .unwrap_or_else(|e| panic!("call {i} after UDP came back: {e}"));
+    }
+}

@@ -152,6 +152,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         config.idle_timeouts(),
         Duration::from_millis(config.connect_timeout_ms),
     );
+    proxy.links.set_policy(config.transport_policy());
     tokio::spawn(apply_config(
         config.clone(),
         applied_rx,

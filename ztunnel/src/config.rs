@@ -122,12 +122,46 @@ pub struct Config {
     /// cluster.
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
     pub connect_timeout_ms: u64,
+    /// Tunnel transport inside this cluster: h2 (HTTP/2 over TCP, 15008) or h3 (HTTP/3 over
+    /// QUIC, 15009/udp).
+    #[arg(long, env = "TRELLIS_TRANSPORT_LOCAL", default_value = "h2")]
+    pub transport_local: crate::hbone::tunnel::Protocol,
+    /// Tunnel transport to other clusters (their gateways, or their nodes on a shared network).
+    #[arg(long, env = "TRELLIS_TRANSPORT_REMOTE", default_value = "h3")]
+    pub transport_remote: crate::hbone::tunnel::Protocol,
+    /// Per remote cluster, overriding --transport-remote: `CLUSTER=h2` or `CLUSTER=h3`;
+    /// repeatable.
+    #[arg(long = "transport", value_name = "CLUSTER=h2|h3", value_parser = parse_cluster_transport)]
+    pub transport_clusters: Vec<(String, crate::hbone::tunnel::Protocol)>,
+    /// After a failed QUIC dial (UDP blocked), how long that destination is reached over HTTP/2
+    /// before QUIC is tried again.
+    #[arg(long, env = "TRELLIS_QUIC_FALLBACK_SECONDS", default_value_t = 300)]
+    pub quic_fallback_seconds: u64,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
 }
 
+/// `CLUSTER=h2|h3`.
+fn parse_cluster_transport(s: &str) -> Result<(String, crate::hbone::tunnel::Protocol), String> {
+    let (cluster, transport) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected CLUSTER=h2 or CLUSTER=h3"))?;
+    trellis_identity::id::check_name(cluster).map_err(|e| format!("{s:?}: cluster {cluster:?}: {e}"))?;
+    Ok((cluster.to_string(), transport.parse()?))
+}
+
 impl Config {
+    /// Which transport each link uses, from the flags.
+    pub fn transport_policy(&self) -> crate::proxy::transport::TransportPolicy {
+        crate::proxy::transport::TransportPolicy {
+            local: self.transport_local,
+            remote: self.transport_remote,
+            clusters: self.transport_clusters.iter().cloned().collect(),
+            fallback_for: std::time::Duration::from_secs(self.quic_fallback_seconds),
+        }
+    }
+
     /// The inbound tunnel limits from the flags (before fitting to the descriptor limit).
     pub fn tunnel_limits(&self) -> crate::limits::TunnelLimits {
         crate::limits::TunnelLimits {

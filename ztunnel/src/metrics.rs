@@ -166,6 +166,15 @@ impl PeerIndex {
     }
 }
 
+/// Labels of the tunnels-by-transport counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `source` (this node opened the tunnel) or `destination` (it accepted it).
+    pub reporter: &'static str,
+    /// `h2` (HTTP/2 over TCP, 15008) or `h3` (HTTP/3 over QUIC, 15009).
+    pub transport: &'static str,
+}
+
 /// Labels of the dropped-label-set counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FamilyLabels {
@@ -203,6 +212,10 @@ pub struct Metrics {
     pub capture_apply_failures: Counter,
     pub capture_readback_failures: Counter,
     pub capture_drift: Counter,
+    /// Tunnels opened, by transport (two label sets per reporter: no limit needed).
+    pub tunnels: Family<TransportLabels, Counter>,
+    /// QUIC dials that failed and were retried over HTTP/2.
+    pub quic_fallbacks: Counter,
 }
 
 impl Default for Metrics {
@@ -240,9 +253,21 @@ impl Metrics {
             capture_apply_failures: Counter::default(),
             capture_readback_failures: Counter::default(),
             capture_drift: Counter::default(),
+            tunnels: Family::default(),
+            quic_fallbacks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
+        registry.register(
+            "tunnels_opened",
+            "HBONE tunnels opened, by transport (h2: HTTP/2 over TCP on 15008, h3: HTTP/3 over QUIC on 15009)",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "quic_fallbacks",
+            "HBONE-over-QUIC dials that failed (UDP blocked, handshake timed out) and were retried over HTTP/2",
+            m.quic_fallbacks.clone(),
+        );
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register(
             "tcp_sent_bytes",
@@ -334,6 +359,22 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts a QUIC dial retried over HTTP/2.
+    pub fn quic_fallback(&self) {
+        self.quic_fallbacks.inc();
+    }
+
+    /// Counts a tunnel opened over `transport`.
+    pub fn tunnel(&self, reporter: &'static str, transport: crate::hbone::tunnel::Protocol) {
+        let transport = match transport {
+            crate::hbone::tunnel::Protocol::Http2 => "h2",
+            crate::hbone::tunnel::Protocol::Http3 => "h3",
+        };
+        self.tunnels
+            .get_or_create(&TransportLabels { reporter, transport })
+            .inc();
+    }
+
     /// Counts a connection that could not be opened.
     pub fn failure(&self, labels: &ConnLabels) {
         let labels = self.failure_limit.admit(labels.clone());

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Buf, Bytes};
+use std::future::Future;
+
+use bytes::{Buf, Bytes, BytesMut};
 use h3::error::{Code, StreamError};
 use h3::server::RequestStream;
 use http::StatusCode;
@@ -34,6 +36,8 @@ use trellis_identity::limits::{Gate, Limits};
 use trellis_identity::verify::VerifiedChain;
 use trellis_identity::BundleSet;
 
+use super::h3wire;
+use super::pool::OpenError;
 use super::server::{ConnInfo, Handler, LocalCerts, SERVER_HANDSHAKE_TIMEOUT};
 use super::tunnel::{status_only, BoxFuture, RecvHalf, Reply, SendHalf};
 use super::{expiry, CONNECTION_WINDOW, IDLE_TIMEOUT, MAX_FRAME, MAX_HEADERS, MAX_STREAMS, STREAM_WINDOW};
@@ -226,6 +230,7 @@ async fn established(
             peer_id: leaf.id,
             served: chosen.identity,
             to_workload: None,
+            transport: super::tunnel::Protocol::Http3,
         },
         not_after: Some(leaf.not_after),
         verified,
@@ -333,7 +338,7 @@ pub struct H3Reply {
 }
 
 impl Reply for H3Reply {
-    type Send = H3Send;
+    type Send = TaskSend;
     type Recv = H3Recv;
 
     fn refuse(mut self, status: StatusCode) -> BoxFuture<'static, ()> {
@@ -344,117 +349,156 @@ impl Reply for H3Reply {
         })
     }
 
-    fn open(mut self) -> BoxFuture<'static, io::Result<(H3Send, H3Recv)>> {
+    fn open(mut self) -> BoxFuture<'static, io::Result<(TaskSend, H3Recv)>> {
         Box::pin(async move {
             self.stream
                 .send_response(status_only(StatusCode::OK))
                 .await
                 .map_err(h3_io)?;
             let (send, recv) = self.stream.split();
-            Ok((H3Send::new(send), H3Recv(recv)))
+            Ok((TaskSend::spawn(send), H3Recv(recv)))
         })
     }
 }
 
-type Sending = BoxFuture<'static, (SendSide, Result<(), StreamError>)>;
+/// Writes one tunnel's stream for a [`TaskSend`]: the stream's own async writes, driven by the
+/// task, so that what the pump hands over leaves without the pump polling again.
+trait StreamWriter: Send + 'static {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, io::Result<()>>;
+    fn finish(&mut self) -> BoxFuture<'_, ()>;
+    fn reset(&mut self);
+}
 
-/// The sending half of an HTTP/3 tunnel. h3 sends with an `async fn`, so the stream moves into
-/// the send in flight and comes back when it is done; quinn's own flow control holds the send
-/// until the peer has room, which is the backpressure the pump needs.
-pub struct H3Send {
-    stream: Option<SendSide>,
-    sending: Option<Sending>,
-    /// Finished or reset: nothing left to do when dropped.
+impl StreamWriter for SendSide {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.send_data(data).await.map_err(h3_io) })
+    }
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = RequestStream::finish(self).await;
+        })
+    }
+    fn reset(&mut self) {
+        self.stop_stream(Code::H3_REQUEST_CANCELLED);
+    }
+}
+
+impl StreamWriter for quinn::SendStream {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let mut frame = [h3wire::frame_header(h3wire::DATA, data.len()), data];
+            self.write_all_chunks(&mut frame).await.map_err(quic_io)
+        })
+    }
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        let _ = quinn::SendStream::finish(self);
+        Box::pin(std::future::ready(()))
+    }
+    fn reset(&mut self) {
+        let _ = quinn::SendStream::reset(self, VarInt::from_u32(h3wire::H3_REQUEST_CANCELLED as u32));
+    }
+}
+
+enum SendCmd {
+    /// Bytes to send, with the room they hold until they have left.
+    Data(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Finish,
+    Reset,
+}
+
+/// How many bytes one tunnel may have handed over and not yet sent: two reads of the pump, so
+/// one is written while the next is read.
+const SEND_BUFFER: usize = 2 * SEND_ROOM;
+
+/// The sending half of an HTTP/3 tunnel, either side. h3's and quinn's writes are `async fn`s
+/// that make progress only while polled, so a task of the tunnel's own drives them: the pump
+/// gets room for [`SEND_BUFFER`] bytes, hands them over, and they leave whether or not it polls
+/// again (the contract of [`SendHalf::send`]). The stream's flow control holds the task, and the
+/// room it has not given back holds the pump: backpressure end to end.
+pub struct TaskSend {
+    commands: tokio::sync::mpsc::UnboundedSender<SendCmd>,
+    room: tokio_util::sync::PollSemaphore,
+    granted: Option<tokio::sync::OwnedSemaphorePermit>,
+    failed: Arc<std::sync::OnceLock<String>>,
     ended: bool,
 }
 
-impl H3Send {
-    fn new(stream: SendSide) -> Self {
+impl TaskSend {
+    fn spawn(mut writer: impl StreamWriter) -> Self {
+        let (commands, mut queue) = tokio::sync::mpsc::unbounded_channel();
+        let room = Arc::new(tokio::sync::Semaphore::new(SEND_BUFFER));
+        let failed = Arc::new(std::sync::OnceLock::new());
+        let (closing, failure) = (room.clone(), failed.clone());
+        tokio::spawn(async move {
+            while let Some(command) = queue.recv().await {
+                match command {
+                    SendCmd::Data(data, _room) => {
+                        if let Err(e) = writer.write(data).await {
+                            let _ = failure.set(e.to_string());
+                            closing.close();
+                            return;
+                        }
+                    }
+                    SendCmd::Finish => return writer.finish().await,
+                    SendCmd::Reset => return writer.reset(),
+                }
+            }
+            // Dropped without an end: the far end must not take a cut-short stream for a whole one.
+            writer.reset();
+        });
         Self {
-            stream: Some(stream),
-            sending: None,
+            commands,
+            room: tokio_util::sync::PollSemaphore::new(room),
+            granted: None,
+            failed,
             ended: false,
         }
     }
 
-    /// Runs `last` on the stream once the send in flight (if any) is done, without waiting.
-    fn then(&mut self, last: impl FnOnce(SendSide) -> BoxFuture<'static, ()> + Send + 'static) {
-        self.ended = true;
-        let (stream, sending) = (self.stream.take(), self.sending.take());
-        tokio::spawn(async move {
-            let stream = match (stream, sending) {
-                (Some(stream), _) => stream,
-                (None, Some(sending)) => match sending.await {
-                    (stream, Ok(())) => stream,
-                    (mut stream, Err(_)) => {
-                        stream.stop_stream(Code::H3_REQUEST_CANCELLED);
-                        return;
-                    }
-                },
-                (None, None) => return,
-            };
-            last(stream).await;
-        });
+    fn broken(&self) -> io::Error {
+        let why = self.failed.get().map_or("tunnel stream closed", String::as_str);
+        io::Error::new(io::ErrorKind::BrokenPipe, why.to_string())
     }
 }
 
-impl SendHalf for H3Send {
+impl SendHalf for TaskSend {
     fn reserve(&mut self, _n: usize) {}
 
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if let Some(sending) = self.sending.as_mut() {
-            let (stream, sent) = ready!(sending.as_mut().poll(cx));
-            self.sending = None;
-            self.stream = Some(stream);
-            if let Err(e) = sent {
-                return Poll::Ready(Err(h3_io(e)));
+        if self.failed.get().is_some() || self.ended {
+            return Poll::Ready(Err(self.broken()));
+        }
+        if self.granted.is_none() {
+            match ready!(self.room.poll_acquire_many(cx, SEND_ROOM as u32)) {
+                Some(permit) => self.granted = Some(permit),
+                None => return Poll::Ready(Err(self.broken())),
             }
         }
-        Poll::Ready(match self.stream {
-            Some(_) => Ok(SEND_ROOM),
-            None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
-        })
+        Poll::Ready(Ok(self.granted.as_ref().map_or(0, |p| p.num_permits())))
     }
 
     fn send(&mut self, data: Bytes) -> io::Result<()> {
-        let mut stream = self
-            .stream
-            .take()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream busy or closed"))?;
-        self.sending = Some(Box::pin(async move {
-            let sent = stream.send_data(data).await;
-            (stream, sent)
-        }));
-        Ok(())
+        let mut granted = self.granted.take().ok_or_else(|| self.broken())?;
+        let permit = if data.len() < granted.num_permits() {
+            let part = granted.split(data.len()).ok_or_else(|| self.broken())?;
+            self.granted = Some(granted);
+            part
+        } else {
+            granted
+        };
+        self.commands
+            .send(SendCmd::Data(data, permit))
+            .map_err(|_| self.broken())
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        self.then(|mut stream| {
-            Box::pin(async move {
-                let _ = stream.finish().await;
-            })
-        });
-        Ok(())
+        self.ended = true;
+        self.commands.send(SendCmd::Finish).map_err(|_| self.broken())
     }
 
     fn reset(&mut self) {
-        self.then(|mut stream| {
-            stream.stop_stream(Code::H3_REQUEST_CANCELLED);
-            Box::pin(std::future::ready(()))
-        });
-    }
-}
-
-impl Drop for H3Send {
-    /// A half dropped without an end (the tunnel failed elsewhere) resets its stream: quinn would
-    /// otherwise finish it, and the far end would read a clean end of data that is cut short.
-    fn drop(&mut self) {
-        if !self.ended && (self.stream.is_some() || self.sending.is_some()) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let _guard = runtime.enter();
-                self.reset();
-            }
-        }
+        self.ended = true;
+        let _ = self.commands.send(SendCmd::Reset);
     }
 }
 
@@ -491,4 +535,395 @@ mod tests {
         assert!(needs_retry(false, RETRY_ABOVE), "a busy one: Retry first");
         assert!(!needs_retry(true, RETRY_ABOVE * 10), "an echoed token is proof enough");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client: one QUIC connection per pool key, a raw quinn stream per tunnel, framed by
+// [`super::h3wire`] (a correct plain CONNECT; see there why not h3's client).
+
+/// How often a pooled client connection sends a keep-alive when it is otherwise silent: well
+/// below [`QUIC_IDLE_TIMEOUT`] and below the 30 s UDP timeouts common in NATs and firewalls.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Dials HBONE-over-QUIC connections from one client endpoint (one UDP socket, marked like every
+/// socket ztunnel opens, so that host-mode capture lets it pass).
+pub struct Http3 {
+    endpoint: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
+}
+
+impl Default for Http3 {
+    fn default() -> Self {
+        Self {
+            endpoint: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Http3 {
+    fn endpoint(&self) -> Result<quinn::Endpoint, String> {
+        self.endpoint
+            .get_or_init(|| {
+                let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(|e| format!("binding the QUIC client socket: {e}"))?;
+                let _ = socket2::SockRef::from(&socket).set_mark(super::SOCKET_MARK);
+                socket
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("QUIC client socket: {e}"))?;
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(|e| format!("QUIC client endpoint: {e}"))
+            })
+            .clone()
+    }
+}
+
+impl super::tunnel::Transport for Http3 {
+    fn connect(
+        &self,
+        node: SocketAddr,
+        server_name: rustls::pki_types::ServerName<'static>,
+        tls: Arc<rustls::ClientConfig>,
+        trusted: BundleSet,
+    ) -> BoxFuture<'static, Result<Arc<dyn super::tunnel::Connection>, OpenError>> {
+        let endpoint = self.endpoint();
+        Box::pin(async move {
+            let fail = |e: String| OpenError::Tls(node, io::Error::other(e));
+            let endpoint = endpoint.map_err(fail)?;
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
+            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+            let mut transport = transport();
+            transport.keep_alive_interval(Some(KEEP_ALIVE));
+            config.transport_config(Arc::new(transport));
+            let name = server_name.to_str().into_owned();
+            let handshake = async {
+                let connecting = endpoint
+                    .connect_with(config, node, &name)
+                    .map_err(|e| fail(e.to_string()))?;
+                let quic = connecting.await.map_err(|e| fail(format!("QUIC handshake: {e}")))?;
+                let chain = quic
+                    .peer_identity()
+                    .and_then(|chain| chain.downcast::<Vec<CertificateDer<'static>>>().ok())
+                    .ok_or_else(|| fail("the server presented no certificate".into()))?;
+                let verified = VerifiedChain::of_chain(&chain, true)
+                    .ok_or_else(|| fail("the server presented no certificate".into()))?;
+                // HTTP/3's control stream, opened first and never closed (RFC 9114 §6.2.1).
+                let mut control = quic
+                    .open_uni()
+                    .await
+                    .map_err(|e| OpenError::Protocol(node, io::Error::other(e)))?;
+                control
+                    .write_all(&h3wire::control_stream(u64::from(MAX_HEADERS)))
+                    .await
+                    .map_err(|e| OpenError::Protocol(node, io::Error::other(e)))?;
+                Ok::<_, OpenError>((quic, control, verified))
+            };
+            let (quic, control, verified) =
+                tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, handshake)
+                    .await
+                    .map_err(|_| {
+                        OpenError::Tls(
+                            node,
+                            io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"),
+                        )
+                    })??;
+            tokio::spawn(drive(quic.clone(), control, node, verified, trusted));
+            Ok(Arc::new(Http3Connection { node, quic }) as Arc<dyn super::tunnel::Connection>)
+        })
+    }
+}
+
+/// How long a client waits for a QUIC handshake: short, because a path that drops UDP shows
+/// only as silence, and the link falls back to HTTP/2 over TCP after it.
+pub const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads and drops what the server sends on its unidirectional streams (its control stream,
+/// QPACK's streams, reserved types), so they never block on flow control; closes the connection
+/// once the server's chain no longer verifies against `trusted`. Holds the control stream open.
+async fn drive(
+    quic: quinn::Connection,
+    _control: quinn::SendStream,
+    node: SocketAddr,
+    verified: VerifiedChain,
+    trusted: BundleSet,
+) {
+    let mut trust = trusted.changes();
+    let mut trust_open = true;
+    loop {
+        tokio::select! {
+            uni = quic.accept_uni() => match uni {
+                Ok(mut recv) => {
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 4096];
+                        while let Ok(Some(_)) = recv.read(&mut sink).await {}
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "HBONE QUIC connection ended");
+                    return;
+                }
+            },
+            changed = trust.changed(), if trust_open => {
+                trust_open = changed.is_ok();
+                if let (true, Err(why)) = (trust_open, verified.recheck(&trusted)) {
+                    tracing::warn!(%node, reason = %why, "the server is no longer trusted: connection and its tunnels closed");
+                    quic.close(VarInt::from_u32(0x102), b"server no longer trusted");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A client HBONE-over-QUIC connection.
+struct Http3Connection {
+    node: SocketAddr,
+    quic: quinn::Connection,
+}
+
+fn quic_io(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
+}
+
+impl super::tunnel::Connection for Http3Connection {
+    fn open<'a>(
+        &'a self,
+        request: http::Request<()>,
+        early: &'a Bytes,
+    ) -> BoxFuture<'a, Result<super::tunnel::Answer, super::tunnel::StreamFailure>> {
+        use super::tunnel::{Answer, StreamFailure};
+        Box::pin(async move {
+            let node = self.node;
+            let gone = |e: io::Error| StreamFailure::ConnectionGone(OpenError::Protocol(node, e));
+            let failed = |e: io::Error| {
+                StreamFailure::Failed(if early.is_empty() {
+                    OpenError::Protocol(node, e)
+                } else {
+                    OpenError::Interrupted(node, e)
+                })
+            };
+            let authority = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| StreamFailure::Failed(OpenError::Status(StatusCode::BAD_REQUEST)))?;
+            let headers: Vec<(String, Vec<u8>)> = request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+                .collect();
+            let (mut send, recv) = self.quic.open_bi().await.map_err(|e| gone(quic_io(e)))?;
+            let fields = h3wire::connect_fields(&authority, &headers);
+            let mut chunks = vec![h3wire::frame_header(h3wire::HEADERS, fields.len()), fields];
+            if !early.is_empty() {
+                chunks.push(h3wire::frame_header(h3wire::DATA, early.len()));
+                chunks.push(early.clone());
+            }
+            let mut written = 0;
+            while written < chunks.len() {
+                let wrote = send
+                    .write_chunks(&mut chunks[written..])
+                    .await
+                    .map_err(|e| gone(quic_io(e)))?;
+                written += wrote.chunks;
+            }
+            let mut recv = QuicRecv::new(recv);
+            let status = tokio::select! {
+                status = recv.answer() => status,
+                _ = self.quic.closed() => Err(AnswerError::Gone(quic_io("connection closed"))),
+            };
+            let status = match status {
+                Ok(status) => status,
+                Err(AnswerError::Rejected) => {
+                    return Err(gone(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "request rejected unprocessed",
+                    )))
+                }
+                Err(AnswerError::Gone(e)) if self.quic.close_reason().is_some() => {
+                    return Err(StreamFailure::Failed(OpenError::Unanswered(node))).map_err(|f| {
+                        tracing::debug!(%node, error = %e, "HBONE QUIC connection closed before the answer");
+                        f
+                    })
+                }
+                Err(AnswerError::Gone(e)) => return Err(failed(e)),
+            };
+            match StatusCode::from_u16(status) {
+                Ok(StatusCode::OK) => Ok(Answer::Open(Box::new(TaskSend::spawn(send)), Box::new(recv))),
+                Ok(status) => {
+                    let _ = send.reset(VarInt::from_u32(h3wire::H3_REQUEST_CANCELLED as u32));
+                    Ok(Answer::Refused(status))
+                }
+                Err(_) => Err(failed(quic_io(format!("answer status {status}")))),
+            }
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.quic.close_reason().is_some()
+    }
+
+    fn alive(&self, within: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            // A reserved unidirectional stream (RFC 9114 §6.2.3: the peer ignores it) carrying one
+            // byte: its acknowledgement (or the peer stopping it) proves the peer is there.
+            let probe = async {
+                let mut probe = self.quic.open_uni().await.ok()?;
+                let mut kind = BytesMut::new();
+                h3wire::put_varint(&mut kind, 0x21)?;
+                probe.write_all(&kind).await.ok()?;
+                probe.finish().ok()?;
+                probe.stopped().await.ok()
+            };
+            matches!(tokio::time::timeout(within, probe).await, Ok(Some(_)))
+        })
+    }
+
+    fn kill(&self) {
+        self.quic
+            .close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"unresponsive");
+    }
+}
+
+/// Why no answer came.
+enum AnswerError {
+    /// The server reset the stream with H3_REQUEST_REJECTED: not processed, may go elsewhere.
+    Rejected,
+    Gone(io::Error),
+}
+
+/// The receiving half of a client tunnel: the answer's HEADERS, then DATA frames whose payloads
+/// are handed on without copying; frames of other types are skipped (RFC 9114 §9).
+pub struct QuicRecv {
+    stream: quinn::RecvStream,
+    /// Bytes of the frame header being read.
+    header: Vec<u8>,
+    /// The frame being read: its type and the payload bytes still to come.
+    frame: Option<(u64, u64)>,
+}
+
+impl QuicRecv {
+    fn new(stream: quinn::RecvStream) -> Self {
+        Self {
+            stream,
+            header: Vec::with_capacity(16),
+            frame: None,
+        }
+    }
+
+    /// Reads the next frame header; `None` at a clean end of stream between frames.
+    fn poll_header(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<(u64, u64)>>> {
+        loop {
+            // Type, then length: each varint's length is in its first byte.
+            let need = match self.header.first() {
+                None => 1,
+                Some(first) => {
+                    let type_len = h3wire::varint_len(*first);
+                    match self.header.get(type_len) {
+                        None => type_len + 1,
+                        Some(len_first) => type_len + h3wire::varint_len(*len_first),
+                    }
+                }
+            };
+            if self.header.len() == need && need > 1 {
+                if let Some((kind, n)) = h3wire::get_varint(&self.header) {
+                    if let Some((len, m)) = h3wire::get_varint(&self.header[n..]) {
+                        if n + m == need {
+                            self.header.clear();
+                            return Poll::Ready(Ok(Some((kind, len))));
+                        }
+                    }
+                }
+            }
+            let want = need - self.header.len();
+            let read = {
+                let chunk = self.stream.read_chunk(want, true);
+                tokio::pin!(chunk);
+                ready!(chunk.poll(cx))
+            };
+            match read {
+                Ok(Some(chunk)) => self.header.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.header.is_empty() => return Poll::Ready(Ok(None)),
+                Ok(None) => return Poll::Ready(Err(quic_io("stream ended inside a frame header"))),
+                Err(e) => return Poll::Ready(Err(read_error(e))),
+            }
+        }
+    }
+
+    /// The answer's `:status`, from the first HEADERS frame.
+    async fn answer(&mut self) -> Result<u16, AnswerError> {
+        loop {
+            let header = std::future::poll_fn(|cx| self.poll_header(cx)).await;
+            let (kind, len) = match header {
+                Ok(Some(header)) => header,
+                Ok(None) => return Err(AnswerError::Gone(quic_io("the stream ended with no answer"))),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(AnswerError::Rejected),
+                Err(e) => return Err(AnswerError::Gone(e)),
+            };
+            if kind == h3wire::DATA {
+                return Err(AnswerError::Gone(quic_io("DATA before the answer's HEADERS")));
+            }
+            if len > u64::from(MAX_HEADERS) {
+                return Err(AnswerError::Gone(quic_io("answer frame too large")));
+            }
+            let mut payload = vec![0u8; len as usize];
+            self.stream.read_exact(&mut payload).await.map_err(|e| match e {
+                quinn::ReadExactError::ReadError(e) => match read_error(e) {
+                    e if e.kind() == io::ErrorKind::ConnectionRefused => AnswerError::Rejected,
+                    e => AnswerError::Gone(e),
+                },
+                quinn::ReadExactError::FinishedEarly(_) => AnswerError::Gone(quic_io("stream ended inside a frame")),
+            })?;
+            if kind == h3wire::HEADERS {
+                return h3wire::response_status(&payload).map_err(|e| AnswerError::Gone(quic_io(e)));
+            }
+        }
+    }
+}
+
+/// A stream error as an I/O error; a reset with H3_REQUEST_REJECTED reads as `ConnectionRefused`.
+fn read_error(e: quinn::ReadError) -> io::Error {
+    match e {
+        quinn::ReadError::Reset(code) if code.into_inner() == h3wire::H3_REQUEST_REJECTED => {
+            io::Error::new(io::ErrorKind::ConnectionRefused, "request rejected")
+        }
+        e => quic_io(e),
+    }
+}
+
+impl RecvHalf for QuicRecv {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            match self.frame {
+                Some((_, 0)) => self.frame = None,
+                Some((kind, left)) => {
+                    let read = {
+                        let chunk = self.stream.read_chunk(left.min(SEND_ROOM as u64) as usize, true);
+                        tokio::pin!(chunk);
+                        ready!(chunk.poll(cx))
+                    };
+                    match read {
+                        Ok(Some(chunk)) => {
+                            self.frame = Some((kind, left - chunk.bytes.len() as u64));
+                            if kind == h3wire::DATA {
+                                return Poll::Ready(Some(Ok(chunk.bytes)));
+                            }
+                        }
+                        Ok(None) => return Poll::Ready(Some(Err(quic_io("stream ended inside a frame")))),
+                        Err(e) => return Poll::Ready(Some(Err(read_error(e)))),
+                    }
+                }
+                None => match ready!(self.poll_header(cx)) {
+                    Ok(Some(frame)) => self.frame = Some(frame),
+                    Ok(None) => return Poll::Ready(None),
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+            }
+        }
+    }
+
+    fn release(&mut self, _n: usize) {}
 }

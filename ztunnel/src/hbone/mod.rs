@@ -12,6 +12,7 @@
 
 pub mod copy;
 pub mod expiry;
+pub mod h3wire;
 pub mod http2;
 pub mod http3;
 pub mod idle;

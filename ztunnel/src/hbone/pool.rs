@@ -343,6 +343,7 @@ pub struct Pool {
     certs: CertManager,
     bundles: BundleSet,
     http2: Arc<dyn Transport>,
+    http3: Arc<dyn Transport>,
     entries: Entries,
     tls: Mutex<HashMap<(SpiffeId, SpiffeId, Protocol), Arc<ClientConfig>>>,
 }
@@ -356,6 +357,7 @@ impl Pool {
             certs,
             bundles,
             http2: Arc::new(Http2),
+            http3: Arc::new(super::http3::Http3::default()),
             entries: Arc::default(),
             tls: Mutex::new(HashMap::new()),
         });
@@ -484,8 +486,15 @@ impl Pool {
     fn start_dial(&self, key: &Key, dial: Arc<Dial>) {
         let transport = match key.protocol {
             Protocol::Http2 => self.http2.clone(),
+            Protocol::Http3 => self.http3.clone(),
         };
-        let tls = self.tls_config(&key.source, &key.destination, key.protocol);
+        // Through a gateway the inner connection is always HTTP/2, whatever carries the outer.
+        let inner = if key.via.is_some() {
+            Protocol::Http2
+        } else {
+            key.protocol
+        };
+        let tls = self.tls_config(&key.source, &key.destination, inner);
         let certs = self.certs.clone();
         let trusted = self.bundles.clone();
         let pool = self.me.clone();

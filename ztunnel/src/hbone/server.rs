@@ -183,6 +183,8 @@ pub struct ConnInfo {
     /// address (a foreign HBONE client's way) rather than the node's: its tunnels may only go to
     /// that workload.
     pub to_workload: Option<IpAddr>,
+    /// What carries the connection's tunnels.
+    pub transport: super::tunnel::Protocol,
 }
 
 /// A boxed future, as [`Handler::handle`] returns.
@@ -273,6 +275,7 @@ pub async fn serve<H: Handler>(
                         peer_id,
                         served: chosen.identity,
                         to_workload: chosen.to_workload,
+                        transport: super::tunnel::Protocol::Http2,
                     },
                     not_after,
                     verified,

@@ -123,10 +123,27 @@ pub fn status_only(status: StatusCode) -> Response<()> {
 
 /// The protocol a pooled connection speaks; part of the pool's key, so one (source, node,
 /// destination) may have a connection of each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Protocol {
     /// HTTP/2 over TLS on 15008.
+    #[serde(rename = "h2")]
     Http2,
+    /// HTTP/3 over QUIC on 15009/udp.
+    #[serde(rename = "h3")]
+    Http3,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "h2" | "http2" => Ok(Self::Http2),
+            "h3" | "http3" | "quic" => Ok(Self::Http3),
+            other => Err(format!(
+                "{other:?} is no tunnel transport: h2 (HTTP/2 over TCP) or h3 (HTTP/3 over QUIC)"
+            )),
+        }
+    }
 }
 
 impl Protocol {
@@ -134,6 +151,15 @@ impl Protocol {
     pub fn alpn(self) -> &'static [u8] {
         match self {
             Self::Http2 => b"h2",
+            Self::Http3 => b"h3",
+        }
+    }
+
+    /// The port a node or gateway serves this protocol on.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::Http2 => super::PORT,
+            Self::Http3 => super::http3::PORT,
         }
     }
 }
@@ -142,6 +168,7 @@ impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Http2 => "h2",
+            Self::Http3 => "h3",
         })
     }
 }

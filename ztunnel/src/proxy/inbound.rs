@@ -213,6 +213,7 @@ impl Inbound {
                 return;
             }
         };
+        self.proxy.metrics.tunnel("destination", conn.transport);
         let counters = self.proxy.metrics.connection(labels, false);
         let (moved, result) = splice(tcp, send, recv, &counters, self.proxy.idle, 0).await;
         tracing::info!(
@@ -222,6 +223,7 @@ impl Inbound {
             forwarded = ?forwarded,
             claimed_source = ?claimed,
             src_identity = %conn.peer_id,
+            transport = %conn.transport,
             dst = %addr,
             dst_workload = %workload.name,
             dst_identity = %workload.identity,
@@ -268,6 +270,7 @@ mod tests {
             peer_id: web.clone(),
             served: served.clone(),
             to_workload: None,
+            transport: crate::hbone::tunnel::Protocol::Http2,
         };
         let state = state_with("10.1.1.10", &cart, true);
         let ok = route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn(&cart)).unwrap();
@@ -314,6 +317,7 @@ mod tests {
             peer_id: web,
             served: cart.clone(),
             to_workload: Some("10.1.1.10".parse().unwrap()),
+            transport: crate::hbone::tunnel::Protocol::Http2,
         };
         assert!(route(&Method::CONNECT, Some("10.1.1.10:8080"), &state, &conn).is_ok());
         let refused = |authority: &str| route(&Method::CONNECT, Some(authority), &state, &conn).unwrap_err().0;

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod outbound;
+pub mod transport;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub struct Proxy {
     balancers: Mutex<HashMap<(String, String), Arc<Balancer>>>,
     /// Ejected nodes and gateways, shared by every service.
     pub hops: Ejections,
+    /// Which transport each link uses ([`transport`]).
+    pub links: transport::Links,
 }
 
 /// The default of `--connect-timeout-ms`: above a few round trips between clusters, well below
@@ -79,6 +82,7 @@ impl Proxy {
             connect_timeout,
             balancers: Mutex::new(HashMap::new()),
             hops: Ejections::default(),
+            links: transport::Links::default(),
         })
     }
 

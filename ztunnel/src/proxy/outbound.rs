@@ -52,7 +52,7 @@ static LANE: AtomicUsize = AtomicUsize::new(0);
 
 /// How one attempt ended.
 enum Attempt {
-    Tunnel(Tunnel),
+    Tunnel(Tunnel, Protocol),
     Direct(TcpStream),
 }
 
@@ -127,6 +127,7 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         let tried = Tried {
             tier: *tier,
             attempts: attempts + 1,
+            transport: None,
         };
         let target = SocketAddr::new(endpoint.ip, port);
         labels.destination_workload = endpoint.name.clone();
@@ -153,6 +154,13 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
         .await
         {
             Ok(opened) => {
+                let opened_by = match &opened {
+                    Attempt::Tunnel(_, protocol) => Some(*protocol),
+                    Attempt::Direct(_) => None,
+                };
+                if let Some(protocol) = opened_by {
+                    proxy.metrics.tunnel("source", protocol);
+                }
                 if let Some(b) = &balancer {
                     b.succeeded(endpoint.ip);
                 }
@@ -160,10 +168,16 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                 let counters = proxy.metrics.connection(labels.clone(), true);
                 counters.upstream(early.len() as u64);
                 let (mut moved, result) = match opened {
-                    Attempt::Tunnel(t) => splice(tcp, t.send, t.recv, &counters, proxy.idle, early.len() as u64).await,
+                    Attempt::Tunnel(t, _) => {
+                        splice(tcp, t.send, t.recv, &counters, proxy.idle, early.len() as u64).await
+                    }
                     Attempt::Direct(upstream) => copy_plain(tcp, upstream, &counters).await,
                 };
                 moved.upstream += early.len() as u64;
+                let tried = Tried {
+                    transport: opened_by,
+                    ..tried
+                };
                 return access_log(&labels, peer, dst, target, Some(tried), moved, result, started);
             }
             Err(e) if !e.endpoint_failed() => {
@@ -230,6 +244,7 @@ async fn attempt(
     };
     let (node, via, authority) = match (&endpoint.gateway, through) {
         (None, _) => (SocketAddr::new(node, PORT), None, target.to_string()),
+        // The gateway's address names its HBONE port; its QUIC port is the protocol's.
         (Some(hop), Some(authority)) => {
             let lanes = hop.weight.clamp(1, MAX_LANES);
             let lane = (LANE.fetch_add(1, Ordering::Relaxed) % lanes as usize) as u8;
@@ -242,22 +257,53 @@ async fn attempt(
         }
         (Some(_), None) => return Err(OpenError::Unreachable),
     };
-    let key = Key {
-        source: source.identity.clone(),
-        node,
-        destination: identity.clone(),
-        protocol: Protocol::Http2,
-        via,
-    };
     let headers = [
         ("forwarded", forwarded_for(peer)),
         ("baggage", baggage(&source.cluster, &source.namespace, &source.name)),
     ];
+    let protocol = proxy
+        .links
+        .choose(&proxy.cluster, &endpoint.cluster, node.ip(), std::time::Instant::now());
+    let key = |protocol: Protocol| Key {
+        source: source.identity.clone(),
+        node: match protocol {
+            Protocol::Http2 => node,
+            Protocol::Http3 => SocketAddr::new(node.ip(), protocol.port()),
+        },
+        destination: identity.clone(),
+        protocol,
+        via: via.clone(),
+    };
+    if protocol == Protocol::Http3 {
+        // QUIC gets half the attempt: a path that drops UDP answers nothing, and the link falls
+        // back to HTTP/2 over TCP with the whole connect timeout of its own.
+        let now = tokio::time::Instant::now();
+        let quic_deadline = now + deadline.saturating_duration_since(now) / 2;
+        match proxy
+            .pool
+            .open_by(&key(protocol), &authority, &headers, early, quic_deadline)
+            .await
+        {
+            Ok(tunnel) => return Ok(Attempt::Tunnel(tunnel, protocol)),
+            Err(e) if e.hop_failed() && e.retryable() => {
+                proxy.links.quic_failed(node.ip(), std::time::Instant::now());
+                proxy.metrics.quic_fallback();
+                tracing::warn!(to = %node.ip(), error = %e, "HBONE over QUIC failed; HTTP/2 over TCP for this destination for a while");
+            }
+            Err(e) => return Err(e),
+        }
+        let deadline = tokio::time::Instant::now() + proxy.connect_timeout;
+        return proxy
+            .pool
+            .open_by(&key(Protocol::Http2), authority, &headers, early, deadline)
+            .await
+            .map(|t| Attempt::Tunnel(t, Protocol::Http2));
+    }
     proxy
         .pool
-        .open_by(&key, authority, &headers, early, deadline)
+        .open_by(&key(protocol), authority, &headers, early, deadline)
         .await
-        .map(Attempt::Tunnel)
+        .map(|t| Attempt::Tunnel(t, protocol))
 }
 
 async fn passthrough(
@@ -302,6 +348,8 @@ fn source_labels(source: &LocalWorkload) -> ConnLabels {
 struct Tried {
     tier: Tier,
     attempts: usize,
+    /// The tunnel's transport (none: sent in plaintext to a workload outside the mesh).
+    transport: Option<Protocol>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -327,6 +375,10 @@ fn access_log(
         dst_cluster = %labels.destination_cluster,
         locality = tried.map_or("", |t| t.tier.as_str()),
         attempts = tried.map_or(0, |t| t.attempts),
+        transport = tried.and_then(|t| t.transport).map_or("none", |p| match p {
+            Protocol::Http2 => "h2",
+            Protocol::Http3 => "h3",
+        }),
         dst_identity = %labels.destination_principal,
         security = %labels.connection_security_policy,
         request_bytes = moved.upstream,
