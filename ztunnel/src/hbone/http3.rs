@@ -524,19 +524,6 @@ fn h3_io(e: StreamError) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_client_proves_its_address_only_when_the_listener_is_busy() {
-        assert!(!needs_retry(false, 0), "a quiet listener: no extra round trip");
-        assert!(!needs_retry(false, RETRY_ABOVE - 1));
-        assert!(needs_retry(false, RETRY_ABOVE), "a busy one: Retry first");
-        assert!(!needs_retry(true, RETRY_ABOVE * 10), "an echoed token is proof enough");
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The client: one QUIC connection per pool key, a raw quinn stream per tunnel, framed by
 // [`super::h3wire`] (a correct plain CONNECT; see there why not h3's client).
@@ -709,7 +696,7 @@ impl super::tunnel::Connection for Http3Connection {
                 .uri()
                 .authority()
                 .map(|a| a.as_str().to_string())
-                .ok_or_else(|| StreamFailure::Failed(OpenError::Status(StatusCode::BAD_REQUEST)))?;
+                .ok_or(StreamFailure::Failed(OpenError::Status(StatusCode::BAD_REQUEST)))?;
             let headers: Vec<(String, Vec<u8>)> = request
                 .headers()
                 .iter()
@@ -744,10 +731,8 @@ impl super::tunnel::Connection for Http3Connection {
                     )))
                 }
                 Err(AnswerError::Gone(e)) if self.quic.close_reason().is_some() => {
-                    return Err(StreamFailure::Failed(OpenError::Unanswered(node))).map_err(|f| {
-                        tracing::debug!(%node, error = %e, "HBONE QUIC connection closed before the answer");
-                        f
-                    })
+                    tracing::debug!(%node, error = %e, "HBONE QUIC connection closed before the answer");
+                    return Err(StreamFailure::Failed(OpenError::Unanswered(node)));
                 }
                 Err(AnswerError::Gone(e)) => return Err(failed(e)),
             };
@@ -926,4 +911,17 @@ impl RecvHalf for QuicRecv {
     }
 
     fn release(&mut self, _n: usize) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_proves_its_address_only_when_the_listener_is_busy() {
+        assert!(!needs_retry(false, 0), "a quiet listener: no extra round trip");
+        assert!(!needs_retry(false, RETRY_ABOVE - 1));
+        assert!(needs_retry(false, RETRY_ABOVE), "a busy one: Retry first");
+        assert!(!needs_retry(true, RETRY_ABOVE * 10), "an echoed token is proof enough");
+    }
 }
