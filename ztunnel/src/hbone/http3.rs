@@ -618,7 +618,11 @@ impl super::tunnel::Transport for Http3 {
                         )
                     })??;
             tokio::spawn(drive(quic.clone(), control, node, verified, trusted));
-            Ok(Arc::new(Http3Connection { node, quic }) as Arc<dyn super::tunnel::Connection>)
+            Ok(Arc::new(Http3Connection {
+                node,
+                quic,
+                killed: std::sync::atomic::AtomicBool::new(false),
+            }) as Arc<dyn super::tunnel::Connection>)
         })
     }
 }
@@ -669,6 +673,19 @@ async fn drive(
 struct Http3Connection {
     node: SocketAddr,
     quic: quinn::Connection,
+    /// Closed by [`super::tunnel::Connection::kill`]: the node stopped answering.
+    killed: std::sync::atomic::AtomicBool,
+}
+
+/// A request stream's sending side that is reset if dropped before it is handed on.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut stream) = self.0.take() {
+            let _ = stream.reset(VarInt::from_u32(h3wire::H3_REQUEST_CANCELLED as u32));
+        }
+    }
 }
 
 fn quic_io(e: impl std::fmt::Display) -> io::Error {
@@ -702,20 +719,28 @@ impl super::tunnel::Connection for Http3Connection {
                 .iter()
                 .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
                 .collect();
-            let (mut send, recv) = self.quic.open_bi().await.map_err(|e| gone(quic_io(e)))?;
+            let (send, recv) = self.quic.open_bi().await.map_err(|e| gone(quic_io(e)))?;
+            // Until handed to the tunnel, a stream given up on is reset, never finished: the
+            // server must not take a cut-short CONNECT for a whole one.
+            let mut send = ResetOnDrop(Some(send));
             let fields = h3wire::connect_fields(&authority, &headers);
             let mut chunks = vec![h3wire::frame_header(h3wire::HEADERS, fields.len()), fields];
             if !early.is_empty() {
                 chunks.push(h3wire::frame_header(h3wire::DATA, early.len()));
                 chunks.push(early.clone());
             }
-            let mut written = 0;
+            let (mut written, mut accepted) = (0, 0);
             while written < chunks.len() {
-                let wrote = send
-                    .write_chunks(&mut chunks[written..])
-                    .await
-                    .map_err(|e| gone(quic_io(e)))?;
-                written += wrote.chunks;
+                let stream = send.0.as_mut().ok_or_else(|| failed(quic_io("stream gone")))?;
+                match stream.write_chunks(&mut chunks[written..]).await {
+                    Ok(wrote) => {
+                        written += wrote.chunks;
+                        accepted += wrote.bytes;
+                    }
+                    // Nothing left yet: as if never sent. Part of it taken: it may arrive.
+                    Err(e) if accepted == 0 => return Err(gone(quic_io(e))),
+                    Err(e) => return Err(failed(quic_io(e))),
+                }
             }
             let mut recv = QuicRecv::new(recv);
             let status = tokio::select! {
@@ -730,18 +755,20 @@ impl super::tunnel::Connection for Http3Connection {
                         "request rejected unprocessed",
                     )))
                 }
-                Err(AnswerError::Gone(e)) if self.quic.close_reason().is_some() => {
+                // Only our own kill (the node answered no probe) means "unanswered"; a close by
+                // the server after it may have delivered the early bytes does not.
+                Err(AnswerError::Gone(e)) if self.killed.load(Ordering::Acquire) => {
                     tracing::debug!(%node, error = %e, "HBONE QUIC connection closed before the answer");
                     return Err(StreamFailure::Failed(OpenError::Unanswered(node)));
                 }
                 Err(AnswerError::Gone(e)) => return Err(failed(e)),
             };
             match StatusCode::from_u16(status) {
-                Ok(StatusCode::OK) => Ok(Answer::Open(Box::new(TaskSend::spawn(send)), Box::new(recv))),
-                Ok(status) => {
-                    let _ = send.reset(VarInt::from_u32(h3wire::H3_REQUEST_CANCELLED as u32));
-                    Ok(Answer::Refused(status))
+                Ok(StatusCode::OK) => {
+                    let send = send.0.take().ok_or_else(|| failed(quic_io("stream gone")))?;
+                    Ok(Answer::Open(Box::new(TaskSend::spawn(send)), Box::new(recv)))
                 }
+                Ok(status) => Ok(Answer::Refused(status)),
                 Err(_) => Err(failed(quic_io(format!("answer status {status}")))),
             }
         })
@@ -768,6 +795,7 @@ impl super::tunnel::Connection for Http3Connection {
     }
 
     fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
         self.quic
             .close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"unresponsive");
     }

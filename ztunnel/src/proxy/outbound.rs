@@ -275,10 +275,10 @@ async fn attempt(
         via: via.clone(),
     };
     if protocol == Protocol::Http3 {
-        // QUIC gets half the attempt: a path that drops UDP answers nothing, and the link falls
+        // QUIC gets the attempt's deadline, as HTTP/2 would (a long link's handshake and CONNECT
+        // fit as they do over TCP); a path that drops UDP answers nothing, and the link falls
         // back to HTTP/2 over TCP with the whole connect timeout of its own.
-        let now = tokio::time::Instant::now();
-        let quic_deadline = now + deadline.saturating_duration_since(now) / 2;
+        let quic_deadline = deadline;
         match proxy
             .pool
             .open_by(&key(protocol), &authority, &headers, early, quic_deadline)
