@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane|federation|failover
+# Runs one benchmark with the optimised bench profile: bash bench/run.sh control-plane|data-plane|federation|failover|transport
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -26,6 +26,12 @@ case "${1:-}" in
     cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
       -p trellis-cli --bin trellis -p trellis-bench --bin failover
     exec target/release/failover ;;
+  transport)
+    # Needs root: a two-cluster lab (trellis lab up, with Debian's etcd-server: bash
+    # deploy/install-deps.sh), torn down after; shapes the wan with bench/src/bin/wanem.rs.
+    cargo build --profile bench -p trellis-control --bin trellisd -p trellis-ztunnel --bin ztunnel \
+      -p trellis-cli --bin trellis -p trellis-bench --bin netbench --bin wanem --bin transport
+    exec target/release/transport ;;
   *)
-    echo "usage: bash bench/run.sh control-plane|data-plane|federation|failover" >&2; exit 2 ;;
+    echo "usage: bash bench/run.sh control-plane|data-plane|federation|failover|transport" >&2; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
 //! What the benchmarks share: a trellisd process on loopback ports of its own, nodes joined and
 //! subscribed to its config stream, and the small measuring helpers.
 
+pub mod procs;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -137,6 +137,21 @@ pub struct Config {
     /// before QUIC is tried again.
     #[arg(long, env = "TRELLIS_QUIC_FALLBACK_SECONDS", default_value_t = 300)]
     pub quic_fallback_seconds: u64,
+    /// The congestion controller of QUIC tunnels.
+    #[arg(long, env = "TRELLIS_QUIC_CONGESTION", value_enum, default_value = "cubic")]
+    pub quic_congestion: crate::hbone::http3::Congestion,
+    /// The buffer size asked for each QUIC socket, each way, in bytes (beyond
+    /// net.core.rmem_max/wmem_max only with CAP_NET_ADMIN; a shortfall is logged).
+    #[arg(long, env = "TRELLIS_QUIC_SOCKET_BUFFER", default_value_t = crate::hbone::http3::SOCKET_BUFFER)]
+    pub quic_socket_buffer: usize,
+    /// Ack-eliciting QUIC packets the peer may receive before it must acknowledge (the ACK
+    /// frequency extension); unset: QUIC's default, every other packet.
+    #[arg(long, env = "TRELLIS_QUIC_ACK_THRESHOLD")]
+    pub quic_ack_threshold: Option<u32>,
+    /// The longest the peer may hold a QUIC acknowledgement back, in ms (with the extension);
+    /// unset: the peer's own (25 ms by default).
+    #[arg(long, env = "TRELLIS_QUIC_MAX_ACK_DELAY_MS")]
+    pub quic_max_ack_delay_ms: Option<u64>,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
@@ -152,6 +167,16 @@ fn parse_cluster_transport(s: &str) -> Result<(String, crate::hbone::tunnel::Pro
 }
 
 impl Config {
+    /// How QUIC sockets and connections are tuned, from the flags.
+    pub fn quic_tuning(&self) -> crate::hbone::http3::QuicTuning {
+        crate::hbone::http3::QuicTuning {
+            congestion: self.quic_congestion,
+            socket_buffer: self.quic_socket_buffer,
+            ack_threshold: self.quic_ack_threshold,
+            max_ack_delay: self.quic_max_ack_delay_ms.map(std::time::Duration::from_millis),
+        }
+    }
+
     /// Which transport each link uses, from the flags.
     pub fn transport_policy(&self) -> crate::proxy::transport::TransportPolicy {
         crate::proxy::transport::TransportPolicy {

@@ -86,7 +86,8 @@ enum Mode {
         workers: usize,
     },
     /// Connections each looping 1 KiB request, 1 KiB response for --seconds, side by side; prints
-    /// {"connections","seconds","round_trips","per_second","errors"}.
+    /// {"connections","seconds","round_trips","per_second","errors","p50_us","p99_us","fewest","most"}
+    /// (round-trip times over all connections; the fewest and most rounds one connection did).
     Pingpong {
         #[arg(long)]
         to: SocketAddr,
@@ -312,22 +313,27 @@ fn pingpong(to: SocketAddr, run: Duration, connections: usize) -> anyhow::Result
     let errors = AtomicU64::new(0);
     let first_error = std::sync::Mutex::new(None::<String>);
     let started = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..connections {
-            s.spawn(|| {
-                // A connection that fails is counted and opened again, until the run ends.
-                while started.elapsed() < run {
-                    if let Err(e) = rounds_until(to, started + run, &round_trips) {
-                        if let Ok(mut first) = first_error.lock() {
-                            first.get_or_insert_with(|| format!("{e:#}"));
+    let per_connection: Vec<Vec<Duration>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..connections)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut rounds = Vec::new();
+                    // A connection that fails is counted and opened again, until the run ends.
+                    while started.elapsed() < run {
+                        if let Err(e) = rounds_until(to, started + run, &round_trips, &mut rounds) {
+                            if let Ok(mut first) = first_error.lock() {
+                                first.get_or_insert_with(|| format!("{e:#}"));
+                            }
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            // Do not spin on a refusing peer.
+                            std::thread::sleep(Duration::from_millis(1));
                         }
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        // Do not spin on a refusing peer.
-                        std::thread::sleep(Duration::from_millis(1));
                     }
-                }
-            });
-        }
+                    rounds
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap_or_default()).collect()
     });
     let seconds = started.elapsed().as_secs_f64();
     let round_trips = round_trips.load(Ordering::Relaxed);
@@ -335,24 +341,43 @@ fn pingpong(to: SocketAddr, run: Duration, connections: usize) -> anyhow::Result
     if let Ok(Some(e)) = first_error.lock().as_deref() {
         eprintln!("netbench pingpong: {errors} errors, the first: {e}");
     }
+    // Starvation shows as one connection doing far fewer rounds than the others.
+    let fewest = per_connection.iter().map(Vec::len).min().unwrap_or(0);
+    let most = per_connection.iter().map(Vec::len).max().unwrap_or(0);
+    let mut all: Vec<Duration> = per_connection.into_iter().flatten().collect();
+    all.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (p50, p99) = if all.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (us(percentile(&all, 0.50)), us(percentile(&all, 0.99)))
+    };
     println!(
-        r#"{{"connections":{connections},"seconds":{seconds:.3},"round_trips":{round_trips},"per_second":{:.1},"errors":{errors}}}"#,
+        r#"{{"connections":{connections},"seconds":{seconds:.3},"round_trips":{round_trips},"per_second":{:.1},"errors":{errors},"p50_us":{p50:.1},"p99_us":{p99:.1},"fewest":{fewest},"most":{most}}}"#,
         round_trips as f64 / seconds
     );
     Ok(())
 }
 
 /// One connection in the `L` mode, doing 1 KiB rounds until `deadline`; each round is added to
-/// `round_trips` as it completes, so a connection that fails keeps the rounds it did.
-fn rounds_until(to: SocketAddr, deadline: Instant, round_trips: &AtomicU64) -> anyhow::Result<()> {
+/// `round_trips` and its time to `rounds` as it completes, so a connection that fails keeps the
+/// rounds it did.
+fn rounds_until(
+    to: SocketAddr,
+    deadline: Instant,
+    round_trips: &AtomicU64,
+    rounds: &mut Vec<Duration>,
+) -> anyhow::Result<()> {
     let mut tcp = connect(to)?;
     tcp.write_all(b"L").context("sending the mode")?;
     let request = [0xa5_u8; ROUND_SIZE];
     let mut response = [0u8; ROUND_SIZE];
     while Instant::now() < deadline {
+        let t0 = Instant::now();
         tcp.write_all(&request).with_context(|| format!("sending to {to}"))?;
         tcp.read_exact(&mut response)
             .with_context(|| format!("reading from {to}"))?;
+        rounds.push(t0.elapsed());
         round_trips.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())

@@ -134,6 +134,8 @@ pub struct NodePlan {
     /// The address every node-side pod veth carries (10.c.n.1), the pods' default gateway.
     pub gateway: Ipv4Addr,
     pub pods: Vec<PodPlan>,
+    /// Flags appended to this node's ztunnel after the cluster's (`nodeZtunnelArgs`).
+    pub ztunnel_args: Vec<String>,
 }
 
 /// One pod: its namespace, address, the node-side veth name and what it runs.
@@ -274,6 +276,17 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
                 c.nodes
             );
         }
+        if let Some(node) = c
+            .node_ztunnel_args
+            .keys()
+            .find(|node| !(1..=c.nodes).any(|n| **node == format!("node-{n}")))
+        {
+            bail!(
+                "cluster {}: nodeZtunnelArgs names {node:?}, which is not one of its nodes node-1 to node-{}",
+                c.name,
+                c.nodes
+            );
+        }
         let ci = u8::try_from(ci + 1).context("too many clusters")?;
         let net = |third: u8, last: u8| Ipv4Addr::new(10, ci, third, last);
         let nodes = (1..=c.nodes as u8)
@@ -288,6 +301,11 @@ pub fn plan(lab: &str, topo: &Topology) -> anyhow::Result<Plan> {
                 pod_cidr: net(n, 0),
                 gateway: net(n, 1),
                 pods: Vec::new(),
+                ztunnel_args: c
+                    .node_ztunnel_args
+                    .get(&format!("node-{n}"))
+                    .cloned()
+                    .unwrap_or_default(),
             })
             .collect();
         clusters.push(ClusterPlan {
@@ -633,6 +651,24 @@ mod tests {
                 url: "http://10.101.0.10/".into(),
                 interval_ms: 1000
             })
+        );
+    }
+
+    #[test]
+    fn node_ztunnel_args_go_to_the_node_they_name_and_a_stranger_is_refused() {
+        let topo = spec::parse(
+            "t",
+            "clusters:\n  - {name: east, nodes: 2, ztunnelArgs: [-v], nodeZtunnelArgs: {node-2: [--transport-remote, h2]}}\nnamespaces: []\n",
+        )
+        .unwrap();
+        let east = &plan("t", &topo).unwrap().clusters[0];
+        assert_eq!(east.ztunnel_args, ["-v"]);
+        assert!(east.nodes[0].ztunnel_args.is_empty());
+        assert_eq!(east.nodes[1].ztunnel_args, ["--transport-remote", "h2"]);
+        let refused = err("clusters:\n  - {name: east, nodes: 2, nodeZtunnelArgs: {node-3: [-v]}}\nnamespaces: []\n");
+        assert!(
+            refused.contains("nodeZtunnelArgs names \"node-3\", which is not one of its nodes node-1 to node-2"),
+            "{refused}"
         );
     }
 

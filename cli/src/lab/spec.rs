@@ -30,7 +30,9 @@ pub struct Topology {
 
 /// One cluster: a control plane and `nodes` nodes named `node-1`..`node-N`, optionally with
 /// flags appended to its processes' command lines (`trellisdArgs: [--svid-ttl-seconds, "60"]`,
-/// `ztunnelArgs: [...]`: the lab's own way to try a setting, as a test or a user would).
+/// `ztunnelArgs: [...]`: the lab's own way to try a setting, as a test or a user would), and
+/// per node after those (`nodeZtunnelArgs: {node-2: [--transport-remote, h2]}`), so that one
+/// lab can run two settings side by side.
 ///
 /// With two or more clusters the lab is a federation, and `network`, `region` and `zone` are
 /// what the cluster joins with (`trellis federation join --network --region --zone`).
@@ -53,6 +55,9 @@ pub struct Cluster {
     pub trellisd_args: Vec<String>,
     #[serde(default)]
     pub ztunnel_args: Vec<String>,
+    /// Default: none.
+    #[serde(default)]
+    pub node_ztunnel_args: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A namespace; `ambient: true` enrols its pods (label `trellis.io/dataplane-mode=ambient`).

@@ -562,6 +562,8 @@ struct ZtunnelAt<'a> {
     host: &'a Host,
     /// Flags after the common ones, before the topology's `ztunnelArgs`.
     extra: &'a [&'a str],
+    /// Flags after the cluster's `ztunnelArgs` (the node's `nodeZtunnelArgs`).
+    last: &'a [String],
 }
 
 fn start_ztunnel(
@@ -576,6 +578,7 @@ fn start_ztunnel(
         node: &n.name,
         host: &n.host,
         extra: &[],
+        last: &n.ztunnel_args,
     };
     launch_ztunnel(c, &at, state, bins, env)
 }
@@ -594,6 +597,7 @@ fn start_gateway(
         node: plan::GATEWAY_NODE,
         host: &gw.host,
         extra: &["--capture", "none", "--gateway"],
+        last: &[],
     };
     launch_ztunnel(c, &at, state, bins, env)
 }
@@ -650,6 +654,7 @@ fn launch_ztunnel(
     }
     argv.extend(at.extra.iter().map(|s| s.to_string()));
     argv.extend(c.ztunnel_args.iter().cloned());
+    argv.extend(at.last.iter().cloned());
     let launch = Launch {
         name: at.name.clone(),
         netns: at.host.netns.clone(),

@@ -16,6 +16,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const DATA: u64 = 0x0;
 pub const HEADERS: u64 = 0x1;
 pub const SETTINGS: u64 = 0x4;
+/// GOAWAY (RFC 9114 §7.2.6): the server takes no requests beyond the stream it names.
+pub const GOAWAY: u64 = 0x7;
 /// The control stream's type (RFC 9114 §6.2.1).
 pub const CONTROL_STREAM: u64 = 0x0;
 /// SETTINGS_MAX_FIELD_SECTION_SIZE (RFC 9114 §7.2.4.1).

@@ -64,10 +64,129 @@ pub fn needs_retry(validated: bool, handshaking: usize) -> bool {
     !validated && handshaking >= RETRY_ABOVE
 }
 
+/// The congestion controller of tunnel connections (`--quic-congestion`). ARCHITECTURE.md
+/// records the measurement behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), loss-based: what Linux TCP uses, so QUIC and TCP tunnels share a link
+    /// as equals.
+    #[default]
+    Cubic,
+    /// BBR, model-based: keeps the pipe full through random loss, at the cost of fairness to
+    /// loss-based flows; quinn's implementation is still marked experimental.
+    Bbr,
+}
+
+/// What a ztunnel's QUIC sockets and connections are tuned with (its flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicTuning {
+    pub congestion: Congestion,
+    /// The UDP socket buffers asked for, each way, in bytes.
+    pub socket_buffer: usize,
+    /// Asked of the peer (the ACK frequency extension, which quinn speaks): how many
+    /// ack-eliciting packets it may take before it must acknowledge; `None`: QUIC's own rule
+    /// (every other packet).
+    pub ack_threshold: Option<u32>,
+    /// Asked of the peer with it: the longest it may hold an acknowledgement back.
+    pub max_ack_delay: Option<Duration>,
+}
+
+/// The default of `--quic-socket-buffer`: a 50 ms path at 1 Gbit/s holds 6.25 MB in flight,
+/// and a burst of received datagrams must wait there until quinn reads them.
+pub const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+impl Default for QuicTuning {
+    fn default() -> Self {
+        Self {
+            congestion: Congestion::default(),
+            socket_buffer: SOCKET_BUFFER,
+            ack_threshold: None,
+            max_ack_delay: None,
+        }
+    }
+}
+
+/// What the kernel granted a socket, against what was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub asked: usize,
+    pub receive: usize,
+    pub send: usize,
+}
+
+impl Granted {
+    /// Linux reports twice the size it was given (it counts its own overhead), so a buffer is
+    /// short only when what it reports is below what was asked.
+    pub fn capped(&self) -> bool {
+        self.receive < self.asked || self.send < self.asked
+    }
+}
+
+/// Sizes `socket`'s buffers to `asked` bytes each way: within `net.core.{r,w}mem_max` as any
+/// process may, beyond it when ztunnel holds CAP_NET_ADMIN (`SO_{RCV,SND}BUFFORCE`). Says what
+/// it got, and how to raise the cap when it fell short; also whether quinn-udp may batch
+/// datagrams (GSO when sending, GRO when receiving).
+pub fn size_socket(socket: &std::net::UdpSocket, asked: usize, role: &'static str) -> Granted {
+    use std::os::fd::AsRawFd;
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(asked);
+    let _ = sock.set_send_buffer_size(asked);
+    let granted = |sock: &socket2::SockRef<'_>| Granted {
+        asked,
+        receive: sock.recv_buffer_size().unwrap_or(0),
+        send: sock.send_buffer_size().unwrap_or(0),
+    };
+    let mut got = granted(&sock);
+    if got.capped() {
+        let value = libc::c_int::try_from(asked).unwrap_or(libc::c_int::MAX);
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // SAFETY: a valid descriptor, and a c_int option value of the right length.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+        got = granted(&sock);
+    }
+    let batching = quinn::udp::UdpSocketState::new(socket.into())
+        .map(|state| (state.max_gso_segments(), state.gro_segments()))
+        .unwrap_or((1, 1));
+    if got.capped() {
+        tracing::warn!(
+            role,
+            asked,
+            receive = got.receive,
+            send = got.send,
+            "the kernel capped the QUIC socket's buffers: fast or long links will drop datagrams; raise net.core.rmem_max and net.core.wmem_max to at least {asked}, or run ztunnel with CAP_NET_ADMIN"
+        );
+    } else {
+        tracing::info!(role, receive = got.receive, send = got.send, gso_segments = batching.0, gro_segments = batching.1, "QUIC socket sized");
+    }
+    got
+}
+
 /// Transport parameters of a tunnel connection, either side: the flow-control windows of 15008,
-/// so that one tunnel can fill a fast link, and the stream bounds.
-pub fn transport() -> quinn::TransportConfig {
+/// so that one tunnel can fill a fast link, the stream bounds, and the congestion controller.
+pub fn transport(tuning: QuicTuning) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
+    match tuning.congestion {
+        Congestion::Cubic => transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Bbr => transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
+    if tuning.ack_threshold.is_some() || tuning.max_ack_delay.is_some() {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        if let Some(threshold) = tuning.ack_threshold {
+            ack.ack_eliciting_threshold(VarInt::from_u32(threshold));
+        }
+        ack.max_ack_delay(tuning.max_ack_delay);
+        transport.ack_frequency_config(Some(ack));
+    }
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
@@ -82,13 +201,13 @@ pub fn transport() -> quinn::TransportConfig {
 
 /// The QUIC server config: 15008's TLS config (its verifier and certificate resolver) with ALPN
 /// `h3` and no early data.
-pub fn server_config(tls: &ServerConfig) -> Result<quinn::ServerConfig, String> {
+pub fn server_config(tls: &ServerConfig, tuning: QuicTuning) -> Result<quinn::ServerConfig, String> {
     let mut tls = tls.clone();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| format!("QUIC TLS config: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport()));
+    config.transport_config(Arc::new(transport(tuning)));
     // A tunnel's source is checked per connection; it does not move.
     config.migration(false);
     Ok(config)
@@ -128,8 +247,10 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     drain: watch::Receiver<bool>,
     trusted: BundleSet,
+    tuning: QuicTuning,
 ) {
-    let endpoint = match server_config(&tls).and_then(|config| {
+    size_socket(&socket, tuning.socket_buffer, "server");
+    let endpoint = match server_config(&tls, tuning).and_then(|config| {
         quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(config),
@@ -240,6 +361,17 @@ async fn established(
 /// HTTP/3's H3_NO_ERROR, the code of a clean close.
 const H3_NO_ERROR: u32 = 0x100;
 
+/// How long a connection whose last tunnel ended stays open before the server closes it, so
+/// that the tunnels' last bytes are acknowledged (a close abandons what is unacknowledged);
+/// a client that closes first ends it sooner.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Tells the client to open no more tunnels (GOAWAY on the control stream), waiting no longer
+/// than a handshake may: a client that gives the control stream no credit cannot hold it.
+async fn goaway(h3: &mut h3::server::Connection<h3_quinn::Connection, Bytes>) {
+    let _ = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, h3.shutdown(0)).await;
+}
+
 async fn run<H: Handler>(conn: Established, handler: Arc<H>, mut drain: watch::Receiver<bool>, trusted: BundleSet) {
     let Established {
         quic,
@@ -260,6 +392,7 @@ async fn run<H: Handler>(conn: Established, handler: Arc<H>, mut drain: watch::R
     loop {
         let open = Arc::strong_count(&tunnels) - 1;
         if closing && open == 0 {
+            let _ = tokio::time::timeout(CLOSE_LINGER, quic.closed()).await;
             close("done");
             return;
         }
@@ -303,7 +436,7 @@ async fn run<H: Handler>(conn: Established, handler: Arc<H>, mut drain: watch::R
                 expired = true;
                 closing = true;
                 tracing::info!(peer = %info.peer_addr, identity = %info.peer_id, tunnels = open, "client certificate expired: no new tunnels (GOAWAY), open ones run on");
-                let _ = h3.shutdown(0).await;
+                goaway(&mut h3).await;
             }
             changed = trust.changed(), if trust_open => {
                 trust_open = changed.is_ok();
@@ -315,12 +448,12 @@ async fn run<H: Handler>(conn: Established, handler: Arc<H>, mut drain: watch::R
             }
             _ = async { drop(drain.wait_for(|d| *d).await) }, if !closing => {
                 closing = true;
-                let _ = h3.shutdown(0).await;
+                goaway(&mut h3).await;
             }
             _ = idle, if open == 0 || closing => {
                 if !closing {
                     closing = true;
-                    let _ = h3.shutdown(0).await;
+                    goaway(&mut h3).await;
                 }
             }
             _ = quic.closed() => return,
@@ -343,17 +476,21 @@ impl Reply for H3Reply {
 
     fn refuse(mut self, status: StatusCode) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if self.stream.send_response(status_only(status)).await.is_ok() {
-                let _ = self.stream.finish().await;
-            }
+            // A client that gives the stream no credit holds nothing: the answer is given up.
+            let _ = tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, async {
+                if self.stream.send_response(status_only(status)).await.is_ok() {
+                    let _ = self.stream.finish().await;
+                }
+            })
+            .await;
         })
     }
 
     fn open(mut self) -> BoxFuture<'static, io::Result<(TaskSend, H3Recv)>> {
         Box::pin(async move {
-            self.stream
-                .send_response(status_only(StatusCode::OK))
+            tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, self.stream.send_response(status_only(StatusCode::OK)))
                 .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client took no answer in time"))?
                 .map_err(h3_io)?;
             let (send, recv) = self.stream.split();
             Ok((TaskSend::spawn(send), H3Recv(recv)))
@@ -421,6 +558,9 @@ pub struct TaskSend {
     granted: Option<tokio::sync::OwnedSemaphorePermit>,
     failed: Arc<std::sync::OnceLock<String>>,
     ended: bool,
+    /// Told of a reset (or a drop without an end), so that it does not wait behind a write
+    /// blocked on flow control.
+    cut: Arc<tokio::sync::Notify>,
 }
 
 impl TaskSend {
@@ -428,15 +568,24 @@ impl TaskSend {
         let (commands, mut queue) = tokio::sync::mpsc::unbounded_channel();
         let room = Arc::new(tokio::sync::Semaphore::new(SEND_BUFFER));
         let failed = Arc::new(std::sync::OnceLock::new());
-        let (closing, failure) = (room.clone(), failed.clone());
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (closing, failure, cutting) = (room.clone(), failed.clone(), cut.clone());
         tokio::spawn(async move {
             while let Some(command) = queue.recv().await {
                 match command {
                     SendCmd::Data(data, _room) => {
-                        if let Err(e) = writer.write(data).await {
-                            let _ = failure.set(e.to_string());
-                            closing.close();
-                            return;
+                        let wrote = tokio::select! {
+                            wrote = writer.write(data) => Some(wrote),
+                            _ = cutting.notified() => None,
+                        };
+                        match wrote {
+                            None => return writer.reset(),
+                            Some(Err(e)) => {
+                                let _ = failure.set(e.to_string());
+                                closing.close();
+                                return;
+                            }
+                            Some(Ok(())) => {}
                         }
                     }
                     SendCmd::Finish => return writer.finish().await,
@@ -452,6 +601,7 @@ impl TaskSend {
             granted: None,
             failed,
             ended: false,
+            cut,
         }
     }
 
@@ -499,6 +649,15 @@ impl SendHalf for TaskSend {
     fn reset(&mut self) {
         self.ended = true;
         let _ = self.commands.send(SendCmd::Reset);
+        self.cut.notify_one();
+    }
+}
+
+impl Drop for TaskSend {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cut.notify_one();
+        }
     }
 }
 
@@ -534,25 +693,29 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// Dials HBONE-over-QUIC connections from one client endpoint (one UDP socket, marked like every
 /// socket ztunnel opens, so that host-mode capture lets it pass).
+#[derive(Default)]
 pub struct Http3 {
     endpoint: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
-}
-
-impl Default for Http3 {
-    fn default() -> Self {
-        Self {
-            endpoint: std::sync::OnceLock::new(),
-        }
-    }
+    tuning: std::sync::Mutex<QuicTuning>,
 }
 
 impl Http3 {
+    /// Tunes the client socket (if not bound yet) and the connections dialled from now on.
+    pub fn set_tuning(&self, tuning: QuicTuning) {
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = tuning;
+    }
+
+    fn tuning(&self) -> QuicTuning {
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn endpoint(&self) -> Result<quinn::Endpoint, String> {
         self.endpoint
             .get_or_init(|| {
                 let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
                     .map_err(|e| format!("binding the QUIC client socket: {e}"))?;
                 let _ = socket2::SockRef::from(&socket).set_mark(super::SOCKET_MARK);
+                size_socket(&socket, self.tuning().socket_buffer, "client");
                 socket
                     .set_nonblocking(true)
                     .map_err(|e| format!("QUIC client socket: {e}"))?;
@@ -577,12 +740,13 @@ impl super::tunnel::Transport for Http3 {
         trusted: BundleSet,
     ) -> BoxFuture<'static, Result<Arc<dyn super::tunnel::Connection>, OpenError>> {
         let endpoint = self.endpoint();
+        let tuning = self.tuning();
         Box::pin(async move {
             let fail = |e: String| OpenError::Tls(node, io::Error::other(e));
             let endpoint = endpoint.map_err(fail)?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
             let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-            let mut transport = transport();
+            let mut transport = transport(tuning);
             transport.keep_alive_interval(Some(KEEP_ALIVE));
             config.transport_config(Arc::new(transport));
             let name = server_name.to_str().into_owned();
@@ -617,11 +781,13 @@ impl super::tunnel::Transport for Http3 {
                             io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"),
                         )
                     })??;
-            tokio::spawn(drive(quic.clone(), control, node, verified, trusted));
+            let goaway = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            tokio::spawn(drive(quic.clone(), control, node, verified, trusted, goaway.clone()));
             Ok(Arc::new(Http3Connection {
                 node,
                 quic,
                 killed: std::sync::atomic::AtomicBool::new(false),
+                goaway,
             }) as Arc<dyn super::tunnel::Connection>)
         })
     }
@@ -631,26 +797,25 @@ impl super::tunnel::Transport for Http3 {
 /// only as silence, and the link falls back to HTTP/2 over TCP after it.
 pub const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Reads and drops what the server sends on its unidirectional streams (its control stream,
-/// QPACK's streams, reserved types), so they never block on flow control; closes the connection
-/// once the server's chain no longer verifies against `trusted`. Holds the control stream open.
+/// Reads what the server sends on its unidirectional streams, so they never block on flow
+/// control: its control stream frame by frame (a GOAWAY sets `goaway`: no new tunnels here, open
+/// ones run on), the others (QPACK's, reserved types) only drained; closes the connection once
+/// the server's chain no longer verifies against `trusted`. Holds the control stream open.
 async fn drive(
     quic: quinn::Connection,
     _control: quinn::SendStream,
     node: SocketAddr,
     verified: VerifiedChain,
     trusted: BundleSet,
+    goaway: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut trust = trusted.changes();
     let mut trust_open = true;
     loop {
         tokio::select! {
             uni = quic.accept_uni() => match uni {
-                Ok(mut recv) => {
-                    tokio::spawn(async move {
-                        let mut sink = [0u8; 4096];
-                        while let Ok(Some(_)) = recv.read(&mut sink).await {}
-                    });
+                Ok(recv) => {
+                    tokio::spawn(follow_uni(recv, node, goaway.clone()));
                 }
                 Err(e) => {
                     tracing::debug!(%node, error = %e, "HBONE QUIC connection ended");
@@ -669,12 +834,54 @@ async fn drive(
     }
 }
 
-/// A client HBONE-over-QUIC connection.
+/// One varint from `recv`; `None` at its end or on an error.
+async fn read_varint(recv: &mut quinn::RecvStream) -> Option<u64> {
+    let mut buf = [0u8; 8];
+    recv.read_exact(&mut buf[..1]).await.ok()?;
+    let len = h3wire::varint_len(buf[0]);
+    recv.read_exact(&mut buf[1..len]).await.ok()?;
+    h3wire::get_varint(&buf[..len]).map(|(v, _)| v)
+}
+
+/// Follows one unidirectional stream of the server: the control stream frame by frame, watching
+/// for GOAWAY; any other stream is read to its end and dropped.
+async fn follow_uni(mut recv: quinn::RecvStream, node: SocketAddr, goaway: Arc<std::sync::atomic::AtomicBool>) {
+    let mut sink = [0u8; 4096];
+    if read_varint(&mut recv).await == Some(h3wire::CONTROL_STREAM) {
+        loop {
+            let Some(kind) = read_varint(&mut recv).await else { return };
+            let Some(mut left) = read_varint(&mut recv).await else { return };
+            if kind == h3wire::GOAWAY && !goaway.swap(true, Ordering::AcqRel) {
+                tracing::debug!(%node, "HBONE QUIC server sent GOAWAY: no new tunnels on this connection");
+            }
+            while left > 0 {
+                let n = left.min(sink.len() as u64) as usize;
+                if recv.read_exact(&mut sink[..n]).await.is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+        }
+    }
+    while let Ok(Some(_)) = recv.read(&mut sink).await {}
+}
+
+/// A client HBONE-over-QUIC connection; closed when the pool lets go of it.
 struct Http3Connection {
     node: SocketAddr,
     quic: quinn::Connection,
     /// Closed by [`super::tunnel::Connection::kill`]: the node stopped answering.
     killed: std::sync::atomic::AtomicBool,
+    /// The server said GOAWAY: no new tunnels here.
+    goaway: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Http3Connection {
+    fn drop(&mut self) {
+        // The connection's task holds a handle too; without this it would live on to its idle
+        // timeout with no tunnel to carry.
+        self.quic.close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"not needed");
+    }
 }
 
 /// A request stream's sending side that is reset if dropped before it is handed on.
@@ -775,7 +982,7 @@ impl super::tunnel::Connection for Http3Connection {
     }
 
     fn is_closed(&self) -> bool {
-        self.quic.close_reason().is_some()
+        self.quic.close_reason().is_some() || self.goaway.load(Ordering::Acquire)
     }
 
     fn alive(&self, within: Duration) -> BoxFuture<'_, bool> {
@@ -891,7 +1098,11 @@ impl QuicRecv {
                 quinn::ReadExactError::FinishedEarly(_) => AnswerError::Gone(quic_io("stream ended inside a frame")),
             })?;
             if kind == h3wire::HEADERS {
-                return h3wire::response_status(&payload).map_err(|e| AnswerError::Gone(quic_io(e)));
+                let status = h3wire::response_status(&payload).map_err(|e| AnswerError::Gone(quic_io(e)))?;
+                // Interim answers (RFC 9114 §4.1) come before the final one: read on.
+                if !(100..200).contains(&status) {
+                    return Ok(status);
+                }
             }
         }
     }

@@ -3,7 +3,8 @@
 //! One pool entry per (source identity, destination node, destination identity), as DESIGN.md
 //! says, and per [`Protocol`]: the TLS client certificate is the source workload's SVID and the
 //! server must present the destination's identity, so neither can be shared across those keys.
-//! An entry holds as many connections as its tunnels need at [`MAX_STREAMS`] each; connections
+//! An entry holds as many connections as its tunnels need at [`Key::tunnels_per_connection`] each
+//! ([`MAX_STREAMS`], or one for an inner connection over QUIC); connections
 //! idle for [`IDLE_TIMEOUT`] are closed by a reaper.
 //!
 //! **Dials are shared.** An open that finds no connection with a free stream joins a dial in
@@ -137,6 +138,21 @@ pub struct Key {
     pub via: Option<Via>,
 }
 
+impl Key {
+    /// How many tunnels one connection of this key carries at once. An inner connection through
+    /// a gateway rides on one outer stream; over QUIC it carries one tunnel at a time, so that a
+    /// packet lost on the wan stalls only that tunnel (its own QUIC stream), not every tunnel
+    /// multiplexed on one inner HTTP/2 connection. An idle one is reused by the next tunnel, so
+    /// sequential connections still cost no handshake. Over TCP the outer connection is one
+    /// ordered byte stream anyway: inner connections multiplex like any other.
+    pub fn tunnels_per_connection(&self) -> usize {
+        match (&self.via, self.protocol) {
+            (Some(_), Protocol::Http3) => 1,
+            _ => MAX_STREAMS as usize,
+        }
+    }
+}
+
 /// The outer tunnel of a connection through an east-west gateway ([`super::nested`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Via {
@@ -202,6 +218,8 @@ struct Pooled {
     presented: Arc<HeldSvid>,
     /// Tunnels in flight, including those promised to opens that waited on its dial.
     active: AtomicUsize,
+    /// How many tunnels it carries at once ([`Key::tunnels_per_connection`]).
+    room: usize,
     idle_since: Mutex<Instant>,
 }
 
@@ -223,7 +241,7 @@ impl Pooled {
             return None;
         }
         let mut active = self.active.load(Ordering::Acquire);
-        while active < MAX_STREAMS as usize {
+        while active < self.room {
             match self
                 .active
                 .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
@@ -252,6 +270,8 @@ impl Entry {
 /// A dial in flight, shared by the opens waiting on it.
 struct Dial {
     state: Mutex<DialState>,
+    /// How many opens its connection will carry.
+    room: usize,
     /// Turns true once `state` is no longer pending.
     done: watch::Sender<bool>,
 }
@@ -267,9 +287,10 @@ enum DialState {
 }
 
 impl Dial {
-    fn new() -> Arc<Self> {
+    fn new(room: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(DialState::Pending { promised: 1 }),
+            room,
             done: watch::channel(false).0,
         })
     }
@@ -277,7 +298,7 @@ impl Dial {
     /// Promises one more stream of the connection to come, if it has one left.
     fn join(self: &Arc<Self>) -> Option<Ticket> {
         match &mut *lock(&self.state) {
-            DialState::Pending { promised } if *promised < MAX_STREAMS as usize => {
+            DialState::Pending { promised } if *promised < self.room => {
                 *promised += 1;
                 Some(Ticket {
                     dial: self.clone(),
@@ -343,7 +364,7 @@ pub struct Pool {
     certs: CertManager,
     bundles: BundleSet,
     http2: Arc<dyn Transport>,
-    http3: Arc<dyn Transport>,
+    http3: Arc<super::http3::Http3>,
     entries: Entries,
     tls: Mutex<HashMap<(SpiffeId, SpiffeId, Protocol), Arc<ClientConfig>>>,
 }
@@ -363,6 +384,11 @@ impl Pool {
         });
         tokio::spawn(reap(Arc::downgrade(&pool)));
         pool
+    }
+
+    /// Tunes the QUIC connections it dials from now on (and its socket, if not bound yet).
+    pub fn set_quic_tuning(&self, tuning: super::http3::QuicTuning) {
+        self.http3.set_tuning(tuning);
     }
 
     /// Opens a tunnel to `authority` (the destination workload's address) through `key.node`,
@@ -472,7 +498,7 @@ impl Pool {
             match joined {
                 Some(ticket) => ticket,
                 None => {
-                    let dial = Dial::new();
+                    let dial = Dial::new(key.tunnels_per_connection());
                     entries.entry(key.clone()).or_default().dials.push(dial.clone());
                     self.start_dial(key, dial.clone());
                     Ticket { dial, redeemed: false }
@@ -486,7 +512,7 @@ impl Pool {
     fn start_dial(&self, key: &Key, dial: Arc<Dial>) {
         let transport = match key.protocol {
             Protocol::Http2 => self.http2.clone(),
-            Protocol::Http3 => self.http3.clone(),
+            Protocol::Http3 => self.http3.clone() as Arc<dyn Transport>,
         };
         // Through a gateway the inner connection is always HTTP/2, whatever carries the outer.
         let inner = if key.via.is_some() {
@@ -645,6 +671,7 @@ impl Outcome {
                         conn,
                         presented,
                         active: AtomicUsize::new(promised),
+                        room: dial.room,
                         idle_since: Mutex::new(Instant::now()),
                     });
                     entry.conns.push(pooled.clone());

@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::check_interrupted;
+pub(crate) use trellis_bench::procs::{in_netns, metric_sum};
 
 /// The lab's name; every namespace it makes starts with `tl-bench-`.
 pub(crate) const LAB: &str = "bench";
@@ -149,24 +149,6 @@ impl Drop for Servers {
     }
 }
 
-/// Runs `f` on a thread inside network namespace `ns`: the sockets it opens live there.
-pub(crate) fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
-    let path = format!("/run/netns/{ns}");
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: `file` is an open namespace file for the whole call; setns moves only this
-            // short-lived thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("entering {path}"));
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("a thread in {ns} panicked"))?
-    })
-}
-
 /// Starts `netbench server` in each path's server pod and waits until both accept.
 pub(crate) fn start_servers(bin: &Path) -> anyhow::Result<Servers> {
     let mut servers = Servers(Vec::new());
@@ -292,28 +274,6 @@ pub(crate) fn scrape(node: &str) -> anyhow::Result<String> {
     .with_context(|| format!("scraping http://{METRICS}/metrics in {node}"))
 }
 
-/// Sums the samples of `name` whose labels include `label="value"` (every sample when `None`).
-pub(crate) fn metric_sum(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
-    let wanted = label.map(|(k, v)| format!("{k}=\"{v}\""));
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let (labels, value) = match rest.strip_prefix('{') {
-                Some(r) => r.split_once('}')?,
-                None if rest.starts_with(' ') => ("", rest),
-                None => return None,
-            };
-            if !wanted
-                .as_deref()
-                .is_none_or(|w| labels.split(',').any(|l| l.trim() == w))
-            {
-                return None;
-            }
-            value.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
 pub(crate) const OPENED: &str = "trellis_tcp_connections_opened_total";
 
 /// Proves the two paths are what they claim: a direct connection leaves node-1's ztunnel alone,
@@ -342,53 +302,5 @@ pub(crate) fn check_paths() -> anyhow::Result<()> {
             );
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The pid of the ztunnel running in node namespace `node`.
-pub(crate) fn ztunnel_pid(node: &str) -> anyhow::Result<u32> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", node])
-        .output()
-        .context("running ip netns pids")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip netns pids {node}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ztunnel"))
-        .collect();
-    match pids[..] {
-        [pid] => Ok(pid),
-        [] => bail!("no ztunnel runs in {node}"),
-        _ => bail!("more than one ztunnel runs in {node}: {pids:?}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const PAGE: &str = "\
-# HELP trellis_tcp_connections_opened TCP connections opened
-# TYPE trellis_tcp_connections_opened counter
-trellis_tcp_connections_opened_total{reporter=\"source\",connection_security_policy=\"mutual_tls\"} 3
-trellis_tcp_connections_opened_total{reporter=\"source\",connection_security_policy=\"none\"} 2
-trellis_tcp_connections_opened_totalx 100
-trellis_tcp_sent_bytes_total{reporter=\"source\"} 7
-";
-
-    #[test]
-    fn metric_sum_adds_the_samples_with_the_label() {
-        assert_eq!(metric_sum(PAGE, OPENED, None), 5.0);
-        assert_eq!(
-            metric_sum(PAGE, OPENED, Some(("connection_security_policy", "mutual_tls"))),
-            3.0
-        );
-        assert_eq!(metric_sum(PAGE, OPENED, Some(("reporter", "destination"))), 0.0);
-        assert_eq!(metric_sum("up 1\n", "up", None), 1.0);
     }
 }

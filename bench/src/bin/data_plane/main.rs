@@ -24,6 +24,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use lab::*;
+use trellis_bench::procs::{cpu_while, ztunnel_pid};
 use memory::{pss_kib, rss_kib, sampled};
 use report::{cpu_s_per_gb, cpu_us_per_round_trip, mib, table, verdicts};
 
@@ -222,7 +223,7 @@ fn on_both_paths<T>(
     mut run: impl FnMut(&Route) -> anyhow::Result<T>,
 ) -> anyhow::Result<BothPaths<T>> {
     let direct = run(&DIRECT)?;
-    let (mesh, ztunnel_cpu_s) = cpu_while(pids, || sampled(pids, peak_kib, || run(&MESH)))?;
+    let (mesh, ztunnel_cpu_s) = cpu_while(&pids, || sampled(pids, peak_kib, || run(&MESH)))?;
     Ok(BothPaths {
         runs: [direct, mesh],
         ztunnel_cpu_s,
@@ -266,49 +267,6 @@ fn busy_while<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f6
         result,
         b1.saturating_sub(b0) as f64 / t1.saturating_sub(t0).max(1) as f64,
     ))
-}
-
-/// utime + stime of a /proc/<pid>/stat line (its fields 14 and 15): the clock ticks the process
-/// has run, in user space and in the kernel, over all its threads.
-fn process_ticks(stat: &str) -> Option<u64> {
-    // The command name (field 2) is in parentheses and may hold spaces and parentheses itself:
-    // count from the last ')', after which field 3 comes.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// The clock ticks of `pids` together, since each started.
-fn ticks_of(pids: [u32; 2]) -> anyhow::Result<u64> {
-    let mut ticks = 0;
-    for pid in pids {
-        let path = format!("/proc/{pid}/stat");
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path} (did the ztunnel exit?)"))?;
-        ticks += process_ticks(&stat).with_context(|| format!("{path} has no utime and stime"))?;
-    }
-    Ok(ticks)
-}
-
-/// Clock ticks per second, the unit of /proc/<pid>/stat's times.
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    // It cannot fail for this name on Linux; 100 is USER_HZ on x86 and arm.
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
-    }
-}
-
-/// Runs `f`, and tells how much CPU time the processes `pids` used meanwhile, together, in
-/// seconds.
-fn cpu_while<T>(pids: [u32; 2], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
-    let before = ticks_of(pids)?;
-    let result = f()?;
-    let after = ticks_of(pids)?;
-    Ok((result, after.saturating_sub(before) as f64 / ticks_per_second()))
 }
 
 /// How busy the machine is before the run, sampled for a second.
@@ -388,27 +346,5 @@ mod tests {
         let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
         assert_eq!(cpu_jiffies(stat), Some((150, 1000)));
         assert_eq!(cpu_jiffies("intr 1 2\n"), None);
-    }
-
-    #[test]
-    fn process_ticks_adds_utime_and_stime_even_when_the_name_holds_spaces_and_parentheses() {
-        let stat = "4242 (zt (w) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 1500 250 7 9 20 0 3 0 12345 0 0\n";
-        assert_eq!(process_ticks(stat), Some(1750));
-        assert_eq!(process_ticks("4242 (ztunnel) S 1 4242 4242 0 -1 4194560 900 0\n"), None);
-        assert_eq!(process_ticks("no process here"), None);
-    }
-
-    #[test]
-    fn this_process_has_used_some_cpu_time() {
-        let me = std::process::id();
-        let ((), cpu_s) = cpu_while([me, me], || {
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_millis(100) {
-                std::hint::spin_loop();
-            }
-            Ok(())
-        })
-        .unwrap();
-        assert!(cpu_s > 0.0 && cpu_s < 10.0, "{cpu_s} CPU-s for 2 x 100 ms of spinning");
     }
 }
