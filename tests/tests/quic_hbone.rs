@@ -3,7 +3,10 @@
 //! (node-2's namespace), sends a plain HTTP/3 CONNECT (only `:method` and `:authority`, as RFC
 //! 9114 §4.4 wants) to node-1's ztunnel. With a mesh SVID it reaches the pod, served as the
 //! identity its SNI names; a DENY policy answers 401 exactly as on 15008; an address that is no
-//! workload of the node answers 400; without a certificate the handshake is refused.
+//! workload of the node answers 400; without a certificate the handshake is refused. A hostile
+//! aioquic peer (tests/h3/hostile_quic.py: garbage datagrams, a flood of half-open handshakes, a
+//! request stream stalled inside its HEADERS, streams past the limit) is refused or timed out
+//! while a well-behaved tunnel beside it is still served.
 //!
 //! Addresses (deploy/lab/README.md): nodes 10.1.0.11 and 10.1.0.12; node-1's pod tgt 10.1.1.10.
 
@@ -13,7 +16,9 @@ use std::time::Duration;
 use trellis_e2e::lab::Lab;
 use trellis_e2e::{h3_client_script, h3_python, wait_until};
 use trellis_identity::SpiffeId;
-use trellis_ztunnel::hbone::sni_for;
+use trellis_ztunnel::hbone::http3::RETRY_ABOVE;
+use trellis_ztunnel::hbone::server::SERVER_HANDSHAKE_TIMEOUT;
+use trellis_ztunnel::hbone::{sni_for, MAX_STREAMS};
 
 const TOPOLOGY: &str = r#"
 clusters:
@@ -141,6 +146,86 @@ fn an_independent_http3_client_tunnels_over_quic_with_the_rules_of_15008() {
         log.contains("tunnel denied (401)") && log.contains("HBONE QUIC connection refused"),
         "node-1 logged the denial and the refused handshake:\n{log}"
     );
+}
+
+/// What the hostile aioquic peer (tests/h3/hostile_quic.py) printed after attacking node-1's
+/// 15009 from node-2 in `mode`, with `svid` for its well-behaved tunnel to tgt.
+fn hostile(lab: &Lab, mode: &str, count: usize, svid: &(String, String)) -> serde_json::Value {
+    let tgt = SpiffeId::parse(TGT).expect("an ID");
+    let script = h3_client_script().with_file_name("hostile_quic.py");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.node_ns("east", "node-2")])
+        .arg(h3_python())
+        .arg(script)
+        .arg(mode)
+        .args(["--connect", NODE1_QUIC, "--sni", &sni_for(&tgt), "--authority", TGT_AUTHORITY])
+        .args(["--cert", &svid.0, "--key", &svid.1, "--count", &count.to_string()])
+        .output()
+        .expect("running the hostile aioquic peer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("hostile {mode}: {}", stdout.trim());
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "the hostile peer printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The well-behaved tunnel of a hostile run got its 200 and tgt's answer through it.
+fn served(result: &serde_json::Value, during: &str) {
+    assert_eq!(
+        (&result["tunnel"]["status"], &result["tunnel"]["answered"]),
+        (&serde_json::json!(200), &serde_json::json!(true)),
+        "{during}, a well-behaved tunnel is still answered 200 and carries tgt's answer: {result}"
+    );
+}
+
+#[test]
+fn a_hostile_quic_peer_is_held_off_without_harming_other_tunnels() {
+    let lab = Lab::up("e2equich", TOPOLOGY);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cli = svid_files(&lab, dir.path(), CLI);
+
+    let garbage = hostile(&lab, "garbage", 20_000, &cli);
+    served(&garbage, "after 20,000 garbage datagrams");
+
+    // Half-open handshakes from spoofable sources: past RETRY_ABOVE in flight, a new client
+    // must first echo a Retry token, so the flood holds at most that many handshakes.
+    let flood = hostile(&lab, "handshakes", 300, &cli);
+    served(&flood, "while 300 handshakes that never finish are pending");
+    let retries = flood["answers"]["retry"].as_u64().unwrap_or(0);
+    let initials = flood["answers"]["initial"].as_u64().unwrap_or(0);
+    assert!(
+        retries >= 300 - 2 * RETRY_ABOVE as u64 && initials <= 2 * RETRY_ABOVE as u64,
+        "past {RETRY_ABOVE} pending handshakes the flood gets Retry packets, not handshakes: {flood}"
+    );
+
+    let silent = hostile(&lab, "silent", 0, &cli);
+    served(&silent, "beside a request stream that stalls inside its HEADERS");
+    let stopped = silent["silent_stopped_after"].as_f64();
+    assert!(
+        stopped.is_some_and(|s| s <= SERVER_HANDSHAKE_TIMEOUT.as_secs_f64() + 2.0),
+        "the stalled stream is given up within the handshake timeout ({SERVER_HANDSHAKE_TIMEOUT:?}): {silent}"
+    );
+
+    // A peer that opens streams past the server's limit breaks QUIC (RFC 9000 §4.6): its
+    // connection ends with STREAM_LIMIT_ERROR (0x4); another connection's tunnel carries on.
+    let streams = hostile(&lab, "streams", MAX_STREAMS as usize + 100, &cli);
+    served(&streams, "after another connection broke the stream limit");
+    assert_eq!(
+        streams["stream_limit"],
+        serde_json::json!(MAX_STREAMS),
+        "the server grants MAX_STREAMS tunnels per connection: {streams}"
+    );
+    assert_eq!(
+        streams["flood_closed_with"],
+        serde_json::json!(0x4),
+        "the flooding connection is closed with STREAM_LIMIT_ERROR: {streams}"
+    );
+
+    let log = lab.log("ztunnel-east-node-1");
+    assert!(!log.contains("panicked"), "node-1's ztunnel did not panic:\n{log}");
 }
 
 /// Two clusters on two networks (as in federation_lab.rs): east's client calls `far`, served
