@@ -112,6 +112,48 @@ pub fn ztunnel_pid(node: &str) -> anyhow::Result<u32> {
     }
 }
 
+/// Runs `trellis lab up --name name --bin-dir bin --file file` (`trellis` is `bin/trellis`),
+/// the lab's processes logging at warn; fails with what it printed.
+pub fn lab_up(bin: &std::path::Path, name: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let out = Command::new(bin.join("trellis"))
+        .args(["lab", "up", "--name", name, "--bin-dir"])
+        .arg(bin)
+        .arg("--file")
+        .arg(file)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("trellis lab up")?;
+    if !out.status.success() {
+        bail!(
+            "trellis lab up: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A `netbench server` on 0.0.0.0:9000 in each of `namespaces`, pushed onto `into` as it starts
+/// (so that the caller's clean-up kills those started before a failure).
+pub fn netbench_servers(
+    bin: &std::path::Path,
+    namespaces: &[&str],
+    into: &mut Vec<std::process::Child>,
+) -> anyhow::Result<()> {
+    for ns in namespaces {
+        into.push(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(bin.join("netbench"))
+                .args(["server", "--listen", "0.0.0.0:9000"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("a netbench server")?,
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,17 @@ const ATK: &str = "spiffe://east.trellis.local/ns/mesh/sa/atk";
 const NODE1_QUIC: &str = "10.1.0.11:15009";
 const TGT_AUTHORITY: &str = "10.1.1.10:8080";
 
+/// The JSON line a Python client printed (`who` names it if it printed none).
+fn json_line(out: std::process::Output, who: &str) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{who} printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// What the aioquic client printed: its JSON line.
 fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> serde_json::Value {
     let tgt = SpiffeId::parse(TGT).expect("an ID");
@@ -73,14 +84,7 @@ fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> se
     if let Some((cert, key)) = svid {
         cmd.args(["--cert", cert, "--key", key]);
     }
-    let out = cmd.output().expect("running the aioquic client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "the aioquic client printed no JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    json_line(cmd.output().expect("running the aioquic client"), "the aioquic client")
 }
 
 /// `id`'s SVID from the lab's CA, written as PEM files (chain, key) in `dir`.
@@ -158,18 +162,19 @@ fn hostile(lab: &Lab, mode: &str, count: usize, svid: &(String, String)) -> serd
         .arg(h3_python())
         .arg(script)
         .arg(mode)
-        .args(["--connect", NODE1_QUIC, "--sni", &sni_for(&tgt), "--authority", TGT_AUTHORITY])
+        .args([
+            "--connect",
+            NODE1_QUIC,
+            "--sni",
+            &sni_for(&tgt),
+            "--authority",
+            TGT_AUTHORITY,
+        ])
         .args(["--cert", &svid.0, "--key", &svid.1, "--count", &count.to_string()])
         .output()
         .expect("running the hostile aioquic peer");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("hostile {mode}: {}", stdout.trim());
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "the hostile peer printed no JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    eprintln!("hostile {mode}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    json_line(out, "the hostile peer")
 }
 
 /// The well-behaved tunnel of a hostile run got its 200 and tgt's answer through it.

@@ -12,11 +12,12 @@
 //! `target/release/cross_cluster` once built with the bench profile.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use trellis_bench::procs::{lab_up, netbench_servers};
 
 const LAB: &str = "xbench";
 const TOPOLOGY: &str = "\
@@ -95,32 +96,8 @@ fn main() -> anyhow::Result<()> {
         trellis: bin.join("trellis"),
         servers: Vec::new(),
     };
-    let out = Command::new(&lab.trellis)
-        .args(["lab", "up", "--name", LAB, "--bin-dir"])
-        .arg(&bin)
-        .arg("--file")
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .context("trellis lab up")?;
-    if !out.status.success() {
-        bail!(
-            "trellis lab up: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    for ns in SERVERS {
-        lab.servers.push(
-            Command::new("ip")
-                .args(["netns", "exec", ns])
-                .arg(bin.join("netbench"))
-                .args(["server", "--listen", "0.0.0.0:9000"])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("a netbench server")?,
-        );
-    }
+    lab_up(&bin, LAB, &file)?;
+    netbench_servers(&bin, &SERVERS, &mut lab.servers)?;
     // Both paths answer before anything is measured.
     for to in [NEAR, FAR] {
         let mut tries = 0;

@@ -15,12 +15,12 @@
 //! Run as root: `bash bench/run.sh transport`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use trellis_bench::procs::{cpu_while, in_netns, metric_sum, ztunnel_pid};
+use trellis_bench::procs::{cpu_while, in_netns, lab_up, metric_sum, netbench_servers, ztunnel_pid};
 
 const LAB: &str = "tbench";
 /// The lab; `quic` (`TRANSPORT_QUIC_ARGS`, words) is appended to every QUIC ztunnel's flags, to
@@ -224,7 +224,10 @@ fn underlay(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
-        bail!("{args:?} in {UNDERLAY}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{args:?} in {UNDERLAY}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -241,14 +244,25 @@ fn shape(lab: &mut Lab, bin: &Path, link: Link) -> anyhow::Result<()> {
         return underlay(&["ip", "link", "set", WEST_PORT, "master", WAN_BRIDGE]);
     };
     underlay(&["ip", "link", "set", WEST_PORT, "nomaster"])?;
-    underlay(&["ip", "link", "add", SHAPED[0], "type", "veth", "peer", "name", SHAPED[1]])?;
+    underlay(&[
+        "ip", "link", "add", SHAPED[0], "type", "veth", "peer", "name", SHAPED[1],
+    ])?;
     underlay(&["ip", "link", "set", SHAPED[1], "master", WAN_BRIDGE, "up"])?;
     underlay(&["ip", "link", "set", SHAPED[0], "up"])?;
     lab.wanem = Some(
         Command::new("ip")
             .args(["netns", "exec", UNDERLAY])
             .arg(bin.join("wanem"))
-            .args(["--a", WEST_PORT, "--b", SHAPED[0], "--delay-ms", delay, "--loss-percent", loss])
+            .args([
+                "--a",
+                WEST_PORT,
+                "--b",
+                SHAPED[0],
+                "--delay-ms",
+                delay,
+                "--loss-percent",
+                loss,
+            ])
             .spawn()
             .context("starting wanem")?,
     );
@@ -269,7 +283,11 @@ fn tunnels_over(node: &str, transport: &str) -> anyhow::Result<f64> {
     let page = scrape(node)?;
     Ok(page
         .lines()
-        .filter(|l| l.starts_with(TUNNELS) && l.contains("reporter=\"source\"") && l.contains(&format!("transport=\"{transport}\"")))
+        .filter(|l| {
+            l.starts_with(TUNNELS)
+                && l.contains("reporter=\"source\"")
+                && l.contains(&format!("transport=\"{transport}\""))
+        })
         .map(|l| metric_sum(l, TUNNELS, None))
         .sum())
 }
@@ -319,38 +337,17 @@ fn main() -> anyhow::Result<()> {
         .to_path_buf();
     let work = tempfile::tempdir()?;
     let file = work.path().join("topology.yaml");
-    std::fs::write(&file, topology(&std::env::var("TRANSPORT_QUIC_ARGS").unwrap_or_default()))?;
+    std::fs::write(
+        &file,
+        topology(&std::env::var("TRANSPORT_QUIC_ARGS").unwrap_or_default()),
+    )?;
     let mut lab = Lab {
         trellis: bin.join("trellis"),
         servers: Vec::new(),
         wanem: None,
     };
-    let out = Command::new(&lab.trellis)
-        .args(["lab", "up", "--name", LAB, "--bin-dir"])
-        .arg(&bin)
-        .arg("--file")
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .context("trellis lab up")?;
-    if !out.status.success() {
-        bail!(
-            "trellis lab up: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    for ns in SERVERS {
-        lab.servers.push(
-            Command::new("ip")
-                .args(["netns", "exec", ns])
-                .arg(bin.join("netbench"))
-                .args(["server", "--listen", "0.0.0.0:9000"])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("a netbench server")?,
-        );
-    }
+    lab_up(&bin, LAB, &file)?;
+    netbench_servers(&bin, &SERVERS, &mut lab.servers)?;
     // Every route answers before anything is measured.
     for route in &ROUTES {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -374,7 +371,9 @@ fn main() -> anyhow::Result<()> {
     shape(&mut lab, &bin, Link::Clean)?;
     let mut clean = Vec::new();
     for route in &ROUTES {
-        let (tp, cpu_s) = cpu_while(&pids(route)?, || netbench::<Throughput>(&bin, route, &["throughput", "--seconds", "10"]))?;
+        let (tp, cpu_s) = cpu_while(&pids(route)?, || {
+            netbench::<Throughput>(&bin, route, &["throughput", "--seconds", "10"])
+        })?;
         let lat = netbench::<Latency>(&bin, route, &["latency", "--count", "5000", "--warmup", "500"])?;
         let conn = netbench::<Connrate>(&bin, route, &["connrate", "--seconds", "10", "--workers", "1"])?;
         clean.push((tp, cpu_s, lat, conn));
@@ -409,7 +408,11 @@ fn main() -> anyhow::Result<()> {
     let connections = CONCURRENT.to_string();
     for route in &ROUTES {
         // A short warm-up, so that every route's connections are pooled before it counts.
-        netbench::<Pingpong>(&bin, route, &["pingpong", "--seconds", "2", "--connections", &connections])?;
+        netbench::<Pingpong>(
+            &bin,
+            route,
+            &["pingpong", "--seconds", "2", "--connections", &connections],
+        )?;
         lossy.push(netbench::<Pingpong>(
             &bin,
             route,
@@ -486,8 +489,16 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  lossy: no HTTP/3 tunnel starved (fewest rounds >= half the mean): {}; HTTP/2 {}, BBR {}",
         verdict(!starved(&lossy[H3])),
-        if starved(&lossy[H2]) { "starved one" } else { "none starved" },
-        if starved(&lossy[BBR]) { "starved one" } else { "none starved" }
+        if starved(&lossy[H2]) {
+            "starved one"
+        } else {
+            "none starved"
+        },
+        if starved(&lossy[BBR]) {
+            "starved one"
+        } else {
+            "none starved"
+        }
     );
     println!(
         "  long fat: one HTTP/3 tunnel {long:.2}x direct TCP (target >= 0.8): {}; BBR {long_bbr:.2}x, HTTP/2 {:.2}x",

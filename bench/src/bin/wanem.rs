@@ -66,8 +66,12 @@ fn main() -> anyhow::Result<()> {
     std::thread::scope(|s| {
         let ab = s.spawn(|| direction(&a, &b, delay, drop_below, cli.limit, 0x9e37_79b9));
         let ba = s.spawn(|| direction(&b, &a, delay, drop_below, cli.limit, 0x85eb_ca6b));
-        let first = ab.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a relay thread panicked")));
-        let second = ba.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a relay thread panicked")));
+        let first = ab
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a relay thread panicked")));
+        let second = ba
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a relay thread panicked")));
         first.and(second)
     })
 }
@@ -131,7 +135,14 @@ unsafe fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_i
 
 /// Frames from `from` to `to`: read, maybe dropped, held until `delay` after they were read,
 /// written. The writer is a thread of its own, so reading never waits on a held frame.
-fn direction(from: &OwnedFd, to: &OwnedFd, delay: Duration, drop_below: u32, limit: usize, seed: u32) -> anyhow::Result<()> {
+fn direction(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    delay: Duration,
+    drop_below: u32,
+    limit: usize,
+    seed: u32,
+) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(limit);
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> anyhow::Result<()> {

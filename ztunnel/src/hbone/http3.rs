@@ -166,7 +166,14 @@ pub fn size_socket(socket: &std::net::UdpSocket, asked: usize, role: &'static st
             "the kernel capped the QUIC socket's buffers: fast or long links will drop datagrams; raise net.core.rmem_max and net.core.wmem_max to at least {asked}, or run ztunnel with CAP_NET_ADMIN"
         );
     } else {
-        tracing::info!(role, receive = got.receive, send = got.send, gso_segments = batching.0, gro_segments = batching.1, "QUIC socket sized");
+        tracing::info!(
+            role,
+            receive = got.receive,
+            send = got.send,
+            gso_segments = batching.0,
+            gro_segments = batching.1,
+            "QUIC socket sized"
+        );
     }
     got
 }
@@ -176,7 +183,9 @@ pub fn size_socket(socket: &std::net::UdpSocket, asked: usize, role: &'static st
 pub fn transport(tuning: QuicTuning) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     match tuning.congestion {
-        Congestion::Cubic => transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Cubic => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
         Congestion::Bbr => transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
     };
     if tuning.ack_threshold.is_some() || tuning.max_ack_delay.is_some() {
@@ -488,10 +497,13 @@ impl Reply for H3Reply {
 
     fn open(mut self) -> BoxFuture<'static, io::Result<(TaskSend, H3Recv)>> {
         Box::pin(async move {
-            tokio::time::timeout(SERVER_HANDSHAKE_TIMEOUT, self.stream.send_response(status_only(StatusCode::OK)))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client took no answer in time"))?
-                .map_err(h3_io)?;
+            tokio::time::timeout(
+                SERVER_HANDSHAKE_TIMEOUT,
+                self.stream.send_response(status_only(StatusCode::OK)),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client took no answer in time"))?
+            .map_err(h3_io)?;
             let (send, recv) = self.stream.split();
             Ok((TaskSend::spawn(send), H3Recv(recv)))
         })
@@ -849,8 +861,12 @@ async fn follow_uni(mut recv: quinn::RecvStream, node: SocketAddr, goaway: Arc<s
     let mut sink = [0u8; 4096];
     if read_varint(&mut recv).await == Some(h3wire::CONTROL_STREAM) {
         loop {
-            let Some(kind) = read_varint(&mut recv).await else { return };
-            let Some(mut left) = read_varint(&mut recv).await else { return };
+            let Some(kind) = read_varint(&mut recv).await else {
+                return;
+            };
+            let Some(mut left) = read_varint(&mut recv).await else {
+                return;
+            };
             if kind == h3wire::GOAWAY && !goaway.swap(true, Ordering::AcqRel) {
                 tracing::debug!(%node, "HBONE QUIC server sent GOAWAY: no new tunnels on this connection");
             }
@@ -880,7 +896,8 @@ impl Drop for Http3Connection {
     fn drop(&mut self) {
         // The connection's task holds a handle too; without this it would live on to its idle
         // timeout with no tunnel to carry.
-        self.quic.close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"not needed");
+        self.quic
+            .close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"not needed");
     }
 }
 

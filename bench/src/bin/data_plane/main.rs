@@ -24,9 +24,9 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use lab::*;
-use trellis_bench::procs::{cpu_while, ztunnel_pid};
 use memory::{pss_kib, rss_kib, sampled};
 use report::{cpu_s_per_gb, cpu_us_per_round_trip, mib, table, verdicts};
+use trellis_bench::procs::{cpu_while, ztunnel_pid};
 
 const SECONDS: u64 = 10;
 const LATENCY_ROUNDS: usize = 20_000;
