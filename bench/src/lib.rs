@@ -2,6 +2,7 @@
 //! subscribed to its config stream, and the small measuring helpers.
 
 pub mod procs;
+pub mod results;
 
 use std::net::SocketAddr;
 use std::path::Path;

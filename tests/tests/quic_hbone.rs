@@ -58,13 +58,14 @@ fn json_line(out: std::process::Output, who: &str) -> serde_json::Value {
     })
 }
 
-/// What the aioquic client printed: its JSON line.
-fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> serde_json::Value {
+/// An aioquic `script` run where another node's proxy would (node-2's namespace), aimed at
+/// node-1's 15009 with the SNI that names tgt, for a tunnel to `authority`.
+fn aioquic(lab: &Lab, script: std::path::PathBuf, authority: &str) -> Command {
     let tgt = SpiffeId::parse(TGT).expect("an ID");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &lab.node_ns("east", "node-2")])
         .arg(h3_python())
-        .arg(h3_client_script())
+        .arg(script)
         .args([
             "--connect",
             NODE1_QUIC,
@@ -72,15 +73,21 @@ fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> se
             &sni_for(&tgt),
             "--authority",
             authority,
-        ])
-        .args([
-            "--baggage",
-            "k8s.cluster.name=east,k8s.namespace.name=mesh,k8s.deployment.name=cli",
-        ])
-        .args([
-            "--send",
-            "GET / HTTP/1.1\\r\\nHost: tgt\\r\\nConnection: close\\r\\n\\r\\n",
         ]);
+    cmd
+}
+
+/// What the aioquic client printed: its JSON line.
+fn h3_connect(lab: &Lab, svid: Option<&(String, String)>, authority: &str) -> serde_json::Value {
+    let mut cmd = aioquic(lab, h3_client_script(), authority);
+    cmd.args([
+        "--baggage",
+        "k8s.cluster.name=east,k8s.namespace.name=mesh,k8s.deployment.name=cli",
+    ])
+    .args([
+        "--send",
+        "GET / HTTP/1.1\\r\\nHost: tgt\\r\\nConnection: close\\r\\n\\r\\n",
+    ]);
     if let Some((cert, key)) = svid {
         cmd.args(["--cert", cert, "--key", key]);
     }
@@ -155,21 +162,8 @@ fn an_independent_http3_client_tunnels_over_quic_with_the_rules_of_15008() {
 /// What the hostile aioquic peer (tests/h3/hostile_quic.py) printed after attacking node-1's
 /// 15009 from node-2 in `mode`, with `svid` for its well-behaved tunnel to tgt.
 fn hostile(lab: &Lab, mode: &str, count: usize, svid: &(String, String)) -> serde_json::Value {
-    let tgt = SpiffeId::parse(TGT).expect("an ID");
-    let script = h3_client_script().with_file_name("hostile_quic.py");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.node_ns("east", "node-2")])
-        .arg(h3_python())
-        .arg(script)
+    let out = aioquic(lab, h3_client_script().with_file_name("hostile_quic.py"), TGT_AUTHORITY)
         .arg(mode)
-        .args([
-            "--connect",
-            NODE1_QUIC,
-            "--sni",
-            &sni_for(&tgt),
-            "--authority",
-            TGT_AUTHORITY,
-        ])
         .args(["--cert", &svid.0, "--key", &svid.1, "--count", &count.to_string()])
         .output()
         .expect("running the hostile aioquic peer");

@@ -153,7 +153,8 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         Duration::from_millis(config.connect_timeout_ms),
     );
     proxy.links.set_policy(config.transport_policy());
-    proxy.pool.set_quic_tuning(config.quic_tuning());
+    let quic_tuning = config.quic_tuning();
+    proxy.pool.set_quic_tuning(quic_tuning);
     tokio::spawn(apply_config(
         config.clone(),
         applied_rx,
@@ -179,7 +180,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             gateway.clone(),
             proxy.drain.watch(),
             bundles.clone(),
-            config.quic_tuning(),
+            quic_tuning,
         ));
         tokio::spawn(hbone_server::serve(
             hbone_listener,
@@ -198,7 +199,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             inbound.clone(),
             proxy.drain.watch(),
             bundles.clone(),
-            config.quic_tuning(),
+            quic_tuning,
         ));
         tokio::spawn(hbone_server::serve(
             hbone_listener,

@@ -16,8 +16,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
 use trellis_bench::procs::{lab_up, netbench_servers};
+use trellis_bench::results::{self, Connrate, Latency};
 
 const LAB: &str = "xbench";
 const TOPOLOGY: &str = "\
@@ -41,18 +41,6 @@ const NEAR: &str = "10.101.0.10:9000";
 const FAR: &str = "10.101.0.11:9000";
 const SERVERS: [&str; 2] = ["tl-xbench-east-mesh-near", "tl-xbench-west-mesh-far"];
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Latency {
-    p50_us: f64,
-    p99_us: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Connrate {
-    per_second: f64,
-    errors: u64,
-}
-
 struct Lab {
     trellis: PathBuf,
     servers: Vec<Child>,
@@ -71,17 +59,7 @@ impl Drop for Lab {
 }
 
 fn netbench<T: serde::de::DeserializeOwned>(bin: &Path, args: &[&str]) -> anyhow::Result<T> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", CLIENT])
-        .arg(bin.join("netbench"))
-        .args(args)
-        .output()
-        .context("running netbench")?;
-    if !out.status.success() {
-        bail!("netbench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("netbench {args:?} printed {:?}", String::from_utf8_lossy(&out.stdout)))
+    Ok(results::netbench(bin, CLIENT, args)?.0)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -19,8 +19,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
 use trellis_bench::procs::{cpu_while, in_netns, lab_up, metric_sum, netbench_servers, ztunnel_pid};
+use trellis_bench::results::{self, Connrate, Latency, Pingpong, Throughput};
 
 const LAB: &str = "tbench";
 /// The lab; `quic` (`TRANSPORT_QUIC_ARGS`, words) is appended to every QUIC ztunnel's flags, to
@@ -118,35 +118,6 @@ const H2: usize = 1;
 const H3: usize = 2;
 const BBR: usize = 3;
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Throughput {
-    bytes: u64,
-    gbps: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Latency {
-    p50_us: f64,
-    p99_us: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Connrate {
-    per_second: f64,
-    errors: u64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Pingpong {
-    round_trips: u64,
-    per_second: f64,
-    errors: u64,
-    p50_us: f64,
-    p99_us: f64,
-    fewest: u64,
-    most: u64,
-}
-
 /// The link between the two clusters' networks, as `wanem` shapes it.
 #[derive(Debug, Clone, Copy)]
 enum Link {
@@ -187,27 +158,9 @@ impl Drop for Lab {
 }
 
 fn netbench<T: serde::de::DeserializeOwned>(bin: &Path, route: &Route, args: &[&str]) -> anyhow::Result<T> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", route.client])
-        .arg(bin.join("netbench"))
-        .args(args)
-        .args(["--to", route.to])
-        .output()
-        .context("running netbench")?;
-    if !out.status.success() {
-        bail!(
-            "netbench {args:?} over {}: {}",
-            route.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "netbench {args:?} over {} printed {:?}",
-            route.name,
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    let args = [args, &["--to", route.to]].concat();
+    let (parsed, _) = results::netbench(bin, route.client, &args).with_context(|| format!("over {}", route.name))?;
+    Ok(parsed)
 }
 
 /// The lab's underlay namespace, its wan bridge, and west gateway's port on it.

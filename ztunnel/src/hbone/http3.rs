@@ -367,8 +367,10 @@ async fn established(
     })
 }
 
-/// HTTP/3's H3_NO_ERROR, the code of a clean close.
-const H3_NO_ERROR: u32 = 0x100;
+/// HTTP/3's H3_NO_ERROR as a QUIC close code: a clean close.
+fn no_error() -> VarInt {
+    VarInt::from_u32(h3wire::H3_NO_ERROR as u32)
+}
 
 /// How long a connection whose last tunnel ended stays open before the server closes it, so
 /// that the tunnels' last bytes are acknowledged (a close abandons what is unacknowledged);
@@ -397,7 +399,7 @@ async fn run<H: Handler>(conn: Established, handler: Arc<H>, mut drain: watch::R
     let mut expired = false;
     let tunnels = Arc::new(());
     let mut closing = false;
-    let close = |why: &str| quic.close(VarInt::from_u32(H3_NO_ERROR), why.as_bytes());
+    let close = |why: &str| quic.close(no_error(), why.as_bytes());
     loop {
         let open = Arc::strong_count(&tunnels) - 1;
         if closing && open == 0 {
@@ -896,8 +898,7 @@ impl Drop for Http3Connection {
     fn drop(&mut self) {
         // The connection's task holds a handle too; without this it would live on to its idle
         // timeout with no tunnel to carry.
-        self.quic
-            .close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"not needed");
+        self.quic.close(no_error(), b"not needed");
     }
 }
 
@@ -1020,8 +1021,7 @@ impl super::tunnel::Connection for Http3Connection {
 
     fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.quic
-            .close(VarInt::from_u32(h3wire::H3_NO_ERROR as u32), b"unresponsive");
+        self.quic.close(no_error(), b"unresponsive");
     }
 }
 

@@ -211,37 +211,18 @@ pub(crate) fn start_relays(bin: &Path) -> anyhow::Result<Servers> {
 /// Runs one netbench client in `path`'s client pod and parses the JSON it prints.
 pub(crate) fn netbench<T: serde::de::DeserializeOwned>(bin: &Path, path: &Route, args: &[&str]) -> anyhow::Result<T> {
     check_interrupted()?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", path.client_netns])
-        .arg(bin.join("netbench"))
-        .args(args)
-        .args(["--to", path.server])
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running netbench {} in {}", args.join(" "), path.client_netns))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        check_interrupted()?;
-        bail!(
-            "netbench {} --to {} ({}) failed ({}): {}",
-            args.join(" "),
-            path.server,
-            path.name,
-            out.status,
-            stderr.trim()
-        );
-    }
+    let args = [args, &["--to", path.server]].concat();
+    let (parsed, stderr) = match trellis_bench::results::netbench(bin, path.client_netns, &args) {
+        Ok(done) => done,
+        Err(e) => {
+            check_interrupted()?;
+            return Err(e.context(format!("over the {} path", path.name)));
+        }
+    };
     for line in stderr.lines() {
         println!("    {}: {line}", path.name);
     }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "netbench {} printed {:?}, not the expected JSON",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    Ok(parsed)
 }
 
 /// One connection-rate exchange from `path`'s client pod: 64 bytes each way, then the close.

@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
 
 use lab::*;
 use memory::{pss_kib, rss_kib, sampled};
 use report::{cpu_s_per_gb, cpu_us_per_round_trip, mib, table, verdicts};
 use trellis_bench::procs::{cpu_while, ztunnel_pid};
+use trellis_bench::results::{Connrate, Latency, Pingpong, Throughput};
 
 const SECONDS: u64 = 10;
 const LATENCY_ROUNDS: usize = 20_000;
@@ -57,32 +57,6 @@ fn check_interrupted() -> anyhow::Result<()> {
         bail!("interrupted");
     }
     Ok(())
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Throughput {
-    gbps: f64,
-    /// Counted by the server.
-    bytes: u64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Latency {
-    p50_us: f64,
-    p99_us: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Pingpong {
-    round_trips: u64,
-    per_second: f64,
-    errors: u64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Connrate {
-    per_second: f64,
-    errors: u64,
 }
 
 /// Everything one run measured: pairs are [direct, mesh].

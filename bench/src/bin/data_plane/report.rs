@@ -198,6 +198,10 @@ mod tests {
             round_trips: (per_second * 10.0) as u64,
             per_second,
             errors: 0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            fewest: 0,
+            most: 0,
         }
     }
 
