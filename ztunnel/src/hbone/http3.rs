@@ -705,11 +705,13 @@ fn h3_io(e: StreamError) -> io::Error {
 /// below [`QUIC_IDLE_TIMEOUT`] and below the 30 s UDP timeouts common in NATs and firewalls.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
-/// Dials HBONE-over-QUIC connections from one client endpoint (one UDP socket, marked like every
-/// socket ztunnel opens, so that host-mode capture lets it pass).
+/// Dials HBONE-over-QUIC connections from one client endpoint per address family (one UDP
+/// socket each, bound when first needed, marked like every socket ztunnel opens, so that
+/// host-mode capture lets it pass).
 #[derive(Default)]
 pub struct Http3 {
-    endpoint: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
+    /// IPv4's and IPv6's.
+    endpoints: [std::sync::OnceLock<Result<quinn::Endpoint, String>>; 2],
     tuning: std::sync::Mutex<QuicTuning>,
 }
 
@@ -723,25 +725,36 @@ impl Http3 {
         *self.tuning.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn endpoint(&self) -> Result<quinn::Endpoint, String> {
-        self.endpoint
-            .get_or_init(|| {
-                let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
-                    .map_err(|e| format!("binding the QUIC client socket: {e}"))?;
-                let _ = socket2::SockRef::from(&socket).set_mark(super::SOCKET_MARK);
-                size_socket(&socket, self.tuning().socket_buffer, "client");
-                socket
-                    .set_nonblocking(true)
-                    .map_err(|e| format!("QUIC client socket: {e}"))?;
-                quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-                .map_err(|e| format!("QUIC client endpoint: {e}"))
-            })
-            .clone()
+    /// The endpoint that dials `node`'s address family.
+    fn endpoint(&self, node: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let (slot, any) = if node.is_ipv4() {
+            (
+                &self.endpoints[0],
+                std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            )
+        } else {
+            (
+                &self.endpoints[1],
+                std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            )
+        };
+        slot.get_or_init(|| {
+            let socket = std::net::UdpSocket::bind((any, 0))
+                .map_err(|e| format!("binding the QUIC client socket ({any}): {e}"))?;
+            let _ = socket2::SockRef::from(&socket).set_mark(super::SOCKET_MARK);
+            size_socket(&socket, self.tuning().socket_buffer, "client");
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("QUIC client socket: {e}"))?;
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| format!("QUIC client endpoint: {e}"))
+        })
+        .clone()
     }
 }
 
@@ -753,7 +766,7 @@ impl super::tunnel::Transport for Http3 {
         tls: Arc<rustls::ClientConfig>,
         trusted: BundleSet,
     ) -> BoxFuture<'static, Result<Arc<dyn super::tunnel::Connection>, OpenError>> {
-        let endpoint = self.endpoint();
+        let endpoint = self.endpoint(node);
         let tuning = self.tuning();
         Box::pin(async move {
             let fail = |e: String| OpenError::Tls(node, io::Error::other(e));
@@ -1179,5 +1192,40 @@ mod tests {
         assert!(!needs_retry(false, RETRY_ABOVE - 1));
         assert!(needs_retry(false, RETRY_ABOVE), "a busy one: Retry first");
         assert!(!needs_retry(true, RETRY_ABOVE * 10), "an echoed token is proof enough");
+    }
+
+    /// The first Initial the client sends toward a UDP socket bound at `listen` comes from the
+    /// same address family: the client dials IPv4 and IPv6 nodes alike.
+    async fn dials(listen: &str) -> SocketAddr {
+        use super::super::tunnel::Transport;
+        let far = tokio::net::UdpSocket::bind(listen)
+            .await
+            .expect("a UDP socket on loopback");
+        let to = far.local_addr().expect("its address");
+        let mut tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let client = Http3::default();
+        let name = rustls::pki_types::ServerName::try_from("node.example").expect("a name");
+        let dial = client.connect(to, name, Arc::new(tls), BundleSet::default());
+        let dial = tokio::spawn(dial);
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), far.recv_from(&mut buf))
+            .await
+            .expect("an Initial within 5 s")
+            .expect("a datagram");
+        dial.abort();
+        assert!(
+            n >= 1200 && buf[0] & 0xf0 == 0xc0,
+            "a QUIC v1 Initial, padded to 1200 bytes: {n} bytes"
+        );
+        from
+    }
+
+    #[tokio::test]
+    async fn the_client_dials_ipv4_and_ipv6_nodes() {
+        assert!(dials("127.0.0.1:0").await.is_ipv4());
+        assert!(dials("[::1]:0").await.is_ipv6());
     }
 }
