@@ -241,7 +241,10 @@ fn hyper_reason(e: &hyper::Error) -> String {
         }
         source = s.source();
     }
-    if e.is_incomplete_message() {
+    // hyper says "canceled" when the connection closed before the request was even sent, and
+    // "incomplete message" when it closed mid-response: for the caller both are a close with
+    // no response.
+    if e.is_incomplete_message() || e.is_canceled() {
         return "connection closed before the response".into();
     }
     e.to_string()

@@ -27,6 +27,7 @@ use crate::hbone::server::{self as hbone_server, LocalCerts};
 use crate::limits::Limited;
 use crate::metrics::{IdentityLabels, Metrics};
 use crate::proxy::{gateway::Gateway, inbound::Inbound, inbound_plain, outbound, Proxy};
+use crate::shard;
 use crate::state::ProxyState;
 use crate::static_config;
 
@@ -49,12 +50,14 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the {what} listener on {addr}"))
     };
-    let hbone_listener = bind(config.hbone_listen, "HBONE").await?;
+    // The data plane's listeners, one of each per shard (see `shard`).
+    let shards = config.worker_threads;
+    let hbone_listeners = shard::bind_all(config.hbone_listen, shards, "HBONE")?;
     let quic_socket = std::net::UdpSocket::bind(config.quic_listen)
         .with_context(|| format!("binding the HBONE-over-QUIC socket on {} (UDP)", config.quic_listen))?;
     quic_socket.set_nonblocking(true)?;
-    let outbound_listener = bind(config.outbound_listen, "outbound capture").await?;
-    let plain_listener = bind(config.inbound_plain_listen, "inbound plaintext capture").await?;
+    let outbound_listeners = shard::bind_all(config.outbound_listen, shards, "outbound capture")?;
+    let plain_listeners = shard::bind_all(config.inbound_plain_listen, shards, "inbound plaintext capture")?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
     let ready_listener = bind(config.readiness_listen, "readiness").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
@@ -154,7 +157,7 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     );
     proxy.links.set_policy(config.transport_policy());
     let quic_tuning = config.quic_tuning();
-    proxy.pool.set_quic_tuning(quic_tuning);
+    proxy.set_quic_tuning(quic_tuning);
     tokio::spawn(apply_config(
         config.clone(),
         applied_rx,
@@ -171,47 +174,31 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let server_tls = hbone_server::tls_config(local.clone(), bundles.clone());
     let tunnel_limits = config.tunnel_limits().fitted(trellis_identity::limits::nofile_limit());
     tracing::info!(?tunnel_limits, "inbound tunnel limits");
+    let data_plane = DataPlane {
+        proxy: proxy.clone(),
+        server_tls,
+        local,
+        bundles: bundles.clone(),
+        quic_socket,
+        quic_tuning,
+        listeners: hbone_listeners
+            .into_iter()
+            .zip(outbound_listeners)
+            .zip(plain_listeners)
+            .map(|((h, o), p)| [h, o, p])
+            .collect(),
+    };
     if config.gateway {
-        let gateway = Arc::new(Limited::new(Arc::new(Gateway { proxy: proxy.clone() }), tunnel_limits));
-        tokio::spawn(http3::serve(
-            quic_socket,
-            server_tls.clone(),
-            local.clone(),
-            gateway.clone(),
-            proxy.drain.watch(),
-            bundles.clone(),
-            quic_tuning,
-        ));
-        tokio::spawn(hbone_server::serve(
-            hbone_listener,
-            server_tls,
-            local,
-            gateway,
-            proxy.drain.watch(),
-            bundles.clone(),
-        ));
+        data_plane.start(Arc::new(Limited::new(
+            Arc::new(Gateway { proxy: proxy.clone() }),
+            tunnel_limits,
+        )))?;
     } else {
-        let inbound = Arc::new(Limited::new(Arc::new(Inbound { proxy: proxy.clone() }), tunnel_limits));
-        tokio::spawn(http3::serve(
-            quic_socket,
-            server_tls.clone(),
-            local.clone(),
-            inbound.clone(),
-            proxy.drain.watch(),
-            bundles.clone(),
-            quic_tuning,
-        ));
-        tokio::spawn(hbone_server::serve(
-            hbone_listener,
-            server_tls,
-            local,
-            inbound,
-            proxy.drain.watch(),
-            bundles.clone(),
-        ));
+        data_plane.start(Arc::new(Limited::new(
+            Arc::new(Inbound { proxy: proxy.clone() }),
+            tunnel_limits,
+        )))?;
     }
-    tokio::spawn(outbound::serve(outbound_listener, proxy.clone()));
-    tokio::spawn(inbound_plain::serve(plain_listener, proxy.clone()));
     tokio::spawn(admin::serve(
         admin_listener,
         admin_route(&config, proxy.clone(), ready.clone(), log),
@@ -225,6 +212,64 @@ pub async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let left = proxy.drain.drain(grace).await;
     tracing::info!(left_open = left, "drained; exiting");
     Ok(())
+}
+
+/// The data plane's sockets and what its servers share, before they start.
+struct DataPlane {
+    proxy: Arc<Proxy>,
+    server_tls: Arc<rustls::ServerConfig>,
+    local: Arc<LocalCerts>,
+    bundles: BundleSet,
+    quic_socket: std::net::UdpSocket,
+    quic_tuning: http3::QuicTuning,
+    /// Per shard: the HBONE, outbound capture and inbound plaintext listeners.
+    listeners: Vec<[std::net::TcpListener; 3]>,
+}
+
+impl DataPlane {
+    /// Starts the QUIC server on this (the main) runtime and one shard per listener set, with
+    /// `handler` answering tunnels on both transports.
+    fn start<H: hbone_server::Handler>(self, handler: Arc<H>) -> anyhow::Result<()> {
+        let Self {
+            proxy,
+            server_tls,
+            local,
+            bundles,
+            quic_socket,
+            quic_tuning,
+            listeners,
+        } = self;
+        tokio::spawn(http3::serve(
+            quic_socket,
+            server_tls.clone(),
+            local.clone(),
+            handler.clone(),
+            proxy.drain.watch(),
+            bundles.clone(),
+            quic_tuning,
+        ));
+        // One admission gate for 15008 across the shards: its per-source limits hold per node.
+        let gate = hbone_server::gate();
+        for (index, [hbone, outbound, plain]) in listeners.into_iter().enumerate() {
+            let (proxy, gate, handler) = (proxy.clone(), gate.clone(), handler.clone());
+            let (server_tls, local, bundles) = (server_tls.clone(), local.clone(), bundles.clone());
+            shard::spawn(index, move || async move {
+                let (hbone, outbound, plain) = (
+                    TcpListener::from_std(hbone)?,
+                    TcpListener::from_std(outbound)?,
+                    TcpListener::from_std(plain)?,
+                );
+                let drain = proxy.drain.watch();
+                tokio::join!(
+                    hbone_server::serve_gated(hbone, gate, server_tls, local, handler, drain, bundles),
+                    outbound::serve(outbound, proxy.clone()),
+                    inbound_plain::serve(plain, proxy.clone()),
+                );
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Identities from `--identity-file`s, for a host with no CA to ask: served as they are, never
@@ -536,9 +581,8 @@ fn config_dump(config: &serde_json::Value, proxy: &Proxy) -> serde_json::Value {
         })
         .collect();
     let pool: Vec<_> = proxy
-        .pool
-        .snapshot()
-        .into_iter()
+        .pools()
+        .flat_map(|pool| pool.snapshot())
         .map(|(k, conns, streams)| json!({"source": k.source.to_string(), "node": k.node, "destination": k.destination.to_string(), "connections": conns, "tunnels": streams}))
         .collect();
     json!({

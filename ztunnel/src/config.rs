@@ -98,7 +98,8 @@ pub struct Config {
     /// Admin endpoint (config dump, certificates, log level); loopback only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
-    /// Data-plane worker threads.
+    /// Data-plane threads (shards): each accepts and carries its own share of the connections
+    /// on a single-threaded runtime, with its own HBONE connection pool.
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
     /// Most inbound tunnels (15008 CONNECTs) this node carries at once; beyond, 503. Lowered
@@ -206,6 +207,13 @@ impl Config {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=crate::shard::MAX).contains(&self.worker_threads) {
+            return Err(format!(
+                "--worker-threads {} is out of range: 1 to {} data-plane threads",
+                self.worker_threads,
+                crate::shard::MAX
+            ));
+        }
         if !self.identity_files.is_empty() && self.config_file.is_none() {
             return Err(
                 "--identity-file needs --config-file: without a control plane the config comes from a file too".into(),

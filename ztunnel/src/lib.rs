@@ -19,6 +19,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod shard;
 pub mod state;
 pub mod static_config;
 pub mod trust;

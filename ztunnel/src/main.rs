@@ -41,8 +41,9 @@ fn main() -> anyhow::Result<()> {
         Ok(nofile) => tracing::info!(nofile, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+    // The control tasks and the QUIC server run here; the TCP data plane runs on
+    // `--worker-threads` shards of its own (trellis_ztunnel::shard).
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(trellis_ztunnel::app::run(config, log))

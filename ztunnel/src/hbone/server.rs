@@ -205,7 +205,25 @@ pub async fn serve<H: Handler>(
     drain: watch::Receiver<bool>,
     trusted: BundleSet,
 ) {
-    let gate = Gate::new(Limits::HBONE.fitted(nofile_limit(), 2));
+    serve_gated(listener, gate(), config, local, handler, drain, trusted).await
+}
+
+/// The admission gate of 15008: connection and handshake limits, per source and in all.
+pub fn gate() -> Gate {
+    Gate::new(Limits::HBONE.fitted(nofile_limit(), 2))
+}
+
+/// [`serve`] admitting connections through `gate`, which listeners on the same port (one per
+/// data-plane shard) share.
+pub async fn serve_gated<H: Handler>(
+    listener: TcpListener,
+    gate: Gate,
+    config: Arc<ServerConfig>,
+    local: Arc<LocalCerts>,
+    handler: Arc<H>,
+    drain: watch::Receiver<bool>,
+    trusted: BundleSet,
+) {
     let mut reserve = FdReserve::new();
     let mut stop = drain.clone();
     loop {

@@ -17,7 +17,7 @@ pub mod transport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -37,7 +37,12 @@ pub struct Proxy {
     pub state: watch::Receiver<Arc<ProxyState>>,
     pub certs: CertManager,
     pub bundles: BundleSet,
-    pub pool: Arc<Pool>,
+    /// One HBONE connection pool per shard (and one for the main runtime), indexed by
+    /// [`crate::shard::slot`], each made on its own thread the first time it is needed: a pooled
+    /// connection's driver then runs on the thread of the tunnels riding it.
+    pools: [OnceLock<Arc<Pool>>; crate::shard::MAX + 1],
+    /// QUIC settings for every pool, set once at start.
+    quic_tuning: OnceLock<crate::hbone::http3::QuicTuning>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     /// When silent tunnels close.
@@ -68,14 +73,14 @@ impl Proxy {
         idle: IdleTimeouts,
         connect_timeout: Duration,
     ) -> Arc<Self> {
-        let pool = Pool::new(certs.clone(), bundles.clone());
         Arc::new(Self {
             node,
             cluster,
             state,
             certs,
             bundles,
-            pool,
+            pools: std::array::from_fn(|_| OnceLock::new()),
+            quic_tuning: OnceLock::new(),
             metrics,
             drain: Drain::default(),
             idle,
@@ -84,6 +89,31 @@ impl Proxy {
             hops: Ejections::default(),
             links: transport::Links::default(),
         })
+    }
+
+    /// The connection pool of the current thread's shard (made here on first use: it needs the
+    /// thread's runtime).
+    pub fn pool(&self) -> &Arc<Pool> {
+        self.pools[crate::shard::slot()].get_or_init(|| {
+            let pool = Pool::new(self.certs.clone(), self.bundles.clone());
+            if let Some(tuning) = self.quic_tuning.get() {
+                pool.set_quic_tuning(*tuning);
+            }
+            pool
+        })
+    }
+
+    /// Every pool made so far, for the config dump.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.iter().filter_map(OnceLock::get)
+    }
+
+    /// Sets the QUIC settings of every pool; call once, before any traffic.
+    pub fn set_quic_tuning(&self, tuning: crate::hbone::http3::QuicTuning) {
+        let _ = self.quic_tuning.set(tuning);
+        for pool in self.pools() {
+            pool.set_quic_tuning(tuning);
+        }
     }
 
     /// The current state (a cheap pointer copy).

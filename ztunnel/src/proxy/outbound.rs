@@ -280,7 +280,7 @@ async fn attempt(
         // back to HTTP/2 over TCP with the whole connect timeout of its own.
         let quic_deadline = deadline;
         match proxy
-            .pool
+            .pool()
             .open_by(&key(protocol), &authority, &headers, early, quic_deadline)
             .await
         {
@@ -294,13 +294,13 @@ async fn attempt(
         }
         let deadline = tokio::time::Instant::now() + proxy.connect_timeout;
         return proxy
-            .pool
+            .pool()
             .open_by(&key(Protocol::Http2), authority, &headers, early, deadline)
             .await
             .map(|t| Attempt::Tunnel(t, Protocol::Http2));
     }
     proxy
-        .pool
+        .pool()
         .open_by(&key(protocol), authority, &headers, early, deadline)
         .await
         .map(|t| Attempt::Tunnel(t, protocol))
