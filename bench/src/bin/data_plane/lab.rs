@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::check_interrupted;
-pub(crate) use trellis_bench::procs::{in_netns, metric_sum};
+pub(crate) use trellis_bench::procs::{in_netns, metric_sum, ztunnel_pid};
 
 /// The lab's name; every namespace it makes starts with `tl-bench-`.
 pub(crate) const LAB: &str = "bench";
@@ -75,6 +75,9 @@ pub(crate) const MESH: Route = Route {
 pub(crate) struct Lab {
     trellis: PathBuf,
     state_dir: PathBuf,
+    file: PathBuf,
+    bin: PathBuf,
+    log_level: String,
 }
 
 impl Lab {
@@ -86,19 +89,28 @@ impl Lab {
         let lab = Lab {
             trellis: bin.join("trellis"),
             state_dir: work.join("state"),
+            file,
+            bin: bin.to_path_buf(),
+            log_level: log_level.to_string(),
         };
         lab.down().context("removing the lab a previous run left")?;
-        let out = Command::new(&lab.trellis)
+        lab.run_up()?;
+        Ok(lab)
+    }
+
+    /// `trellis lab up`: builds the lab, or restarts whatever of it is dead.
+    fn run_up(&self) -> anyhow::Result<()> {
+        let out = Command::new(&self.trellis)
             .args(["lab", "up", "--name", LAB, "--file"])
-            .arg(&file)
+            .arg(&self.file)
             .arg("--state-dir")
-            .arg(&lab.state_dir)
+            .arg(&self.state_dir)
             .arg("--bin-dir")
-            .arg(bin)
-            .env("RUST_LOG", log_level)
+            .arg(&self.bin)
+            .env("RUST_LOG", &self.log_level)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running {} lab up", lab.trellis.display()))?;
+            .with_context(|| format!("running {} lab up", self.trellis.display()))?;
         if !out.status.success() {
             bail!(
                 "trellis lab up failed ({}):\n{}{}",
@@ -107,7 +119,37 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(lab)
+        Ok(())
+    }
+
+    /// Kills both ztunnels and starts them again from the lab's `ztunnel` (which the caller may
+    /// have pointed at another binary), then waits until the mesh path carries a connection.
+    pub(crate) fn restart_ztunnels(&self) -> anyhow::Result<()> {
+        for node in [NODE_1, NODE_2] {
+            let pid = ztunnel_pid(node)?;
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "ztunnel {pid} in {node} outlived SIGKILL by 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.run_up()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            check_interrupted()?;
+            match one_exchange(&MESH) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("the mesh path after restarting the ztunnels"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     fn down(&self) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@
 //!
 //! Run as root: `bash bench/run.sh data-plane` (builds everything with the bench profile first).
 
+mod baseline;
 mod lab;
 mod memory;
 mod report;
@@ -295,10 +296,20 @@ fn main() -> anyhow::Result<()> {
     // A fixed directory, so that a run that was killed outright is cleaned up by the next one.
     let work = std::env::temp_dir().join("trellis-bench-data-plane");
     let started = Instant::now();
-    let lab = Lab::up(&bin, &work, &log_level)?;
+    let baseline = std::env::var_os("TRELLIS_BENCH_BASELINE_ZTUNNEL").map(PathBuf::from);
+    if let Some(b) = &baseline {
+        anyhow::ensure!(b.is_file(), "TRELLIS_BENCH_BASELINE_ZTUNNEL={} is no file", b.display());
+        println!("baseline ztunnel: {}", b.display());
+    }
+    let bins = baseline::BinDir::new(&work, &bin)?;
+    let lab = Lab::up(&bins.dir, &work, &log_level)?;
     println!("lab up in {:.1} s", started.elapsed().as_secs_f64());
     let servers = start_servers(&bin)?;
     let figures = measure(&bin)?;
+    let compared = match &baseline {
+        Some(b) => Some(baseline::compare(&lab, &bins, b)?),
+        None => None,
+    };
     drop(servers);
     drop(lab);
 
@@ -307,6 +318,10 @@ fn main() -> anyhow::Result<()> {
     println!();
     for v in verdicts(&figures) {
         println!("{v}");
+    }
+    if let (Some(b), Some(totals)) = (&baseline, compared) {
+        println!();
+        print!("{}", baseline::report(b, totals));
     }
     Ok(())
 }
